@@ -1,0 +1,102 @@
+"""Run the head through an exported ExecuTorch program (``python -m export``).
+
+The program has three methods (see ``export/executorch_export.py``); the joint
+``forward_backward`` method owns the weights as mutable tensors and
+:class:`executorch.extension.training.TrainingModule` hands them out without a copy.
+Those very tensors are this runtime's :meth:`named_parameters`: a ``torch.optim``
+optimizer steps them in place, and the forward methods receive them as inputs, so
+there is one copy of the weights. Short batches: see :mod:`edge_sdk.runtime.program`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from edge_sdk.runtime.base import HeadRuntime
+from edge_sdk.runtime.program import (
+    ManifestError,
+    ProgramState,
+    check_weights,
+    init_buffers,
+    load_manifest,
+    point_entry,
+    sha256_file,
+)
+
+
+def _training_module(data: bytes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental API" warnings on every call
+        from executorch.extension.training import _load_for_executorch_for_training_from_buffer
+
+        return _load_for_executorch_for_training_from_buffer(data)
+
+
+class ExecuTorchRuntime(HeadRuntime):
+    """Head blocks ``[0, p)`` as an ExecuTorch program, trained in place."""
+
+    name = "executorch"
+
+    def __init__(self, programs_dir: str | Path, point: int, weights: Mapping[str, torch.Tensor], *, verify: bool = True) -> None:
+        self.programs_dir = Path(programs_dir)
+        self.manifest = load_manifest(programs_dir)
+        if self.manifest.get("format") != "executorch":
+            raise ManifestError(f"{programs_dir} holds {self.manifest.get('format')} programs, not executorch")
+        entry = point_entry(self.manifest, point)
+        check_weights(entry, weights)
+        path = self.programs_dir / entry["file"]
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise ManifestError(f"{path} does not match the sha256 in the manifest")
+        self.point = point
+        self.batch_size = int(entry["batch_size"])
+        self._module = _training_module(path.read_bytes())
+        self._method = self._module.model
+        local_to_full = {p["local"]: p["name"] for p in entry["parameters"]}
+        buffers = init_buffers(entry, weights)
+        # The joint method's weights only become visible after one call.
+        self.state = ProgramState(entry, self.batch_size, {}, buffers)
+        self._run_joint(torch.zeros(entry["input"]["shape"]), torch.zeros(entry["features"]["shape"]), self.state.draw_masks(self.batch_size))
+        program_params = self._module.named_parameters()
+        params = {}
+        with torch.no_grad():
+            for fqn, tensor in program_params.items():
+                full = local_to_full[fqn.removeprefix("head.")]
+                tensor.copy_(weights[full].to(tensor.dtype))
+                params[full] = tensor
+        self.state.params = {p["name"]: params[p["name"]] for p in entry["parameters"]}
+
+    def _run_joint(self, x: torch.Tensor, g: torch.Tensor, masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._module.forward_backward("forward_backward", [x, g, *self.state.buffer_list, *masks])
+        return self._module.named_gradients()
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return dict(self.state.params)
+
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        return dict(self.state.buffers)
+
+    def forward(self, x: torch.Tensor, *, train: bool = True) -> torch.Tensor:
+        n = x.shape[0]
+        xs = self.state.pad(x)
+        if not train:
+            out = self._method.run_method("forward_eval", [xs, *self.state.param_list, *self.state.buffer_list])
+            return out[0][:n].clone()
+        self.state.check_train_batch(n)
+        masks = self.state.draw_masks(n)
+        out = self._method.run_method("forward", [xs, *self.state.param_list, *self.state.buffer_list, *masks])
+        if not self.state.entry.get("freeze_batchnorm"):
+            self.state.update_buffers(list(out[1:]))
+        return out[0][:n].clone()
+
+    def replay_backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        n = x.shape[0]
+        self.state.check_train_batch(n)
+        masks = self.state.draw_masks(n)
+        grads = self._run_joint(self.state.pad(x), self.state.pad(grad), masks)
+        local_to_full = {p["local"]: p["name"] for p in self.state.entry["parameters"]}
+        for fqn, g in grads.items():
+            self.state.params[local_to_full[fqn.removeprefix("head.")]].grad = g
