@@ -65,6 +65,8 @@ class EagerRuntime(HeadRuntime):
         self.module.train(True)
         for p in self.module.parameters():
             p.grad = None
+        # The backward stays inside: batch_norm's autograd node holds the running
+        # statistics tensors, which must not change under it.
         with frozen_batchnorm_stats(self.module):
             out = self.module(x)
-        out.backward(grad)
+            out.backward(grad)

@@ -1,0 +1,159 @@
+"""Moving blocks across the cut: weights, buffers *and* optimizer state.
+
+When the partition point moves from ``a`` to ``b``, the blocks between them change
+sides. Both sides build the same full model from the same seed, so only *values*
+travel: each parameter and buffer by its full-model name, plus its optimizer state
+(SGD momentum, Adam moments and step count) so that training continues exactly
+as if the cut had never moved. Everything goes as ``Weights`` frames with the
+lossless codec; large tensors are split into chunks so no frame exceeds the
+frame-size limit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+
+from edge_sdk.blocks import BlockModel
+from schemas import codecs
+from schemas.errors import ErrorCode, WireError
+from schemas.frames import Weights
+
+#: Elements per chunk (4 MiB of fp32): well under the default 64 MiB frame limit.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def moved_blocks(a: int, b: int) -> range:
+    """Indices of the blocks that change sides when the cut moves from a to b."""
+    return range(min(a, b), max(a, b))
+
+
+def _block_index(name: str) -> int:
+    # full-model names are "blocks.<i>.<...>"
+    parts = name.split(".")
+    if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
+        raise ValueError(f"not a block parameter name: {name!r}")
+    return int(parts[1])
+
+
+def named_tensors(model: BlockModel, blocks: Iterable[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    wanted = set(blocks)
+    params = {n: p for n, p in model.named_parameters() if _block_index(n) in wanted}
+    buffers = {n: b for n, b in model.named_buffers() if _block_index(n) in wanted}
+    return params, buffers
+
+
+def _chunks(step: int, name: str, kind: str, tensor: torch.Tensor) -> list[Weights]:
+    """Split along the first dimension so every chunk is a real slice with its own
+    shape (reassembly is a concatenation, no side channel for the full shape)."""
+    t = tensor.detach().contiguous()
+    if t.dim() == 0 or t.numel() <= CHUNK_ELEMENTS:
+        pieces = [t]
+    else:
+        rows = max(1, CHUNK_ELEMENTS // max(1, t[0].numel()))
+        pieces = list(torch.split(t, rows, dim=0))
+    return [
+        Weights(step=step, name=name, kind=kind, tensor=codecs.tensor_frame_from_array(piece.contiguous().numpy()),
+                chunk=i, chunks=len(pieces), last=False)
+        for i, piece in enumerate(pieces)
+    ]
+
+
+def export_state(
+    model: BlockModel,
+    blocks: Iterable[int],
+    optimizer_state: dict[str, dict[str, torch.Tensor]],
+    *,
+    step: int,
+) -> list[Weights]:
+    """Frames carrying the parameters, buffers and optimizer state of ``blocks``.
+
+    ``optimizer_state`` is the sender's per-parameter optimizer state keyed by full
+    parameter name (see :func:`optimizer_state_by_name`). The last frame has
+    ``last=True``.
+    """
+    params, buffers = named_tensors(model, blocks)
+    frames: list[Weights] = []
+    for name, p in params.items():
+        frames += _chunks(step, name, "param", p)
+        for key, value in sorted(optimizer_state.get(name, {}).items()):
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            frames += _chunks(step, f"{name}/{key}", "optim", t.to(torch.float32) if key == "step" else t)
+    for name, b in buffers.items():
+        frames += _chunks(step, name, "buffer", b)
+    if frames:
+        frames[-1].last = True
+    return frames
+
+
+class StateAssembler:
+    """Collects ``Weights`` frames and reassembles whole tensors from chunks."""
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
+        self._counts: dict[tuple[str, str], int] = {}
+        self.done = False
+
+    def add(self, frame: Weights) -> None:
+        key = (frame.kind, frame.name)
+        if not (0 <= frame.chunk < frame.chunks):
+            raise WireError(ErrorCode.MALFORMED, f"weights chunk {frame.chunk} of {frame.chunks} for {frame.name}")
+        # copy: the decoded tensor is a view over a receive buffer that is reused
+        self._parts[key][frame.chunk] = codecs.decode_tensor(frame.tensor).clone()
+        self._counts[key] = frame.chunks
+        if frame.last:
+            self.done = True
+
+    def tensors(self) -> dict[tuple[str, str], torch.Tensor]:
+        out = {}
+        for key, parts in self._parts.items():
+            if len(parts) != self._counts[key]:
+                raise WireError(ErrorCode.MALFORMED, f"weights for {key[1]}: got {len(parts)} of {self._counts[key]} chunks")
+            ordered = [parts[i] for i in range(len(parts))]
+            out[key] = ordered[0] if len(ordered) == 1 else torch.cat(ordered, dim=0)
+        return out
+
+
+def import_state(model: BlockModel, tensors: dict[tuple[str, str], torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Copy received parameters and buffers into ``model``; return optimizer state by parameter name."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    optim: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    with torch.no_grad():
+        for (kind, name), value in tensors.items():
+            if kind == "param":
+                target = params.get(name)
+            elif kind == "buffer":
+                target = buffers.get(name)
+            elif kind == "optim":
+                pname, _, key = name.rpartition("/")
+                if pname not in params:
+                    raise WireError(ErrorCode.MODEL_MISMATCH, f"optimizer state for unknown parameter {pname}")
+                optim[pname][key] = value
+                continue
+            else:
+                raise WireError(ErrorCode.MALFORMED, f"unknown weights kind {kind!r}")
+            if target is None:
+                raise WireError(ErrorCode.MODEL_MISMATCH, f"received {kind} {name!r}, which this model does not have")
+            if tuple(target.shape) != tuple(value.shape):
+                raise WireError(ErrorCode.MODEL_MISMATCH, f"{name}: shape {tuple(value.shape)} != {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+    return dict(optim)
+
+
+def install_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Install per-parameter state (kept or migrated) into a freshly built optimizer."""
+    for pname, entries in state.items():
+        p = params.get(pname)
+        if p is None:
+            continue
+        optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.dtype).clone()) for k, v in entries.items()}
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer | None, params: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer state of ``params`` keyed by full parameter name."""
+    if optimizer is None:
+        return {}
+    return {n: dict(optimizer.state[p]) for n, p in params.items() if p in optimizer.state}

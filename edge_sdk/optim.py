@@ -1,0 +1,86 @@
+"""Optimizer and learning-rate schedule, shared by the device and the cloud.
+
+Both sides of a split model must follow the *same* schedule, or the head and the
+tail drift apart. Instead of two schedulers that each count epochs (and can miss
+one when a frame is lost or a step is replayed late), the learning rate is a pure
+function of the epoch, and every step's update uses the lr of the epoch that
+step belongs to (carried in its ``Features`` frame). A replayed step therefore
+gets the same lr on both sides whatever the delay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """What both sides need to build identical optimizers."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    epochs: int = 1  # the schedule's horizon
+    step_gamma: float = 0.1  # "step": multiply by gamma every step_every epochs
+    step_every: int = 30
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"learning rate must be a positive number, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "OptimizerConfig":
+        try:
+            data = json.loads(text) if text else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"optimizer config is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("optimizer config must be a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown optimizer config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate for every step of ``epoch`` (0-based)."""
+        if self.schedule == "constant":
+            return self.lr
+        if self.schedule == "step":
+            return self.lr * self.step_gamma ** (epoch // self.step_every)
+        # cosine over the horizon, constant per epoch
+        e = min(max(epoch, 0), self.epochs)
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * e / self.epochs))
+
+
+def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

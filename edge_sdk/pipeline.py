@@ -1,0 +1,309 @@
+"""The edge pipeline: the feature-replay window and error feedback (sans-I/O).
+
+This is the device half of one training step, written as a state machine that
+takes events ("a batch is ready", "these gradients arrived") and returns the frames
+to send. It never touches a socket, so every rule below is tested without one.
+
+Feature replay (DESIGN.md §1): the device keeps at most ``K + 1`` steps in flight
+(``K`` = staleness bound; ``K = 0`` is plain sequential split learning). For each
+in-flight step it keeps only
+
+* the input batch and its labels (not the activations, not a weight copy),
+* the codec error ``E = dequant(quant(f)) - f`` of the features it sent,
+* the RNG state of the first forward, so dropout replays the same mask.
+
+When the gradient ``g`` of step ``j`` comes back, the head's forward is recomputed
+on the stored input with the *current* weights, the gradient is corrected toward
+the true features (``g - E * g * g``, a diagonal-curvature Taylor term as in
+delay-compensated ASGD), back-propagated, and the head's optimizer steps with the
+learning rate of step ``j``'s epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from edge_sdk.migration import install_optimizer_state, optimizer_state_by_name
+from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
+from edge_sdk.runtime.base import HeadRuntime
+from schemas import codecs
+from schemas.errors import ErrorCode, WireError
+from schemas.frames import Features, Gradients
+
+
+class StepAccountingError(WireError):
+    """A gradient for a step that is not (or no longer) in flight."""
+
+
+@dataclass
+class InFlightStep:
+    """What the device keeps for one step whose gradient has not come back yet."""
+
+    step: int
+    epoch: int
+    x: torch.Tensor
+    y: torch.Tensor
+    error: torch.Tensor | None  # codec error E of the uploaded features
+    rng_state: torch.Tensor
+    started_ns: int
+
+
+@dataclass
+class StepResult:
+    """Outcome of one applied gradient (for progress display and statistics)."""
+
+    step: int
+    epoch: int
+    loss: float
+    correct: int
+    count: int
+    cloud_ms: float
+    round_trip_ms: float
+    staleness: int  # how many head updates happened between the forward and this update
+
+
+class ReplayWindow:
+    """At most ``K + 1`` in-flight steps, in order, with exact step accounting.
+
+    Step ids are issued in increasing order. A gradient for a step id that was
+    applied already is a *duplicate*; one for a step id never issued is *unknown*.
+    Both are refused, never applied.
+    """
+
+    def __init__(self, staleness: int) -> None:
+        if staleness < 0:
+            raise ValueError(f"staleness K must be >= 0, got {staleness}")
+        self.staleness = staleness
+        self._steps: OrderedDict[int, InFlightStep] = OrderedDict()
+        self.next_step = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.staleness + 1
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def has_room(self) -> bool:
+        return len(self._steps) < self.capacity
+
+    def push(self, item: InFlightStep) -> None:
+        if not self.has_room():
+            raise RuntimeError(f"replay window full ({self.capacity} steps in flight); wait for a gradient")
+        if item.step != self.next_step:
+            raise RuntimeError(f"step ids must be issued in order: expected {self.next_step}, got {item.step}")
+        self._steps[item.step] = item
+        self.next_step += 1
+
+    def pop(self, step: int) -> InFlightStep:
+        item = self._steps.pop(step, None)
+        if item is not None:
+            return item
+        if 0 <= step < self.next_step:
+            raise StepAccountingError(ErrorCode.DUPLICATE_STEP, f"gradient for step {step} was already applied")
+        raise StepAccountingError(ErrorCode.UNKNOWN_STEP, f"gradient for step {step}, which was never sent")
+
+    def steps(self) -> list[int]:
+        return list(self._steps)
+
+
+@dataclass
+class PipelineStats:
+    steps_applied: int = 0
+    bytes_features: int = 0
+    edge_compute_s: float = 0.0  # measured head compute (forward + replay + codec), before any slowdown
+    per_step_edge_s: list[float] = field(default_factory=list)
+
+
+class EdgePipeline:
+    """Device side of split training for one partition point.
+
+    ``runtime`` runs the head (eager, ExecuTorch, TorchScript); the pipeline owns
+    the head's optimizer (built over the runtime's live parameters) so that the
+    optimizer state can migrate when the cut moves.
+    """
+
+    def __init__(
+        self,
+        runtime: HeadRuntime,
+        *,
+        point: int,
+        optimizer: OptimizerConfig,
+        codec: str = "int8",
+        grad_codec: str = "fp32",
+        staleness: int = 0,
+        error_feedback: bool = True,
+        topk_ratio: float = 0.1,
+        torch_optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.point = point
+        self.optimizer_config = optimizer
+        self.codec = codecs.Codec.parse(codec)
+        self.grad_codec = codecs.Codec.parse(grad_codec)
+        self.error_feedback = error_feedback
+        self.topk_ratio = topk_ratio
+        self.window = ReplayWindow(staleness)
+        params = runtime.parameters()
+        self.optimizer = torch_optimizer if torch_optimizer is not None else (
+            build_optimizer(params, optimizer) if params else None
+        )
+        self.updates = 0  # head optimizer steps taken so far
+        self._updates_at_start: dict[int, int] = {}
+        self.stats = PipelineStats()
+
+    # ----------------------------------------------------------------- state
+    @property
+    def staleness(self) -> int:
+        return self.window.staleness
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.window)
+
+    def can_start(self) -> bool:
+        return self.window.has_room()
+
+    @property
+    def next_step(self) -> int:
+        return self.window.next_step
+
+    # ---------------------------------------------------------------- events
+    def start_step(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int) -> Features:
+        """First forward of a new step: returns the ``Features`` frame to upload."""
+        if not self.window.has_room():
+            raise RuntimeError(
+                f"{self.in_flight} steps already in flight (K={self.staleness}); apply a gradient first"
+            )
+        t0 = time.perf_counter()
+        rng_state = torch.get_rng_state()
+        feats = self.runtime.forward(x, train=True)
+        frame, error = codecs.encode_tensor(feats, self.codec, topk_ratio=self.topk_ratio)
+        step = self.window.next_step
+        self.window.push(
+            InFlightStep(
+                step=step,
+                epoch=epoch,
+                x=x,
+                y=y,
+                error=error if (self.error_feedback and self.codec != codecs.Codec.NONE) else None,
+                rng_state=rng_state,
+                started_ns=time.monotonic_ns(),
+            )
+        )
+        self._updates_at_start[step] = self.updates
+        self.stats.bytes_features += int(frame.payload.nbytes)
+        self.stats.edge_compute_s += time.perf_counter() - t0
+        return Features(
+            step=step,
+            epoch=epoch,
+            point=self.point,
+            tensor=frame,
+            labels=codecs.tensor_frame_from_array(y.numpy()),
+            train=True,
+            grad_codec=self.grad_codec.label,
+        )
+
+    def on_gradients(self, frame: Gradients) -> StepResult:
+        """Replay the head on the stored input and apply the returned gradient."""
+        if frame.tensor is None:
+            raise StepAccountingError(ErrorCode.PROTOCOL, f"gradients for step {frame.step} carry no tensor")
+        item = self.window.pop(frame.step)
+        t0 = time.perf_counter()
+        grad = codecs.decode_tensor(frame.tensor)
+        grad = self.corrected_gradient(grad, item.error)
+        self.apply(item, grad)
+        compute = time.perf_counter() - t0
+        self.stats.edge_compute_s += compute
+        self.stats.steps_applied += 1
+        stale = self.updates - 1 - self._updates_at_start.pop(item.step)
+        return StepResult(
+            step=item.step,
+            epoch=item.epoch,
+            loss=frame.loss,
+            correct=frame.correct,
+            count=frame.count,
+            cloud_ms=frame.cloud_ms,
+            round_trip_ms=(time.monotonic_ns() - item.started_ns) / 1e6,
+            staleness=stale,
+        )
+
+    def eval_features(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int, batch: int) -> Features:
+        """Eval-mode forward; the cloud answers with loss and correct count only."""
+        feats = self.runtime.forward(x, train=False)
+        frame, _ = codecs.encode_tensor(feats, self.codec, topk_ratio=self.topk_ratio)
+        return Features(
+            step=batch,
+            epoch=epoch,
+            point=self.point,
+            tensor=frame,
+            labels=codecs.tensor_frame_from_array(y.numpy()),
+            train=False,
+            grad_codec=self.grad_codec.label,
+        )
+
+    def switch(
+        self,
+        runtime: HeadRuntime,
+        *,
+        point: int,
+        codec: str | None = None,
+        staleness: int | None = None,
+        optimizer_state: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Move to a new partition point (repartitioning), keeping step accounting.
+
+        Only legal with no step in flight: a gradient computed for the old cut
+        cannot be applied to the new head. ``optimizer_state`` maps full parameter
+        names to their optimizer state (kept local state plus migrated state), so
+        momentum and Adam moments survive the move.
+        """
+        if self.in_flight:
+            raise RuntimeError(f"cannot repartition with {self.in_flight} steps in flight; drain first")
+        next_step = self.window.next_step
+        self.runtime = runtime
+        self.point = point
+        if codec is not None:
+            self.codec = codecs.Codec.parse(codec)
+        self.window = ReplayWindow(self.staleness if staleness is None else staleness)
+        self.window.next_step = next_step
+        named = runtime.named_parameters()
+        self.optimizer = build_optimizer(list(named.values()), self.optimizer_config) if named else None
+        if self.optimizer is not None and optimizer_state:
+            install_optimizer_state(self.optimizer, named, optimizer_state)
+
+    def optimizer_state_by_name(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-parameter optimizer state keyed by full parameter name."""
+        return optimizer_state_by_name(self.optimizer, self.runtime.named_parameters())
+
+    # ------------------------------------------------------------- the rules
+    @staticmethod
+    def error_feedback_correction(grad: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """``g - E * g * g``: first-order correction of a gradient taken at
+        ``f + E`` back toward ``f``, with the Hessian diagonal approximated by
+        ``g * g`` (delay-compensated ASGD's approximation)."""
+        return grad - error * grad * grad
+
+    def corrected_gradient(self, grad: torch.Tensor, error: torch.Tensor | None) -> torch.Tensor:
+        if error is None:
+            return grad
+        if error.shape != grad.shape:
+            raise StepAccountingError(
+                ErrorCode.BAD_TENSOR, f"gradient shape {tuple(grad.shape)} != feature shape {tuple(error.shape)}"
+            )
+        return self.error_feedback_correction(grad, error)
+
+    def apply(self, item: InFlightStep, grad: torch.Tensor) -> None:
+        """Replay forward with the current weights, back-propagate, step."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(item.rng_state)
+            self.runtime.replay_backward(item.x, grad)
+        if self.optimizer is not None:
+            set_lr(self.optimizer, self.optimizer_config.lr_at(item.epoch))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1

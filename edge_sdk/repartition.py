@@ -1,0 +1,67 @@
+"""Moving the cut on the device side (sans-I/O).
+
+Sequence (the client drives it; DESIGN.md §1, point 4):
+
+1. drain: no step in flight (a gradient for the old cut cannot be applied to the
+   new head);
+2. :func:`request_frames`: when blocks move *to the cloud* (new point < old), their
+   weights, buffers and optimizer state go first as ``Weights`` frames; then the
+   ``Repartition`` frame;
+3. the cloud answers with ``Weights`` frames (when blocks move *to the device*)
+   and a ``RepartitionAck``;
+4. :func:`complete`: install what arrived and switch the pipeline to the new head
+   with the optimizer state carried over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from edge_sdk.blocks import BlockModel
+from edge_sdk.migration import StateAssembler, export_state, import_state, named_tensors
+from edge_sdk.pipeline import EdgePipeline
+from edge_sdk.runtime.base import HeadRuntime
+from schemas.errors import ErrorCode, WireError
+from schemas.frames import Repartition, RepartitionAck, Weights
+
+
+def request_frames(pipeline: EdgePipeline, model: BlockModel, new_point: int, *, codec: str, staleness: int) -> list[object]:
+    """The frames that ask the cloud to move the cut to ``new_point``."""
+    if pipeline.in_flight:
+        raise RuntimeError("drain the pipeline before repartitioning")
+    if new_point not in model.cut_points or not (0 <= new_point < model.num_blocks):
+        raise ValueError(f"cannot move the cut to {new_point}; valid: {[p for p in model.cut_points if p < model.num_blocks]}")
+    step = pipeline.next_step
+    frames: list[object] = []
+    if new_point < pipeline.point:
+        frames += export_state(model, range(new_point, pipeline.point), pipeline.optimizer_state_by_name(), step=step)
+    frames.append(Repartition(step=step, point=new_point, codec=codec, staleness=staleness))
+    return frames
+
+
+def complete(
+    pipeline: EdgePipeline,
+    model: BlockModel,
+    ack: RepartitionAck,
+    received: list[Weights],
+    make_runtime: Callable[[int], HeadRuntime],
+    *,
+    codec: str,
+    staleness: int,
+) -> None:
+    """Install the cloud's blocks (if any) and switch the pipeline to the new cut."""
+    if not ack.accepted:
+        raise WireError(ErrorCode.PROTOCOL, f"cloud refused to move the cut: {ack.message}")
+    new_point = ack.point
+    state = pipeline.optimizer_state_by_name()
+    if new_point > pipeline.point:
+        assembler = StateAssembler()
+        for frame in received:
+            assembler.add(frame)
+        tensors = assembler.tensors()
+        expected = set(named_tensors(model, range(pipeline.point, new_point))[0])
+        missing = expected - {name for kind, name in tensors if kind == "param"}
+        if missing:
+            raise WireError(ErrorCode.MALFORMED, f"repartition to {new_point}: weights missing for {sorted(missing)[:5]}")
+        state.update(import_state(model, tensors))
+    pipeline.switch(make_runtime(new_point), point=new_point, codec=codec, staleness=staleness, optimizer_state=state)

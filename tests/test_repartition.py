@@ -1,0 +1,108 @@
+"""Moving the cut mid-training gives the same model as never moving it (K=0, fp32).
+
+Runs the device pipeline and the cloud session in-process, every frame through the
+real encoder/decoder, with the repartition sequence of `edge_sdk.repartition`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloud_backend.session import CloudSession
+from edge_sdk import repartition, zoo
+from edge_sdk.optim import OptimizerConfig
+from edge_sdk.pipeline import EdgePipeline
+from edge_sdk.runtime.eager import EagerRuntime
+from schemas import frames as fr
+
+
+def wire(frame):
+    return fr.decode(fr.encode(fr.Envelope(frame=frame))).frame
+
+
+class InProcessRun:
+    """Device + cloud joined by function calls instead of a socket."""
+
+    def __init__(self, name: str, point: int, opt: OptimizerConfig, *, codec: str = "fp32", staleness: int = 0) -> None:
+        self.spec = zoo.build(name, seed=0)
+        self.model = self.spec.model
+        self.codec, self.staleness = codec, staleness
+        self.pipe = EdgePipeline(self.runtime(point), point=point, optimizer=opt, codec=codec, staleness=staleness)
+        self.cloud = CloudSession(1)
+        hello = fr.Hello(model=self.spec.name, model_hash=self.spec.config_hash, num_blocks=self.model.num_blocks, point=point,
+                         codec=codec, staleness=staleness, optimizer_json=opt.to_json(), token="", batch_size=16, seed=0,
+                         config_json="{}", runtime="eager", program_hash="")
+        (ack,) = self.cloud.handle(wire(hello))
+        assert isinstance(ack, fr.HelloAck)
+
+    def runtime(self, point: int) -> EagerRuntime:
+        return EagerRuntime(self.model.head(point))
+
+    def step(self, x, y, epoch: int) -> None:
+        replies = self.cloud.handle(wire(self.pipe.start_step(x, y, epoch=epoch)))
+        (g,) = [r for r in replies if isinstance(r, fr.Gradients)]
+        self.pipe.on_gradients(wire(g))
+
+    def move_to(self, point: int) -> None:
+        replies: list[object] = []
+        for frame in repartition.request_frames(self.pipe, self.model, point, codec=self.codec, staleness=self.staleness):
+            replies += self.cloud.handle(wire(frame))
+        replies = [wire(r) for r in replies]
+        errors = [r for r in replies if isinstance(r, fr.Error)]
+        assert not errors, errors
+        (ack,) = [r for r in replies if isinstance(r, fr.RepartitionAck)]
+        weights = [r for r in replies if isinstance(r, fr.Weights)]
+        repartition.complete(self.pipe, self.model, ack, weights, self.runtime, codec=self.codec, staleness=self.staleness)
+        assert self.pipe.point == self.cloud.point == point
+
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        """Head tensors from the device, tail tensors from the cloud."""
+        edge = self.model.state_dict()
+        cloud = self.cloud.spec.model.state_dict()
+        p = self.pipe.point
+        return {k: (edge[k] if int(k.split(".")[1]) < p else cloud[k]) for k in edge}
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_moving_the_cut_both_ways_matches_a_fixed_cut(opt_name):
+    opt = OptimizerConfig(name=opt_name, lr=0.05 if opt_name == "sgd" else 2e-3, momentum=0.9, schedule="constant")
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(12)]
+
+    torch.manual_seed(11)
+    fixed = InProcessRun("digits_cnn", 2, opt)
+    for x, y in data:
+        fixed.step(x, y, 0)
+
+    torch.manual_seed(11)
+    moving = InProcessRun("digits_cnn", 2, opt)
+    for i, (x, y) in enumerate(data):
+        if i == 4:
+            moving.move_to(4)  # deeper: blocks 2, 3 come to the device
+        if i == 8:
+            moving.move_to(1)  # shallower: blocks 1..3 go to the cloud
+        moving.step(x, y, 0)
+    assert moving.cloud.partition_history == [(4, 4), (8, 1)]
+
+    a, b = fixed.merged_state(), moving.merged_state()
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-5, atol=1e-5, msg=f"{k} differs after moving the cut")
+    # and the moving run really trained (the state differs from the initial one)
+    init = zoo.build("digits_cnn", seed=0).model.state_dict()
+    assert not torch.allclose(b["blocks.4.weight"], init["blocks.4.weight"])
+    assert moving.pipe.stats.steps_applied == moving.cloud.applied_steps == len(data)
+
+
+def test_repartition_requires_a_drained_pipeline():
+    run = InProcessRun("digits_cnn", 2, OptimizerConfig(), staleness=2)
+    run.pipe.start_step(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), epoch=0)
+    with pytest.raises(RuntimeError, match="drain"):
+        repartition.request_frames(run.pipe, run.model, 3, codec="fp32", staleness=2)
+
+
+def test_cloud_refuses_a_shallower_cut_without_the_weights():
+    run = InProcessRun("digits_cnn", 3, OptimizerConfig())
+    (err,) = run.cloud.handle(wire(fr.Repartition(step=0, point=1, codec="fp32", staleness=0)))
+    assert isinstance(err, fr.Error) and "missing" in err.message
+    assert run.cloud.point == 3
