@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from edge_sdk.emulation.network import LinkProfile, NetworkTrace, PROFILES
-from edge_sdk.emulation.proxy import ShapingProxy, build_parser, main
+from edge_sdk.emulation.proxy import ProxyThread, ShapingProxy, build_parser, main
 
 MBIT = 1_000_000
 GUARD_S = 5.0  # no single await in these tests should come near this
@@ -331,6 +332,31 @@ async def test_unshaped_passes_through_and_counts(echo_server: int) -> None:
         assert await asyncio.wait_for(reader.read(), GUARD_S) == data
         await close_writer(writer)
         assert (proxy.stats().bytes_up, proxy.stats().bytes_down) == (len(data), len(data))
+
+
+async def test_proxy_thread_keeps_time_while_the_callers_loop_is_busy(echo_server: int) -> None:
+    """In its own thread the link's clock runs on while this loop blocks in "compute".
+
+    The echo server shares this (blocked) loop, so the reply can only start when
+    the loop is free again. With the proxy in its own thread the request already
+    crossed the uplink during the block, and only the downlink latency remains;
+    on a shared loop both latencies would come after the block.
+    """
+    link = profile(10, 10, 30, 30)
+    block_s = 0.080
+    with ProxyThread(("127.0.0.1", echo_server), link) as proxy:
+        reader, writer = await connect(proxy)  # type: ignore[arg-type]
+        await check_model(lambda: min_rtt(reader, writer, b"x", n=3), link.rtt_s, "RTT via ProxyThread")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        writer.write(b"y")
+        await writer.drain()
+        time.sleep(block_s)  # stands in for a GIL-releasing torch step, not synchronization
+        assert await asyncio.wait_for(reader.readexactly(1), GUARD_S) == b"y"
+        elapsed = loop.time() - t0
+        assert elapsed < block_s + 1.5 * link.one_way_latency_down_s, f"{elapsed * 1e3:.1f} ms"
+        await close_writer(writer)
+    assert proxy.stats().bytes_up >= 4
 
 
 # -- closing -----------------------------------------------------------------------

@@ -424,6 +424,73 @@ class ShapingProxy:
             self._bytes_down += n
 
 
+class ProxyThread:
+    """A :class:`ShapingProxy` on its own event loop in a daemon thread.
+
+    Why: if the edge runs its training steps on the same event loop as the proxy,
+    every blocking compute step freezes the emulated link too (no delivery while
+    torch runs), which distorts exactly the overlap the pipeline is meant to show.
+    A separate thread keeps the link's clock going; torch releases the GIL in its
+    kernels. Use ``with ProxyThread(target, network) as p: connect to p.port``.
+    """
+
+    def __init__(self, target: tuple[str, int], network: Optional[Network] = None, **kwargs: object) -> None:
+        self.proxy = ShapingProxy(target, network, **kwargs)  # type: ignore[arg-type]
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self, timeout: float = 10.0) -> "ProxyThread":
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.proxy.start())
+            except BaseException as exc:  # reported to start()'s caller
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+                loop.run_until_complete(self.proxy.close())
+            finally:
+                loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="shaping-proxy", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError("shaping proxy thread did not start")
+        if failure:
+            raise failure[0]
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def port(self) -> int:
+        return self.proxy.port
+
+    def stats(self) -> ProxyStats:
+        return self.proxy.stats()
+
+    def __enter__(self) -> "ProxyThread":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 # -- standalone use ------------------------------------------------------------------
 
 
