@@ -166,7 +166,9 @@ class ShapingProxy:
 
     ``network`` is a :class:`LinkProfile`, a :class:`NetworkTrace` (anything with
     ``at(t) -> LinkProfile``) or ``None`` for an unshaped pass-through that still
-    counts bytes. Trace time 0 is when :meth:`start` runs.
+    counts bytes. Trace time 0 is when :meth:`start` runs. ``proxy.network`` may
+    be reassigned while running (the next chunk on the link uses it); a switch
+    between ``None`` and a shaped network only affects connections opened after it.
 
     Use ``async with ShapingProxy(target=("127.0.0.1", 8765), network=PROFILES["4g"]) as p:``
     and connect to ``("127.0.0.1", p.port)``.
@@ -201,7 +203,12 @@ class ShapingProxy:
     async def start(self) -> "ShapingProxy":
         loop = asyncio.get_running_loop()
         self._timer = _PreciseTimer(loop)
-        self._server = await asyncio.start_server(self._on_client, self.listen_host, self._listen_port)
+        try:
+            self._server = await asyncio.start_server(self._on_client, self.listen_host, self._listen_port)
+        except BaseException:
+            self._timer.close()
+            self._timer = None
+            raise
         self._t0 = loop.time()
         return self
 
