@@ -84,3 +84,13 @@ def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimizerConfig) -> tor
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def warm_up() -> None:
+    """Pay torch.optim's lazy start-up cost now.
+
+    Building the first optimizer imports ``torch._dynamo`` (about 2.5 s here).
+    Servers call this before they accept connections and the device before its
+    progress bar starts, so the first step's latency is not charged for it.
+    """
+    build_optimizer([torch.zeros(1, requires_grad=True)], OptimizerConfig())

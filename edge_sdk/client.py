@@ -1,0 +1,343 @@
+"""The device's WebSocket client: drives an `EdgePipeline` over a real link.
+
+The protocol rules live in `edge_sdk.pipeline` (sans-I/O). This module only
+schedules work and moves bytes:
+
+* a reader task decodes incoming frames into an inbox,
+* a writer task sends queued frames, so uploading step *i* overlaps computing
+  step *i+1* (sending a 4 MiB frame through a slow link must not stall compute),
+* head compute runs in a worker thread so the event loop keeps the socket busy,
+* the device slowdown is emulated by *sleeping* ``(s - 1) x`` the measured compute
+  after each compute, so a slow device costs wall time, not this machine's cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from edge_sdk.pipeline import EdgePipeline, StepResult
+from edge_sdk.runtime.eager import EagerRuntime
+from edge_sdk.training import LocalSetup, TrainConfig, TrainResult, build_local
+from schemas import frames as fr
+from schemas.errors import WireError
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is meant for the user as is."""
+
+
+@dataclass
+class _Closed:
+    reason: str
+
+
+@dataclass
+class LinkCounters:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    frames_up: int = 0
+    frames_down: int = 0
+
+
+@dataclass
+class ProgressEvent:
+    """Handed to the progress callback after every applied step."""
+
+    epoch: int
+    step: int
+    loss: float
+    accuracy: float
+    steps_per_s: float
+    result: StepResult | None = None
+
+
+@dataclass
+class _RunningMeans:
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+    cloud_ms: list[float] = field(default_factory=list)
+    rtt_ms: list[float] = field(default_factory=list)
+
+    def add(self, r: StepResult) -> None:
+        self.loss_sum += r.loss * r.count
+        self.correct += r.correct
+        self.count += r.count
+        self.cloud_ms.append(r.cloud_ms)
+        self.rtt_ms.append(r.round_trip_ms)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else float("nan")
+
+
+class EdgeClient:
+    """One training run of one device against one cloud backend."""
+
+    def __init__(
+        self,
+        url: str,
+        cfg: TrainConfig,
+        *,
+        setup: LocalSetup | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
+        network: str = "none",
+        shared_clock: bool = False,
+    ) -> None:
+        self.url = url
+        self.cfg = cfg
+        self.setup = setup or build_local(cfg)
+        self.progress = progress
+        self.network = network
+        self.counters = LinkCounters()
+        self._inbox: asyncio.Queue[tuple[fr.Envelope, int] | _Closed] = asyncio.Queue()
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._seq = 0
+        self.session = 0
+        spec = self.setup.spec
+        head = spec.model.head(self.setup.point)
+        self.runtime = EagerRuntime(head, name_map=spec.model.head_name_map(self.setup.point))
+        self.pipeline = EdgePipeline(
+            self.runtime,
+            point=self.setup.point,
+            optimizer=cfg.optimizer_config(),
+            codec=cfg.codec,
+            grad_codec=cfg.grad_codec,
+            staleness=cfg.staleness,
+            error_feedback=cfg.error_feedback,
+            topk_ratio=cfg.topk_ratio,
+        )
+        self.edge_busy_s = 0.0  # device time including emulated slowdown
+        # In emulation both ends read the same monotonic clock, so one-way delays
+        # are directly measurable; on a real link only their differences are.
+        self.shared_clock = shared_clock
+        self._sent_ns: dict[int, int] = {}
+        self._last_recv: tuple[int, int] = (0, 0)  # (peer sent_ns, our recv_ns) of the last frame
+        self.one_way_ms: dict[str, list[float]] = {"up": [], "down": []}
+
+    # ------------------------------------------------------------- transport
+    def _envelope(self, frame: object) -> bytes:
+        env = fr.Envelope(frame=frame, session=self.session, seq=self._seq, sent_ns=time.monotonic_ns())
+        self._seq += 1
+        return fr.encode(env)
+
+    async def _send(self, frame: object) -> None:
+        await self._outbox.put(self._envelope(frame))
+
+    async def _reader(self, ws: ClientConnection) -> None:
+        try:
+            async for message in ws:
+                if isinstance(message, str):
+                    continue
+                self.counters.bytes_down += len(message)
+                self.counters.frames_down += 1
+                recv_ns = time.monotonic_ns()
+                try:
+                    await self._inbox.put((fr.decode(message), recv_ns))
+                except WireError as exc:
+                    await self._inbox.put(_Closed(f"cloud sent a malformed frame: {exc}"))
+                    return
+            await self._inbox.put(_Closed(f"cloud closed the connection (code {ws.close_code}{': ' + ws.close_reason if ws.close_reason else ''})"))
+        except ConnectionClosed as exc:
+            await self._inbox.put(_Closed(f"connection to the cloud was lost ({exc})"))
+
+    async def _writer(self, ws: ClientConnection) -> None:
+        try:
+            while (data := await self._outbox.get()) is not None:
+                await ws.send(data)
+                self.counters.bytes_up += len(data)
+                self.counters.frames_up += 1
+        except ConnectionClosed as exc:
+            await self._inbox.put(_Closed(f"connection to the cloud was lost while sending ({exc})"))
+
+    async def _next_frame(self) -> object:
+        item = await self._inbox.get()
+        if isinstance(item, _Closed):
+            await self._inbox.put(item)  # every later wait sees it too
+            raise TrainingError(item.reason)
+        envelope, recv_ns = item
+        self._last_recv = (envelope.sent_ns, recv_ns)
+        frame = envelope.frame
+        if isinstance(frame, fr.Error):
+            raise TrainingError(f"cloud refused: {frame.message} ({frame.code.name})")
+        return frame
+
+    async def _compute(self, fn: Callable, *args, **kwargs):
+        """Run head compute off the event loop, then emulate a slower device."""
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(fn, *args, **kwargs)
+        dt = time.perf_counter() - t0
+        if self.cfg.device_slowdown > 1.0:
+            await asyncio.sleep((self.cfg.device_slowdown - 1.0) * dt)
+        self.edge_busy_s += dt * self.cfg.device_slowdown
+        return out
+
+    # --------------------------------------------------------------- protocol
+    def hello(self) -> fr.Hello:
+        spec = self.setup.spec
+        return fr.Hello(
+            model=spec.name,
+            model_hash=spec.config_hash,
+            num_blocks=spec.model.num_blocks,
+            point=self.setup.point,
+            codec=self.cfg.codec,
+            staleness=self.cfg.staleness,
+            optimizer_json=self.cfg.optimizer_config().to_json(),
+            token=self.cfg.token,
+            batch_size=self.cfg.batch_size,
+            seed=self.cfg.seed,
+            config_json=json.dumps(spec.kwargs, sort_keys=True),
+            runtime=self.runtime.name,
+            program_hash="",
+        )
+
+    async def _handshake(self) -> None:
+        await self._send(self.hello())
+        frame = await self._next_frame()
+        if not isinstance(frame, fr.HelloAck) or not frame.accepted:
+            raise TrainingError(f"cloud did not accept the session: {getattr(frame, 'message', type(frame).__name__)}")
+        self.session = frame.session
+
+    async def _apply(self, frame: object, means: _RunningMeans, epoch: int, t_start: float) -> StepResult | None:
+        if isinstance(frame, fr.Gradients):
+            sent = self._sent_ns.pop(frame.step, None)
+            if self.shared_clock and sent is not None and frame.features_recv_ns:
+                self.one_way_ms["up"].append((frame.features_recv_ns - sent) / 1e6)
+                self.one_way_ms["down"].append((self._last_recv[1] - self._last_recv[0]) / 1e6)
+            result = await self._compute(self.pipeline.on_gradients, frame)
+            means.add(result)
+            if self.progress is not None:
+                elapsed = time.perf_counter() - t_start
+                self.progress(
+                    ProgressEvent(
+                        epoch=epoch,
+                        step=result.step,
+                        loss=means.loss,
+                        accuracy=means.accuracy,
+                        steps_per_s=self.pipeline.stats.steps_applied / elapsed if elapsed > 0 else 0.0,
+                        result=result,
+                    )
+                )
+            return result
+        return None  # Context and other informational frames
+
+    async def _drain(self, means: _RunningMeans, epoch: int, t_start: float) -> None:
+        while self.pipeline.in_flight:
+            await self._apply(await self._next_frame(), means, epoch, t_start)
+
+    async def _evaluate(self, epoch: int) -> fr.EvalResult:
+        for i, (x, y) in enumerate(self.setup.test_loader(self.cfg)):
+            feats = await self._compute(self.pipeline.eval_features, x, y, epoch=epoch, batch=i)
+            await self._send(feats)
+        await self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=False))
+        while True:
+            frame = await self._next_frame()
+            if isinstance(frame, fr.EvalResult):
+                return frame
+
+    async def _train(self, result: TrainResult) -> None:
+        t_start = time.perf_counter()
+        all_means = _RunningMeans()
+        for epoch in range(self.cfg.epochs):
+            means = _RunningMeans()
+            for i, (x, y) in enumerate(self.setup.train_loader(self.cfg, epoch)):
+                if self.cfg.max_steps_per_epoch is not None and i >= self.cfg.max_steps_per_epoch:
+                    break
+                # Apply whatever already arrived first: fresher weights, less staleness.
+                while not self._inbox.empty() or not self.pipeline.can_start():
+                    await self._apply(await self._next_frame(), means, epoch, t_start)
+                feats = await self._compute(self.pipeline.start_step, x, y, epoch=epoch)
+                self._sent_ns[feats.step] = time.monotonic_ns()
+                await self._send(feats)
+            await self._drain(means, epoch, t_start)
+            await self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=True))
+            ev = await self._evaluate(epoch)
+            wall = time.perf_counter() - t_start
+            test_acc = ev.correct / ev.count if ev.count else float("nan")
+            result.history.append(
+                dict(
+                    epoch=epoch,
+                    train_loss=means.loss,
+                    train_accuracy=means.accuracy,
+                    test_loss=ev.loss,
+                    test_accuracy=test_acc,
+                    wall_s=wall,
+                    steps=self.pipeline.stats.steps_applied,
+                )
+            )
+            result.timeline.append(dict(wall_s=wall, train_loss=means.loss, test_accuracy=test_acc))
+            result.train_loss, result.train_accuracy = means.loss, means.accuracy
+            result.test_loss, result.test_accuracy = ev.loss, test_acc
+            all_means.cloud_ms += means.cloud_ms
+            all_means.rtt_ms += means.rtt_ms
+        steps = self.pipeline.stats.steps_applied
+        cloud = sum(all_means.cloud_ms) / len(all_means.cloud_ms) if all_means.cloud_ms else 0.0
+        rtt = _median(all_means.rtt_ms) if all_means.rtt_ms else 0.0
+        result.stage_ms = {"edge": 1e3 * self.edge_busy_s / steps if steps else 0.0, "cloud": cloud}
+        if self.one_way_ms["up"]:
+            # medians: one-way time per frame including any queueing behind earlier frames
+            result.stage_ms["up"] = _median(self.one_way_ms["up"])
+            result.stage_ms["down"] = _median(self.one_way_ms["down"])
+        result.stage_ms["round_trip"] = rtt
+
+    async def run(self) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult(
+            point=self.setup.point,
+            codec=cfg.codec,
+            staleness=cfg.staleness,
+            network=self.network,
+            device_slowdown=cfg.device_slowdown,
+            model=cfg.model,
+            dataset=cfg.dataset,
+            runtime=self.runtime.name,
+            error_feedback=cfg.error_feedback,
+        )
+        t0 = time.perf_counter()
+        try:
+            ws = await connect(self.url, compression=None, max_size=MAX_FRAME_BYTES, open_timeout=15, ping_interval=20, ping_timeout=60)
+        except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
+            raise TrainingError(f"cannot connect to the cloud at {self.url}: {exc}") from None
+        reader = asyncio.create_task(self._reader(ws))
+        writer = asyncio.create_task(self._writer(ws))
+        try:
+            await self._handshake()
+            await self._train(result)
+            await self._send(fr.Bye(reason="training finished"))
+            await self._outbox.put(None)
+            await writer
+        finally:
+            writer.cancel()
+            await ws.close()
+            reader.cancel()
+        result.wall_s = time.perf_counter() - t0
+        result.steps = self.pipeline.stats.steps_applied
+        result.epochs = cfg.epochs
+        result.bytes_up = self.counters.bytes_up
+        result.bytes_down = self.counters.bytes_down
+        return result
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def run_training(url: str, cfg: TrainConfig, **kwargs) -> TrainResult:
+    """Synchronous entry point (CLI, benchmarks)."""
+    torch.manual_seed(cfg.seed)
+    return asyncio.run(EdgeClient(url, cfg, **kwargs).run())

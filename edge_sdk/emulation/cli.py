@@ -1,0 +1,136 @@
+"""`python -m edge_sdk emulate`: the whole system on one machine.
+
+Starts a real ``cloud_backend serve`` process on a free loopback port, a shaping
+TCP proxy in front of it (bandwidth and one-way latency per direction from a named
+profile or a trace file), and the device with an emulated slowdown, then trains.
+With no flags it trains the digits CNN in about two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from edge_sdk.train_cli import add_training_arguments, config_from_args, summary_table, write_json
+
+
+class EmulationError(RuntimeError):
+    pass
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("emulation")
+    g.add_argument("--network", default="wifi", help="link profile: wifi, 5g, 4g, iot, none, or trace:FILE (CSV of time_s,up_mbps,down_mbps,rtt_ms) (default: %(default)s)")
+    g.add_argument("--device", help="named device profile (pi4, tx2, phone) instead of --device-slowdown")
+    g.add_argument("--report", help="folder for the JSON report and PNG plots")
+    g.add_argument("--threads", type=int, default=1, help="torch threads for each of edge and cloud; they share this machine (default: %(default)s)")
+    add_training_arguments(p)
+
+
+@contextlib.contextmanager
+def cloud_process(extra_args: list[str] | None = None, timeout_s: float = 60.0) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Run ``python -m cloud_backend serve --port 0`` and yield (process, port)."""
+    cmd = [sys.executable, "-m", "cloud_backend", "serve", "--host", "127.0.0.1", "--port", "0", *(extra_args or [])]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        port = _read_port(proc, timeout_s)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _read_port(proc: subprocess.Popen, timeout_s: float) -> int:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    # readline blocks, but the server prints this line right after binding (or exits).
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise EmulationError(f"cloud backend exited before listening (code {proc.wait()}):\n{err.strip()[-2000:]}")
+        m = re.search(r"listening on wss?://[^:]+:(\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise EmulationError("cloud backend did not start listening in time")
+
+
+def resolve_slowdown(args: argparse.Namespace) -> float:
+    if args.device:
+        from edge_sdk.devices import get_device
+
+        return float(get_device(args.device).slowdown)
+    return float(args.device_slowdown)
+
+
+async def run_through_proxy(cfg, network_spec: str, cloud_port: int, progress=None, setup=None) -> object:
+    """Train through a shaping proxy in front of the cloud at ``cloud_port``."""
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.emulation.network import parse_network
+    from edge_sdk.emulation.proxy import ShapingProxy
+
+    network = parse_network(network_spec)
+    client = EdgeClient("ws://127.0.0.1:0", cfg, progress=progress, network=network_spec, setup=setup, shared_clock=True)
+    if network is None:
+        client.url = f"ws://127.0.0.1:{cloud_port}"
+        return await client.run()
+    async with ShapingProxy(target=("127.0.0.1", cloud_port), network=network) as proxy:
+        client.url = f"ws://127.0.0.1:{proxy.port}"
+        return await client.run()
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_sdk.client import TrainingError
+    from edge_sdk.progress import ProgressBar
+
+    try:
+        args.device_slowdown = resolve_slowdown(args)
+        cfg = config_from_args(args)
+        cfg.validate()
+    except (ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        from edge_sdk.emulation.network import parse_network
+
+        parse_network(args.network)  # fail fast on a bad profile name or trace file
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    from edge_sdk.training import build_local
+
+    torch.set_num_threads(max(1, args.threads))
+    extra = ["--threads", str(max(1, args.threads))] + (["--token", cfg.token] if cfg.token else [])
+    try:
+        with cloud_process(extra) as (_proc, port):
+            print(f"cloud backend on 127.0.0.1:{port}; network {args.network}; device slowdown {cfg.device_slowdown:g}x", file=sys.stderr)
+            setup = build_local(cfg)
+            with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
+                result = asyncio.run(run_through_proxy(cfg, args.network, port, bar.update, setup))
+    except (TrainingError, EmulationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary_table(result))
+    write_json(result, args.json_path)
+    if args.report:
+        from edge_sdk.report import write_report
+
+        paths = write_report(result, Path(args.report))
+        print(f"report: {', '.join(str(p) for p in paths)}")
+    return 0

@@ -1,0 +1,108 @@
+"""`python -m edge_sdk train`: train against a running cloud backend.
+
+The training flags are defined once here and reused by ``emulate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge_sdk.training import TrainConfig, TrainResult
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--model", default="digits_cnn", help="zoo model (default: %(default)s)")
+    g.add_argument("--dataset", default="digits", help="dataset: digits, mnist1d (bundled) or cifar10, tinyimagenet, imdb, movielens (need --data-dir) (default: %(default)s)")
+    g.add_argument("--data-dir", help="folder holding a real dataset's files")
+    g.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    g.add_argument("--point", type=int, default=None, help="partition point p: blocks [0,p) run on the device (default: the model's default cut)")
+    g.add_argument("--codec", default="int8", help="feature codec: fp32, fp16, bf16, int8, int8c, int4, topk (default: %(default)s)")
+    g.add_argument("--grad-codec", default="fp32", help="gradient codec for the way down (default: %(default)s)")
+    g.add_argument("--staleness", type=int, default=4, help="K: steps allowed in flight beyond the current one; 0 = sequential (default: %(default)s)")
+    g.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", help="turn off the g - E*g*g correction (ablation)")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "step"], help="per-epoch lr schedule, identical on both sides (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="model init, batch order and dropout seed (default: %(default)s)")
+    g.add_argument("--token", default="", help="shared secret if the server was started with --token")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut each epoch short (smoke runs)")
+    g.add_argument("--device-slowdown", type=float, default=1.0, help="emulate a device S times slower than this machine (default: %(default)s)")
+    g.add_argument("--json", dest="json_path", help="write the run's report as JSON here")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        point=args.point,
+        codec=args.codec,
+        grad_codec=args.grad_codec,
+        staleness=args.staleness,
+        error_feedback=args.error_feedback,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        schedule=args.schedule,
+        seed=args.seed,
+        token=args.token,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        device_slowdown=args.device_slowdown,
+    )
+
+
+def write_json(result: TrainResult, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(result.to_json())
+
+
+def summary_table(result: TrainResult) -> str:
+    rows = [
+        ("model / dataset", f"{result.model} / {result.dataset}"),
+        ("partition point", str(result.point)),
+        ("codec, staleness K", f"{result.codec}, {result.staleness}" + ("" if result.error_feedback else " (no error feedback)")),
+        ("network, device slowdown", f"{result.network}, {result.device_slowdown:g}x"),
+        ("epochs, steps", f"{result.epochs}, {result.steps}"),
+        ("test accuracy", f"{100 * result.test_accuracy:.2f} %"),
+        ("train loss (last epoch)", f"{result.train_loss:.4f}"),
+        ("wall time", f"{result.wall_s:.1f} s ({result.steps / result.wall_s if result.wall_s else 0:.1f} steps/s)"),
+        ("bytes up / down", f"{result.bytes_up / 1e6:.2f} MB / {result.bytes_down / 1e6:.2f} MB"),
+    ]
+    for k, v in result.stage_ms.items():
+        rows.append((f"stage {k}", f"{v:.2f} ms/step"))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="cloud backend URL, e.g. ws://cloud.example:8765 or wss://...")
+    add_training_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edge_sdk.client import TrainingError, run_training
+    from edge_sdk.progress import ProgressBar
+
+    from edge_sdk.training import build_local
+
+    cfg = config_from_args(args)
+    try:
+        setup = build_local(cfg)
+        with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
+            result = run_training(args.server, cfg, progress=bar.update, setup=setup)
+    except (TrainingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary_table(result))
+    write_json(result, args.json_path)
+    return 0

@@ -1,0 +1,174 @@
+"""Training configuration, results, and the local pieces of a run (model, data, head).
+
+Kept apart from the WebSocket client so that the same configuration builds the
+device head, the batches, and the JSON report whether the link is real, emulated,
+or (in tests) absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from edge_sdk import data as datasets
+from edge_sdk import zoo
+from edge_sdk.optim import OptimizerConfig, warm_up
+
+#: Which model trains which bundled/local dataset by default.
+DEFAULT_MODEL_FOR_DATASET = {"digits": "digits_cnn", "mnist1d": "mnist1d_cnn"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a device needs to start a training run (and the cloud to mirror it)."""
+
+    model: str = "digits_cnn"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    point: int | None = None  # None: the model's default cut
+    codec: str = "int8"
+    grad_codec: str = "fp32"
+    staleness: int = 4
+    error_feedback: bool = True
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    runtime: str = "eager"
+    programs: str | None = None
+    device_slowdown: float = 1.0
+    token: str = ""
+    max_steps_per_epoch: int | None = None  # for quick tests
+    eval_batch_size: int = 256
+    topk_ratio: float = 0.1
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            name=self.optimizer,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            schedule=self.schedule,
+            epochs=self.epochs,
+        )
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.staleness < 0:
+            raise ValueError(f"--staleness must be >= 0, got {self.staleness}")
+        if not (self.device_slowdown >= 1.0 and math.isfinite(self.device_slowdown)):
+            raise ValueError(f"--device-slowdown must be >= 1 (1 = this machine's speed), got {self.device_slowdown}")
+        self.optimizer_config()  # raises on a bad optimizer/lr
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    wall_s: float
+    steps: int
+
+
+@dataclass
+class TrainResult:
+    """The run's report; serialised as the ``--json`` output."""
+
+    test_accuracy: float = 0.0
+    test_loss: float = 0.0
+    train_loss: float = 0.0
+    train_accuracy: float = 0.0
+    steps: int = 0
+    cloud_steps: int = 0
+    epochs: int = 0
+    wall_s: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    point: int = 0
+    codec: str = ""
+    staleness: int = 0
+    network: str = "none"
+    device_slowdown: float = 1.0
+    model: str = ""
+    dataset: str = ""
+    runtime: str = "eager"
+    error_feedback: bool = True
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch records
+    timeline: list[dict[str, float]] = field(default_factory=list)  # (wall_s, loss, acc) samples
+    partition_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+@dataclass
+class LocalSetup:
+    """The device's local objects for a run."""
+
+    spec: zoo.ModelSpec
+    splits: datasets.DatasetSplits
+    point: int
+
+    def train_loader(self, cfg: TrainConfig, epoch: int) -> DataLoader:
+        # One generator per epoch seeded from (seed, epoch): the batch order is a
+        # pure function of the configuration, so split and centralized runs see
+        # the same batches.
+        g = torch.Generator()
+        g.manual_seed(cfg.seed * 1000 + epoch)
+        return DataLoader(self.splits.train, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=False)
+
+    def steps_per_epoch(self, cfg: TrainConfig) -> int:
+        n = math.ceil(len(self.splits.train) / cfg.batch_size)
+        return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
+
+    def total_steps(self, cfg: TrainConfig) -> int:
+        return cfg.epochs * self.steps_per_epoch(cfg)
+
+    def test_loader(self, cfg: TrainConfig) -> DataLoader:
+        return DataLoader(self.splits.test, batch_size=cfg.eval_batch_size, shuffle=False)
+
+
+def default_point(spec: zoo.ModelSpec) -> int:
+    """A middle cut: the model's first interior cut point past a quarter of its blocks."""
+    model = spec.model
+    interior = [p for p in model.cut_points if 0 < p < model.num_blocks]
+    if not interior:
+        raise ValueError(f"model {spec.name} has no interior cut point")
+    quarter = model.num_blocks / 4
+    for p in interior:
+        if p >= quarter:
+            return p
+    return interior[-1]
+
+
+def build_local(cfg: TrainConfig) -> LocalSetup:
+    """Build the model and load the data, with one clear error for a mismatch."""
+    cfg.validate()
+    spec = zoo.build(cfg.model, seed=cfg.seed)
+    splits = datasets.load(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed)
+    if tuple(splits.input_shape) != tuple(spec.input_shape):
+        raise ValueError(
+            f"model {cfg.model} expects inputs of shape {tuple(spec.input_shape)}, "
+            f"dataset {cfg.dataset} gives {tuple(splits.input_shape)}"
+        )
+    warm_up()
+    point = default_point(spec) if cfg.point is None else cfg.point
+    if point not in spec.model.cut_points or point in (0, spec.model.num_blocks):
+        valid = [p for p in spec.model.cut_points if 0 < p < spec.model.num_blocks]
+        raise ValueError(f"--point {point} is not a valid interior cut of {cfg.model}; valid points: {valid}")
+    return LocalSetup(spec=spec, splits=splits, point=point)
