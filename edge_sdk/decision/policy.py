@@ -1,0 +1,241 @@
+"""Decision policies: given the inputs and the current choice, what to run next.
+
+A policy is a small swappable object (the way Flower swaps strategies): the
+pipeline calls ``policy.decide(inputs, current, remaining_steps)`` at start and
+every few steps and acts on ``decision.switch``. ``CostModelPolicy`` is the
+context-aware one; ``FixedPolicy`` pins a configuration for static runs and the
+benchmark sweeps.
+
+Every decision carries a human-readable ``reason`` so a user can see *why*: the
+winning breakdown, what bounds it, the runner-up, and (when it declines to
+switch) the saving it weighed against the switch cost.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .cost_model import (
+    _CODEC_RANK,
+    Choice,
+    DecisionInputs,
+    Prediction,
+    drain_time,
+    migration_time,
+    predict,
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The policy's answer. ``choice``/``prediction`` are what to run *now*: the
+    current choice when the policy declines to switch."""
+
+    choice: Choice
+    prediction: Prediction
+    switch: bool
+    reason: str
+    #: predicted saving over the remaining steps of the best alternative (s)
+    saving_s: float = 0.0
+    #: one-off cost of switching to it: migration + drain (s)
+    switch_cost_s: float = 0.0
+    #: the best candidate found, whether or not we switch to it
+    best: Prediction | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly record (a ``partition_history`` entry minus the step)."""
+        return {
+            **self.choice.to_dict(),
+            "predicted_step_time_s": self.prediction.step_time_s,
+            "switch": self.switch,
+            "reason": self.reason,
+            "saving_s": self.saving_s,
+            "switch_cost_s": self.switch_cost_s,
+            "breakdown": self.prediction.stages.breakdown(),
+        }
+
+
+class Policy(ABC):
+    """Base class: one method, so a policy can be swapped without touching the pipeline."""
+
+    @abstractmethod
+    def decide(self, inputs: DecisionInputs, current: Choice | None, remaining_steps: int) -> Decision:
+        """Return what to run for the next ``remaining_steps`` steps."""
+
+
+class FixedPolicy(Policy):
+    """Always the same choice (static runs, sweeps). Switches only from something else."""
+
+    def __init__(self, choice: Choice) -> None:
+        self.choice = choice
+
+    def decide(self, inputs: DecisionInputs, current: Choice | None, remaining_steps: int) -> Decision:
+        pred = predict(self.choice, inputs.with_remaining(remaining_steps))
+        switch = current != self.choice
+        return Decision(self.choice, pred, switch, f"fixed: {pred.explain()}", best=pred)
+
+
+@dataclass
+class CostModelPolicy(Policy):
+    """Exhaustive search over (point, codec, K) with the cost model, plus hysteresis.
+
+    * ``allowed_points`` / ``allowed_codecs``: None = every valid cut / every codec
+      whose size is known. ``p = 0`` (raw input upload) is dropped unless
+      ``allow_raw_upload``; points below ``min_head_blocks`` are dropped (privacy:
+      a minimum head depth), except device-only ``p = L``, which keeps more private.
+    * ``max_staleness``: largest K tried; ``memory_budget_bytes`` caps K further
+      (K+1 stored batches + error feedback + head activations/params/optimizer).
+    * Among K that give the same time the smallest wins: staleness costs accuracy
+      and memory, and beyond :func:`min_staleness_to_fill` it buys no speed.
+    * Hysteresis: leave the current choice only when the saving over the remaining
+      steps exceeds ``margin`` x (migration + drain) *and* ``min_saving_frac`` of
+      the current total; the second term keeps near-equal candidates from
+      flapping when the switch itself is almost free (codec or K change at K = 0).
+    """
+
+    allowed_points: Iterable[int] | None = None
+    allowed_codecs: Iterable[str] | None = None
+    max_staleness: int = 8
+    memory_budget_bytes: int | None = None
+    allow_raw_upload: bool = False
+    min_head_blocks: int = 0
+    margin: float = 1.5
+    min_saving_frac: float = 0.05
+    #: relative tolerance under which two totals count as equal (tie -> smaller K, milder codec)
+    tie_tol: float = 1e-9
+
+    def __post_init__(self) -> None:
+        if self.allowed_points is not None:
+            self.allowed_points = tuple(int(p) for p in self.allowed_points)
+        if self.allowed_codecs is not None:
+            self.allowed_codecs = tuple(self.allowed_codecs)
+        if self.max_staleness < 0:
+            raise ValueError("max_staleness must be >= 0")
+
+    # -- candidates ---------------------------------------------------------
+
+    def points(self, inputs: DecisionInputs) -> list[int]:
+        """Cut points this policy may choose, after the privacy constraints."""
+        L = inputs.num_blocks
+        pts = []
+        for p in inputs.points:
+            if self.allowed_points is not None and p not in self.allowed_points:
+                continue
+            if p == 0 and not self.allow_raw_upload:
+                continue
+            if p < self.min_head_blocks and p != L:
+                continue
+            pts.append(p)
+        return pts
+
+    def codecs(self, inputs: DecisionInputs, point: int) -> list[str]:
+        cs = inputs.codecs_at(point)
+        if point in (0, inputs.num_blocks) or self.allowed_codecs is None:
+            return list(cs)
+        return [c for c in cs if c in self.allowed_codecs]
+
+    def fits(self, pred: Prediction) -> bool:
+        return self.memory_budget_bytes is None or pred.memory_bytes <= self.memory_budget_bytes
+
+    def allows(self, choice: Choice, inputs: DecisionInputs) -> bool:
+        """Whether ``choice`` is still a legal candidate (constraints may change)."""
+        if choice.point not in self.points(inputs):
+            return False
+        if choice.point == inputs.num_blocks:
+            return True
+        return choice.codec in self.codecs(inputs, choice.point) and choice.staleness <= self.max_staleness
+
+    def best_for(self, inputs: DecisionInputs, point: int, codec: str) -> tuple[Prediction | None, bool]:
+        """Best K for one (point, codec): smallest K reaching the minimum total.
+
+        Returns (prediction or None if even K = 0 does not fit, capped_by_memory).
+        """
+        if point == inputs.num_blocks:
+            pred = predict(Choice(point, "fp32", 0), inputs)
+            return (pred if self.fits(pred) else None), False
+        best: Prediction | None = None
+        capped = False
+        for k in range(self.max_staleness + 1):
+            pred = predict(Choice(point, codec, k), inputs)
+            if not self.fits(pred):
+                capped = True  # memory grows with K: no larger K fits either
+                break
+            if best is None or pred.total_time_s < best.total_time_s * (1 - self.tie_tol):
+                best = pred
+        # capped only matters if a larger K would have been faster
+        if capped and best is not None:
+            unbounded = predict(Choice(point, codec, self.max_staleness), inputs)
+            capped = unbounded.total_time_s < best.total_time_s * (1 - self.tie_tol)
+        return best, capped
+
+    def candidates(self, inputs: DecisionInputs) -> list[tuple[Prediction, bool]]:
+        """Every feasible (point, codec) with its best K, fastest first."""
+        out = []
+        for p in self.points(inputs):
+            for c in self.codecs(inputs, p):
+                pred, capped = self.best_for(inputs, p, c)
+                if pred is not None:
+                    out.append((pred, capped))
+        out.sort(key=lambda pc: (pc[0].total_time_s, pc[0].K, _CODEC_RANK.get(pc[0].codec, 99), -pc[0].point))
+        return out
+
+    # -- the decision -------------------------------------------------------
+
+    def switch_cost(self, inputs: DecisionInputs, current: Prediction, new: Choice) -> float:
+        """Migration (blocks + optimizer state + RTT) plus the drain of in-flight steps.
+
+        Raising K alone needs no drain (the window just grows); any other change
+        (point, codec, lowering K) waits for the in-flight steps first.
+        """
+        cur = current.choice
+        if new.point == cur.point and new.codec == cur.codec and new.staleness >= cur.staleness:
+            return 0.0
+        return migration_time(inputs, cur.point, new.point) + drain_time(current)
+
+    def decide(self, inputs: DecisionInputs, current: Choice | None, remaining_steps: int) -> Decision:
+        inputs = inputs.with_remaining(remaining_steps)
+        cands = self.candidates(inputs)
+        if not cands:
+            raise ValueError(
+                "no feasible configuration: every (point, codec, K=0) breaks the memory budget "
+                "or the privacy constraints; allow more points/codecs or a larger budget"
+            )
+        best, capped = cands[0]
+        runner = cands[1][0] if len(cands) > 1 else None
+        why_best = best.explain()
+        if capped:
+            why_best += f"; K capped at {best.K} by the memory budget"
+        if runner is not None:
+            why_best += f"; runner-up {runner.choice} at {runner.step_time_s * 1e3:.1f} ms/step"
+
+        if current is None:
+            return Decision(best.choice, best, True, f"initial choice {why_best}", best=best)
+        try:
+            cur_pred: Prediction | None = predict(current, inputs)
+        except ValueError:  # the current point/codec does not exist in these inputs
+            cur_pred = None
+        if cur_pred is None or not self.allows(current, inputs) or not self.fits(cur_pred):
+            cost = self.switch_cost(inputs, cur_pred, best.choice) if cur_pred is not None else 0.0
+            return Decision(best.choice, best, True,
+                            f"current {current} no longer allowed or over the memory budget; switching to {why_best}",
+                            switch_cost_s=cost, best=best)
+        if best.choice == current:
+            return Decision(current, cur_pred, False, f"current choice is the best: {why_best}", best=best)
+
+        saving = cur_pred.total_time_s - best.total_time_s
+        cost = self.switch_cost(inputs, cur_pred, best.choice)
+        threshold = self.margin * cost + self.min_saving_frac * cur_pred.total_time_s
+        r = inputs.remaining_steps
+        if saving > threshold:
+            return Decision(best.choice, best, True,
+                            f"switching {current} -> {why_best}; saves {saving:.2f} s over {r} steps "
+                            f"> {self.margin:g} x {cost:.2f} s switch cost + {self.min_saving_frac:.0%} of "
+                            f"{cur_pred.total_time_s:.2f} s",
+                            saving_s=saving, switch_cost_s=cost, best=best)
+        return Decision(current, cur_pred, False,
+                        f"keeping {cur_pred.explain()}; best alternative {best.choice} saves only {saving:.2f} s "
+                        f"over {r} steps <= {self.margin:g} x {cost:.2f} s switch cost + "
+                        f"{self.min_saving_frac:.0%} of {cur_pred.total_time_s:.2f} s",
+                        saving_s=saving, switch_cost_s=cost, best=best)
