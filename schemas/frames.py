@@ -10,8 +10,9 @@ table form: slot i is the i-th field of the table. Tests cross-check it
 against the generated code and against ``flatc --json``, so a mismatch with
 the schema fails CI.
 
-Encoding uses the FlatBuffers builder for the small parts and splices large
-tensor payloads into the output once (one copy, no element-by-element work).
+Encoding uses the FlatBuffers builder for the small parts and appends the
+largest tensor payload to its output (one copy, no element-by-element work;
+see `_Encoder`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class Limits:
     max_rank: int = 8
     max_string_bytes: int = 1 << 20
     max_list_len: int = 1 << 16
-    max_elements: int = 1 << 30
+    #: decoded elements per tensor; also bounds what a tiny sparse top-k frame can make
+    #: the receiver allocate (64 Mi elements = 256 MiB of float32)
+    max_elements: int = 1 << 26
 
 
 # ----------------------------------------------------------------------------- frames
@@ -244,26 +247,38 @@ _PREPEND = {
     "I": "PrependUint32Slot", "Q": "PrependUint64Slot", "i": "PrependInt32Slot",
     "q": "PrependInt64Slot", "f": "PrependFloat32Slot", "d": "PrependFloat64Slot",
 }
-_SPLICE_MIN = 4096  # payloads at least this big are spliced, not copied into the builder
+_SPLICE_MIN = 1024  # a payload at least this big is appended, not copied into the builder
 _PAYLOAD_ALIGN = 16
 
 
 class _Encoder:
-    """One-shot builder wrapper that remembers where large payloads belong."""
+    """One-shot builder wrapper that appends the largest payload without copying it in.
 
-    def __init__(self, size_hint: int) -> None:
+    FlatBuffers builds back to front, so the first vector created ends up at
+    the very end of the buffer. The encoder creates the big payload's vector
+    first with length 0 (aligned to 16 like any payload), lets the builder lay
+    out everything else, then patches the length and appends the payload:
+    offsets point at the vector's length prefix, which does not move, so the
+    result is a byte-exact FlatBuffer, built with one copy of the payload
+    (into the output) and a builder of a few hundred bytes.
+    """
+
+    def __init__(self, size_hint: int, big: TensorFrame | None) -> None:
         self.b = flatbuffers.Builder(size_hint)
-        self.splices: list[tuple[int, memoryview]] = []  # (distance from end, data)
+        self.big = big
+        self.big_data: np.ndarray | None = None
+        self.big_vec = 0
+        if big is not None:
+            self.big_data = np.ascontiguousarray(big.payload).reshape(-1).view(np.uint8)
+            self.b.StartVector(1, 0, _PAYLOAD_ALIGN)
+            self.big_vec = self.b.EndVector()
 
     def payload(self, arr: np.ndarray) -> int:
         b = self.b
         data = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         nb = int(data.size)
         b.StartVector(1, nb, _PAYLOAD_ALIGN)
-        if nb >= _SPLICE_MIN:
-            b.head -= nb  # reserve; bytes go in at output time
-            self.splices.append((len(b.Bytes) - b.head, memoryview(data)))
-        elif nb:
+        if nb:
             b.head -= nb
             b.Bytes[b.head:b.head + nb] = data.tobytes()
         return b.EndVector()
@@ -277,7 +292,7 @@ class _Encoder:
     def tensor(self, tf: TensorFrame) -> int:
         check_tensor_frame(tf)
         b = self.b
-        payload = self.payload(tf.payload)
+        payload = self.big_vec if tf is self.big else self.payload(tf.payload)
         shape = self.small_vector(np.asarray(tf.shape, dtype=np.int64), "<i8")
         scales = self.small_vector(tf.scales, "<f4") if tf.scales is not None else 0
         zps = self.small_vector(tf.zero_points, "<i4") if tf.zero_points is not None else 0
@@ -300,26 +315,30 @@ class _Encoder:
 
     def output(self) -> bytes:
         b = self.b
-        mv = memoryview(b.Bytes)
-        end = len(b.Bytes)
-        if not self.splices:
-            return bytes(mv[b.head:])
-        parts, pos = [], b.head
-        for dist, data in sorted(self.splices, key=lambda s: -s[0]):
-            start = end - dist
-            parts.append(mv[pos:start])
-            parts.append(data)
-            pos = start + len(data)
-        parts.append(mv[pos:])
-        return b"".join(parts)
+        if self.big_data is None:
+            return bytes(memoryview(b.Bytes)[b.head:])
+        prefix = b.Bytes[b.head:]  # small copy; ends with the big vector's length prefix
+        struct.pack_into("<I", prefix, len(prefix) - 4, self.big_data.size)
+        return b"".join((prefix, memoryview(self.big_data)))
 
 
-def _size_hint(frame: Any) -> int:
-    n = 1024
+def _big_payload(frame: Any) -> TensorFrame | None:
+    """The frame's largest tensor if it is worth appending instead of copying in."""
+    best = None
+    for name, kind, _ in _SPECS[type(frame)]:
+        v = getattr(frame, name)
+        if kind.startswith("tensor") and isinstance(v, TensorFrame) and v.payload.nbytes >= _SPLICE_MIN:
+            if best is None or v.payload.nbytes > best.payload.nbytes:
+                best = v
+    return best
+
+
+def _size_hint(frame: Any, big: TensorFrame | None) -> int:
+    n = 512
     for name, kind, _ in _SPECS[type(frame)]:
         v = getattr(frame, name)
         if kind.startswith("tensor") and v is not None:
-            n += v.nbytes + 256 + 8 * len(v.shape)
+            n += 128 + 8 * len(v.shape) + (v.nbytes - (v.payload.nbytes if v is big else 0))
         elif kind == "str":
             n += 4 * len(v) + 8
         elif kind == "f32[]" and v:
@@ -333,7 +352,8 @@ def encode(envelope: Envelope) -> bytes:
     spec = _SPECS.get(type(frame))
     if spec is None:
         raise TypeError(f"not a frame: {type(frame).__name__}")
-    enc = _Encoder(_size_hint(frame))
+    big = _big_payload(frame)
+    enc = _Encoder(_size_hint(frame, big), big)
     b = enc.b
     offsets: dict[str, int] = {}
     values: list[tuple[int, str, Any, Any]] = []

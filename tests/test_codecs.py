@@ -291,3 +291,14 @@ def test_check_tensor_frame_rejects_inconsistent_frames():
         with pytest.raises(WireError) as ei:
             check_tensor_frame(bad)
         assert ei.value.code is ErrorCode.BAD_TENSOR, what
+
+
+def test_half_codecs_match_torch_rounding_bit_for_bit():
+    x = torch.randn(50_000, generator=torch.Generator().manual_seed(9)) * torch.logspace(-30, 30, 50_000)
+    x = torch.cat([x, torch.tensor([3.3895313892515355e38, -3.4e38, 1e-45, 0.0, -0.0, 65519.0, 70000.0])])
+    bf = decode_tensor(encode_tensor(x, Codec.BF16)[0])
+    ref = x.clamp(-3.3895313892515355e38, 3.3895313892515355e38).bfloat16().float()
+    assert torch.equal(bf.view(torch.int32), ref.view(torch.int32))
+    h = decode_tensor(encode_tensor(x, Codec.FP16)[0])
+    assert torch.equal(h, x.clamp(-65504, 65504).half().float())
+    assert torch.isfinite(h).all() and torch.isfinite(bf).all()

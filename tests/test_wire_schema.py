@@ -15,14 +15,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from schemas import regen
-from schemas.codecs import Codec, DType, TensorFrame
+from schemas.codecs import Codec, DType, TensorFrame, encode_tensor, tensor_frame_from_array
 from schemas.errors import ErrorCode
-from schemas.frames import FRAME_TYPES, WEIGHT_KINDS, encode
+from schemas.frames import FRAME_TYPES, WEIGHT_KINDS, Envelope, Features, encode
 from schemas.samples import sample_envelopes
 
-SAMPLES = sample_envelopes()
+
+
+# plus one frame whose payload is big enough to take the encoder's append path
+_BIG = Envelope(Features(step=9, epoch=1, point=2,
+                         tensor=encode_tensor(torch.linspace(-3, 3, 700).reshape(7, 10, 10), "fp32")[0],
+                         labels=tensor_frame_from_array(np.arange(7, dtype=np.int64)), grad_codec="int8"),
+                seq=5, sent_ns=6)
+SAMPLES = sample_envelopes() + [_BIG]
 
 
 @pytest.fixture(scope="module")
