@@ -20,6 +20,7 @@ opposite of what feature replay is for. :meth:`StageTimes.breakdown` still shows
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
@@ -149,17 +150,23 @@ def _codec_nbytes_fallback(shape: Sequence[int], codec: str, topk_ratio: float =
     raise ValueError(f"unknown codec label {codec!r}")
 
 
-def codec_nbytes(shape: Sequence[int], codec: str, topk_ratio: float = 0.1) -> int:
-    """Encoded payload bytes of a tensor of ``shape`` under ``codec`` (a label).
-
-    Asks ``schemas.codecs.encoded_nbytes`` when it exists (the codec's own answer),
-    else falls back to :func:`_codec_nbytes_fallback`.
-    """
+@functools.lru_cache(maxsize=4096)
+def _codec_nbytes_cached(shape: tuple[int, ...], codec: str, topk_ratio: float) -> int:
     try:
         from schemas.codecs import Codec, encoded_nbytes  # type: ignore[attr-defined]
     except ImportError:
         return _codec_nbytes_fallback(shape, codec, topk_ratio)
-    return int(encoded_nbytes(tuple(int(s) for s in shape), Codec.parse(codec), topk_ratio=topk_ratio))
+    return int(encoded_nbytes(shape, Codec.parse(codec), topk_ratio=topk_ratio))
+
+
+def codec_nbytes(shape: Sequence[int], codec: str, topk_ratio: float = 0.1) -> int:
+    """Encoded payload bytes of a tensor of ``shape`` under ``codec`` (a label).
+
+    Asks ``schemas.codecs.encoded_nbytes`` when it exists (the codec's own answer),
+    else falls back to :func:`_codec_nbytes_fallback`. Cached: the policy asks
+    for the same few sizes hundreds of times per decision.
+    """
+    return _codec_nbytes_cached(tuple(int(s) for s in shape), codec, float(topk_ratio))
 
 
 @dataclass(frozen=True)

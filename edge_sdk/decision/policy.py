@@ -103,8 +103,10 @@ class CostModelPolicy(Policy):
     min_head_blocks: int = 0
     margin: float = 1.5
     min_saving_frac: float = 0.05
-    #: relative tolerance under which two totals count as equal (tie -> smaller K, milder codec)
-    tie_tol: float = 1e-9
+    #: totals within this fraction of the fastest count as equal; among them the
+    #: milder codec, then the smaller K wins (the model does not price accuracy,
+    #: and a 0.5 % gain is not worth int4 or two more steps of staleness)
+    tie_tol: float = 0.01
 
     def __post_init__(self) -> None:
         if self.allowed_points is not None:
@@ -148,37 +150,53 @@ class CostModelPolicy(Policy):
         return choice.codec in self.codecs(inputs, choice.point) and choice.staleness <= self.max_staleness
 
     def best_for(self, inputs: DecisionInputs, point: int, codec: str) -> tuple[Prediction | None, bool]:
-        """Best K for one (point, codec): smallest K reaching the minimum total.
+        """Best K for one (point, codec): the smallest K within ``tie_tol`` of the
+        fastest K that fits the memory budget.
 
-        Returns (prediction or None if even K = 0 does not fit, capped_by_memory).
+        Returns (prediction, or None if even K = 0 does not fit; capped_by_memory).
         """
         if point == inputs.num_blocks:
             pred = predict(Choice(point, "fp32", 0), inputs)
             return (pred if self.fits(pred) else None), False
-        best: Prediction | None = None
+        preds: list[Prediction] = []
         capped = False
         for k in range(self.max_staleness + 1):
             pred = predict(Choice(point, codec, k), inputs)
             if not self.fits(pred):
                 capped = True  # memory grows with K: no larger K fits either
                 break
-            if best is None or pred.total_time_s < best.total_time_s * (1 - self.tie_tol):
-                best = pred
-        # capped only matters if a larger K would have been faster
-        if capped and best is not None:
+            preds.append(pred)
+        if not preds:
+            return None, False
+        fastest = min(p.total_time_s for p in preds)
+        best = next(p for p in preds if p.total_time_s <= fastest * (1 + self.tie_tol))
+        # capped only matters if a K the budget forbids would have been clearly faster
+        if capped:
             unbounded = predict(Choice(point, codec, self.max_staleness), inputs)
-            capped = unbounded.total_time_s < best.total_time_s * (1 - self.tie_tol)
+            capped = unbounded.total_time_s * (1 + self.tie_tol) < best.total_time_s
         return best, capped
 
     def candidates(self, inputs: DecisionInputs) -> list[tuple[Prediction, bool]]:
-        """Every feasible (point, codec) with its best K, fastest first."""
+        """Every feasible (point, codec) with its best K, best first: candidates within
+        ``tie_tol`` of the fastest come first, milder codec then smaller K first."""
         out = []
         for p in self.points(inputs):
             for c in self.codecs(inputs, p):
                 pred, capped = self.best_for(inputs, p, c)
                 if pred is not None:
                     out.append((pred, capped))
-        out.sort(key=lambda pc: (pc[0].total_time_s, pc[0].K, _CODEC_RANK.get(pc[0].codec, 99), -pc[0].point))
+        if not out:
+            return out
+        fastest = min(p.total_time_s for p, _ in out)
+
+        def key(pc: tuple[Prediction, bool]) -> tuple:
+            pr = pc[0]
+            near = pr.total_time_s <= fastest * (1 + self.tie_tol)
+            if near:
+                return (0, _CODEC_RANK.get(pr.codec, 99), pr.K, pr.total_time_s, -pr.point)
+            return (1, pr.total_time_s, pr.K, _CODEC_RANK.get(pr.codec, 99), -pr.point)
+
+        out.sort(key=key)
         return out
 
     # -- the decision -------------------------------------------------------
@@ -203,7 +221,9 @@ class CostModelPolicy(Policy):
                 "or the privacy constraints; allow more points/codecs or a larger budget"
             )
         best, capped = cands[0]
-        runner = cands[1][0] if len(cands) > 1 else None
+        # the runner-up that explains the cut: the best candidate at another point
+        others = [pr for pr, _ in cands[1:] if pr.point != best.point] or [pr for pr, _ in cands[1:]]
+        runner = others[0] if others else None
         why_best = best.explain()
         if capped:
             why_best += f"; K capped at {best.K} by the memory budget"
