@@ -39,7 +39,7 @@ in features or gradients means training has already diverged; quantizing it
 would silently poison the scale of a whole channel, the error-feedback term and
 the peer's optimizer, so the sender fails loudly at the source instead. The
 check is free for the quantizing codecs (the min/max they need propagate NaN)
-and one fused min/max pass for fp16/bf16/top-k. On the decoding side,
+and a SIMD min + max over the input for fp16/bf16/top-k. On the decoding side,
 `check_tensor_frame` rejects non-finite or non-positive scales and
 out-of-range zero points and indices with `WireError(BAD_TENSOR)`; payload
 *values* of float dtypes are not scanned (that would cost a pass over every
