@@ -49,6 +49,14 @@ def _swapped_parameters(module: nn.Module, params: dict[str, torch.Tensor]) -> I
             owner._parameters[leaf] = value
 
 
+class UnsupportedLayerError(NotImplementedError):
+    """A layer the exporter cannot turn into a correct program; names the operator."""
+
+    def __init__(self, operator: str, detail: str) -> None:
+        self.operator = operator
+        super().__init__(f"operator {operator}: {detail}")
+
+
 class _Context:
     """Side channel through which the wrappers feed state into the rewritten layers."""
 
@@ -111,6 +119,48 @@ class MaskedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx[0]
         return x * ctx.masks[self.index] if ctx.dropout else x
+
+
+class WindowMaxPool(nn.Module):
+    """Non-overlapping max pooling written as reshape + argmax + gather.
+
+    Why: ExecuTorch 1.5.1's portable ``max_pool2d_with_indices_backward`` returns
+    wrong gradients in the joint program (the parity tests caught it), and 1-D
+    pooling lowers to the same kernel. With ``argmax`` + ``gather`` the backward is
+    a ``scatter_add`` into zeros. ``argmax`` picks the first maximum in row-major
+    window order, the element eager's CPU kernel routes the gradient to, so ties
+    (ReLU zeros) behave the same.
+    """
+
+    def __init__(self, kernel: tuple[int, ...]) -> None:
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel
+        spatial = x.shape[2:]
+        out = [n // kk for n, kk in zip(spatial, k)]
+        x = x[(slice(None), slice(None), *[slice(0, o * kk) for o, kk in zip(out, k)])]
+        if len(k) == 1:
+            w = x.reshape(x.shape[0], x.shape[1], out[0], k[0])
+        else:
+            w = x.reshape(x.shape[0], x.shape[1], out[0], k[0], out[1], k[1]).permute(0, 1, 2, 4, 3, 5)
+            w = w.reshape(x.shape[0], x.shape[1], out[0], out[1], k[0] * k[1])
+        idx = w.argmax(dim=-1, keepdim=True)
+        return w.gather(-1, idx).squeeze(-1)
+
+
+def _window_pool(m: nn.Module) -> WindowMaxPool | None:
+    """A :class:`WindowMaxPool` equal to ``m``, or None if ``m`` has overlapping windows."""
+    dims = 1 if isinstance(m, nn.MaxPool1d) else 2
+    as_tuple = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
+    kernel = as_tuple(m.kernel_size)
+    stride = as_tuple(m.stride if m.stride is not None else m.kernel_size)
+    if stride != kernel or any(as_tuple(m.padding)) or any(d != 1 for d in as_tuple(m.dilation)):
+        return None
+    if m.ceil_mode or m.return_indices:
+        return None
+    return WindowMaxPool(kernel)
 
 
 @dataclass
@@ -186,6 +236,16 @@ def prepare_head(head: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                 for b in ("running_mean", "running_var"):
                     buffers.append(TensorSpec(f"{full}.{b}", list(getattr(child, b).shape)))
                 setattr(parent, child_name, new)
+            elif isinstance(child, (nn.MaxPool1d, nn.MaxPool2d)):
+                pool = _window_pool(child)
+                if pool is None:
+                    raise UnsupportedLayerError(
+                        "aten.max_pool2d_with_indices_backward",
+                        f"{type(child).__name__} at {full!r} has overlapping or padded windows; the ExecuTorch "
+                        "portable kernel for its backward gives wrong gradients and only non-overlapping "
+                        "pooling is rewritten",
+                    )
+                setattr(parent, child_name, pool)
             elif isinstance(child, nn.Dropout):
                 if child.p > 0 and full in seen:
                     dropouts.append({"name": full, "p": float(child.p), "shape": seen[full]})

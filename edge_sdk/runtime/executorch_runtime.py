@@ -53,7 +53,9 @@ class ExecuTorchRuntime(HeadRuntime):
             raise ManifestError(f"{path} does not match the sha256 in the manifest")
         self.point = point
         self.batch_size = int(entry["batch_size"])
-        self._module = _training_module(path.read_bytes())
+        # The runtime reads the program in place: these bytes must outlive the module.
+        self._program_bytes = path.read_bytes()
+        self._module = _training_module(self._program_bytes)
         self._method = self._module.model
         local_to_full = {p["local"]: p["name"] for p in entry["parameters"]}
         buffers = init_buffers(entry, weights)
