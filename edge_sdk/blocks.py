@@ -347,7 +347,20 @@ def _segment_module(root: nn.Module, gm: fx.GraphModule, seg: list[fx.Node]) -> 
     graph.lint()
     block = fx.GraphModule(root, graph, class_name="TracedBlock")
     mods = [str(n.target) for n in seg if n.op == "call_module"]
-    name = mods[0] if mods else str(seg[0].name)
-    if len(mods) > 1:
-        name = f"{mods[0]}..{mods[-1]}"
-    return block, name
+    return block, _segment_name(mods, seg)
+
+
+def _segment_name(mods: list[str], seg: list[fx.Node]) -> str:
+    """"layer1.0" for a segment whose modules all live under layer1.0, else
+    "first..last" module, else the first node's name."""
+    if not mods:
+        return str(seg[0].name)
+    if len(mods) == 1:
+        return mods[0]
+    parts = [m.split(".") for m in mods]
+    prefix: list[str] = []
+    for comps in zip(*parts):
+        if len(set(comps)) != 1:
+            break
+        prefix.append(comps[0])
+    return ".".join(prefix) if prefix else f"{mods[0]}..{mods[-1]}"

@@ -67,7 +67,8 @@ def test_param_count_and_output_shape(name):
     if name == "resnet50":  # traced automatically: cuts between bottlenecks only
         m = spec.model
         assert m.num_blocks == 19  # conv1 | bn1+relu | 16 bottlenecks (last + avgpool) | fc
-        assert m.block_names[2] == "layer1.0.conv1..layer1.0.relu"
+        assert m.block_names[:4] == ["conv1", "bn1..maxpool", "layer1.0", "layer1.1"]
+        assert m.block_names[-2:] == ["layer4.2.conv1..avgpool", "fc"]
         assert m.blocks[-1].fc.weight.shape == (10, 2048)
 
 
