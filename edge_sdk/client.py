@@ -176,14 +176,15 @@ class EdgeClient:
             raise TrainingError(f"cloud refused: {frame.message} ({frame.code.name})")
         return frame
 
-    async def _compute(self, fn: Callable, *args, **kwargs):
+    async def _compute(self, fn: Callable, *args, train: bool = True, **kwargs):
         """Run head compute off the event loop, then emulate a slower device."""
         t0 = time.perf_counter()
         out = await asyncio.to_thread(fn, *args, **kwargs)
         dt = time.perf_counter() - t0
         if self.cfg.device_slowdown > 1.0:
             await asyncio.sleep((self.cfg.device_slowdown - 1.0) * dt)
-        self.edge_busy_s += dt * self.cfg.device_slowdown
+        if train:
+            self.edge_busy_s += dt * self.cfg.device_slowdown
         return out
 
     # --------------------------------------------------------------- protocol
@@ -241,7 +242,7 @@ class EdgeClient:
 
     async def _evaluate(self, epoch: int) -> fr.EvalResult:
         for i, (x, y) in enumerate(self.setup.test_loader(self.cfg)):
-            feats = await self._compute(self.pipeline.eval_features, x, y, epoch=epoch, batch=i)
+            feats = await self._compute(self.pipeline.eval_features, x, y, epoch=epoch, batch=i, train=False)
             await self._send(feats)
         await self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=False))
         while True:
@@ -254,6 +255,7 @@ class EdgeClient:
         all_means = _RunningMeans()
         for epoch in range(self.cfg.epochs):
             means = _RunningMeans()
+            t_epoch = time.perf_counter()
             for i, (x, y) in enumerate(self.setup.train_loader(self.cfg, epoch)):
                 if self.cfg.max_steps_per_epoch is not None and i >= self.cfg.max_steps_per_epoch:
                     break
@@ -264,6 +266,7 @@ class EdgeClient:
                 self._sent_ns[feats.step] = time.monotonic_ns()
                 await self._send(feats)
             await self._drain(means, epoch, t_start)
+            result.train_s += time.perf_counter() - t_epoch
             await self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=True))
             ev = await self._evaluate(epoch)
             wall = time.perf_counter() - t_start

@@ -55,7 +55,7 @@ def _chunks(step: int, name: str, kind: str, tensor: torch.Tensor) -> list[Weigh
         rows = max(1, CHUNK_ELEMENTS // max(1, t[0].numel()))
         pieces = list(torch.split(t, rows, dim=0))
     return [
-        Weights(step=step, name=name, kind=kind, tensor=codecs.tensor_frame_from_array(piece.contiguous().numpy()),
+        Weights(step=step, name=name, kind=kind, tensor=codecs.tensor_frame_from_tensor(piece),
                 chunk=i, chunks=len(pieces), last=False)
         for i, piece in enumerate(pieces)
     ]

@@ -22,7 +22,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     g.add_argument("--point", type=int, default=None, help="partition point p: blocks [0,p) run on the device (default: the model's default cut)")
     g.add_argument("--codec", default="int8", help="feature codec: fp32, fp16, bf16, int8, int8c, int4, topk (default: %(default)s)")
-    g.add_argument("--grad-codec", default="fp32", help="gradient codec for the way down (default: %(default)s)")
+    g.add_argument("--grad-codec", default="fp16", help="gradient codec for the way down (default: %(default)s)")
     g.add_argument("--staleness", type=int, default=4, help="K: steps allowed in flight beyond the current one; 0 = sequential (default: %(default)s)")
     g.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", help="turn off the g - E*g*g correction (ablation)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="(default: %(default)s)")

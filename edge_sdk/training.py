@@ -34,7 +34,7 @@ class TrainConfig:
     batch_size: int = 32
     point: int | None = None  # None: the model's default cut
     codec: str = "int8"
-    grad_codec: str = "fp32"
+    grad_codec: str = "fp16"
     staleness: int = 4
     error_feedback: bool = True
     optimizer: str = "sgd"
@@ -96,6 +96,7 @@ class TrainResult:
     cloud_steps: int = 0
     epochs: int = 0
     wall_s: float = 0.0
+    train_s: float = 0.0  # wall time of the training phases alone (no evaluation)
     bytes_up: int = 0
     bytes_down: int = 0
     stage_ms: dict[str, float] = field(default_factory=dict)

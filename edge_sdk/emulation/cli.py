@@ -81,14 +81,15 @@ async def run_through_proxy(cfg, network_spec: str, cloud_port: int, progress=No
     """Train through a shaping proxy in front of the cloud at ``cloud_port``."""
     from edge_sdk.client import EdgeClient
     from edge_sdk.emulation.network import parse_network
-    from edge_sdk.emulation.proxy import ShapingProxy
+    from edge_sdk.emulation.proxy import ProxyThread
 
     network = parse_network(network_spec)
     client = EdgeClient("ws://127.0.0.1:0", cfg, progress=progress, network=network_spec, setup=setup, shared_clock=True)
     if network is None:
         client.url = f"ws://127.0.0.1:{cloud_port}"
         return await client.run()
-    async with ShapingProxy(target=("127.0.0.1", cloud_port), network=network) as proxy:
+    # The link runs on its own thread and loop, so device compute never pauses it.
+    with ProxyThread(("127.0.0.1", cloud_port), network) as proxy:
         client.url = f"ws://127.0.0.1:{proxy.port}"
         return await client.run()
 
