@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -311,8 +312,15 @@ class EdgeClient:
             error_feedback=cfg.error_feedback,
         )
         t0 = time.perf_counter()
+        tls = None
+        if self.url.startswith("wss://"):
+            try:
+                tls = ssl.create_default_context(cafile=cfg.tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise TrainingError(f"cannot read the CA certificate {cfg.tls_ca}: {exc}") from None
         try:
-            ws = await connect(self.url, compression=None, max_size=MAX_FRAME_BYTES, open_timeout=15, ping_interval=20, ping_timeout=60)
+            ws = await connect(self.url, compression=None, max_size=MAX_FRAME_BYTES, open_timeout=15, ping_interval=20,
+                               ping_timeout=60, ssl=tls)
         except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
             raise TrainingError(f"cannot connect to the cloud at {self.url}: {exc}") from None
         reader = asyncio.create_task(self._reader(ws))

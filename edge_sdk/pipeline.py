@@ -203,7 +203,7 @@ class EdgePipeline:
             epoch=epoch,
             point=self.point,
             tensor=frame,
-            labels=codecs.tensor_frame_from_array(y.numpy()),
+            labels=codecs.tensor_frame_from_tensor(y),
             train=True,
             grad_codec=self.grad_codec.label,
         )
@@ -241,7 +241,7 @@ class EdgePipeline:
             epoch=epoch,
             point=self.point,
             tensor=frame,
-            labels=codecs.tensor_frame_from_array(y.numpy()),
+            labels=codecs.tensor_frame_from_tensor(y),
             train=False,
             grad_codec=self.grad_codec.label,
         )

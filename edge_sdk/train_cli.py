@@ -28,9 +28,11 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
     g.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "step"], help="per-epoch lr schedule, identical on both sides (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="model init, batch order and dropout seed (default: %(default)s)")
     g.add_argument("--token", default="", help="shared secret if the server was started with --token")
+    g.add_argument("--tls-ca", help="CA certificate (PEM) to trust for a wss:// server, e.g. its self-signed certificate")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut each epoch short (smoke runs)")
     g.add_argument("--device-slowdown", type=float, default=1.0, help="emulate a device S times slower than this machine (default: %(default)s)")
     g.add_argument("--json", dest="json_path", help="write the run's report as JSON here")
@@ -52,9 +54,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         optimizer=args.optimizer,
         lr=args.lr,
         momentum=args.momentum,
+        weight_decay=args.weight_decay,
         schedule=args.schedule,
         seed=args.seed,
         token=args.token,
+        tls_ca=args.tls_ca,
         max_steps_per_epoch=args.max_steps_per_epoch,
         device_slowdown=args.device_slowdown,
     )

@@ -47,6 +47,7 @@ class TrainConfig:
     programs: str | None = None
     device_slowdown: float = 1.0
     token: str = ""
+    tls_ca: str | None = None  # CA bundle to trust for wss:// (e.g. a self-signed server certificate)
     max_steps_per_epoch: int | None = None  # for quick tests
     eval_batch_size: int = 256
     topk_ratio: float = 0.1

@@ -112,3 +112,17 @@ def test_emulate_rejects_bad_flags_without_a_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "carrier-pigeon" in proc.stderr
+
+
+async def test_tls_with_a_self_signed_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    async with CloudServer(ServerConfig(port=0, tls_cert=str(cert), tls_key=str(key))) as server:
+        url = f"wss://127.0.0.1:{server.port}"
+        untrusted = EdgeClient(url, TrainConfig(**QUICK))
+        with pytest.raises(TrainingError, match="cannot connect"):
+            await asyncio.wait_for(untrusted.run(), timeout=30)
+        trusted = EdgeClient(url, TrainConfig(**QUICK, tls_ca=str(cert)))
+        assert (await asyncio.wait_for(trusted.run(), timeout=120)).steps == 12
