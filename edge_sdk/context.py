@@ -129,11 +129,19 @@ class BandwidthEstimator:
     follows a bandwidth drop within about ``train_window / 2`` frames, while the
     fit's old minima would hold the old value until they age out of the window.
     On an idle link the fit is exact up to the timestamp noise.
+
+    Known blind spot (for whoever schedules control frames): on a busy but not
+    saturated link, a control frame that is *always* sent while a feature frame
+    is still serializing is indistinguishable, from timestamps alone, from an
+    un-queued frame on a faster link. Frames arriving within ``gap_tol_ns`` of
+    their predecessor are dropped for this reason, which usually leaves None;
+    but send Context/ping frames when the direction is idle (e.g. the cloud's
+    Context *before* its Gradients) so the fit has honest small frames.
     """
 
     def __init__(self, window: int = 48, bucket_ratio: float = 1.5, min_size_ratio: float = 4.0,
                  train_window: int = 24, min_train_frames: int = 4, train_min_bytes: int = 2048,
-                 guard_ns: int = 500_000, gap_tol_ns: int = 2_000_000, squeeze_ns: int = 300_000) -> None:
+                 guard_ns: int = 500_000, gap_tol_ns: int = 5_000_000, squeeze_ns: int = 300_000) -> None:
         #: (observation, certainly queued, gap since the previous arrival or None)
         self._obs: deque[tuple[FrameObservation, bool, int | None]] = deque(maxlen=window)
         self.window = window
