@@ -102,19 +102,18 @@ def export_head(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prep = prepare_head(head, tuple(input_shape), batch_size, freeze_batchnorm=freeze_batchnorm)
+    is_et = fmt == "executorch"
+    prep = prepare_head(head, tuple(input_shape), batch_size, freeze_batchnorm=freeze_batchnorm, executorch=is_et,
+                        optimize=optimize)
     path = out_dir / f"head_p{point}{SUFFIX[fmt]}"
     rewrites: list[str] = []
-    if fmt == "executorch":
+    if is_et:
         from export.executorch_export import export_executorch
 
-        rewrite = None
+        rewrites = ["maxpool_argmax_gather", "conv1d_as_2d"]
         if optimize:
-            from export.rewrites import optimize_for_portable
-
-            rewrite = optimize_for_portable
-            rewrites = ["optimize_for_portable"]
-        export_executorch(prep, path, rewrite=rewrite)
+            rewrites += ["conv_im2col_mm", "depthwise_conv_muladd", "linear_mm_add"]
+        export_executorch(prep, path)
     else:
         from export.torchscript_export import export_torchscript
 

@@ -197,11 +197,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def prepare_head(head: nn.Module, input_shape: tuple[int, ...], batch_size: int, *, freeze_batchnorm: bool = False) -> PreparedHead:
+def prepare_head(
+    head: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    *,
+    freeze_batchnorm: bool = False,
+    executorch: bool = False,
+    optimize: bool = True,
+) -> PreparedHead:
     """Copy ``head`` and rewrite BatchNorm/Dropout into explicit-state layers.
 
-    ``input_shape`` excludes the batch dimension. The head's own weights are not
-    touched; the copy's parameters are only used as example values.
+    ``executorch=True`` also rewrites layers whose ExecuTorch kernels are wrong or
+    missing (max pooling, 1-D convolution) and, with ``optimize``, slow
+    (convolution, linear; see :mod:`export.rewrites`). ``input_shape`` excludes the
+    batch dimension. The head's own weights are not touched; the copy's parameters
+    are only used as example values.
     """
     head = copy.deepcopy(head).float()
     x = torch.zeros((batch_size, *input_shape))
@@ -236,7 +247,7 @@ def prepare_head(head: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                 for b in ("running_mean", "running_var"):
                     buffers.append(TensorSpec(f"{full}.{b}", list(getattr(child, b).shape)))
                 setattr(parent, child_name, new)
-            elif isinstance(child, (nn.MaxPool1d, nn.MaxPool2d)):
+            elif executorch and isinstance(child, (nn.MaxPool1d, nn.MaxPool2d)):
                 pool = _window_pool(child)
                 if pool is None:
                     raise UnsupportedLayerError(
@@ -256,6 +267,10 @@ def prepare_head(head: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                 rewrite(child, f"{full}.")
 
     rewrite(head, "")
+    if executorch:
+        from export.rewrites import rewrite_for_executorch
+
+        rewrite_for_executorch(head, optimize=optimize)
     # Dropout masks must be drawn in call order; named_modules order is definition
     # order, which matches for the sequential block models we export.
     order = list(seen)
