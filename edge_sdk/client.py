@@ -121,6 +121,7 @@ class EdgeClient:
             staleness=cfg.staleness,
             error_feedback=cfg.error_feedback,
             topk_ratio=cfg.topk_ratio,
+            staleness_guard=cfg.staleness_guard,
         )
         self.edge_busy_s = 0.0  # device time including emulated slowdown
         # In emulation both ends read the same monotonic clock, so one-way delays

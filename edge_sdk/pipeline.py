@@ -21,6 +21,7 @@ learning rate of step ``j``'s epoch.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -119,6 +120,48 @@ class PipelineStats:
     per_step_edge_s: list[float] = field(default_factory=list)
 
 
+class StalenessGuard:
+    """Caps the head's gradient norm when updates are stale (K > 0).
+
+    Why: a gradient that comes back K steps late was taken against the tail as it
+    was K steps ago; the tail (on the cloud, updated every step) has moved since.
+    On mnist1d with the centralized recipe (SGD, lr 0.05, momentum 0.9) this made
+    K = 4 collapse the head (dead ReLUs, chance accuracy) even with a 50x smaller
+    head learning rate, while K = 0 trained fine; see bench/accuracy.py. Capping the
+    norm at a running mean of the (capped) norms seen so far is scale-free (no
+    per-model constant) and never lets one stale step jump further than the recent
+    typical step. It is off for K = 0, where updates are exact.
+    """
+
+    def __init__(self, warmup: int = 5, alpha: float = 0.1) -> None:
+        self.warmup = warmup
+        self.alpha = alpha
+        self._seen: list[float] = []
+        self.threshold: float | None = None
+        self.clipped = 0
+
+    def apply(self, params: list[torch.Tensor]) -> float:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if not math.isfinite(norm):
+            return norm
+        if self.threshold is None:
+            self._seen.append(norm)
+            if len(self._seen) >= self.warmup:
+                self.threshold = sorted(self._seen)[len(self._seen) // 2]
+            return norm
+        if norm > self.threshold:
+            scale = self.threshold / norm
+            for g in grads:
+                g.mul_(scale)
+            self.clipped += 1
+            norm = self.threshold
+        self.threshold = (1 - self.alpha) * self.threshold + self.alpha * norm
+        return norm
+
+
 class EdgePipeline:
     """Device side of split training for one partition point.
 
@@ -139,6 +182,7 @@ class EdgePipeline:
         error_feedback: bool = True,
         topk_ratio: float = 0.1,
         torch_optimizer: torch.optim.Optimizer | None = None,
+        staleness_guard: bool = True,
     ) -> None:
         self.runtime = runtime
         self.point = point
@@ -148,6 +192,7 @@ class EdgePipeline:
         self.error_feedback = error_feedback
         self.topk_ratio = topk_ratio
         self.window = ReplayWindow(staleness)
+        self.guard = StalenessGuard() if staleness_guard else None
         params = runtime.parameters()
         self.optimizer = torch_optimizer if torch_optimizer is not None else (
             build_optimizer(params, optimizer) if params else None
@@ -302,6 +347,8 @@ class EdgePipeline:
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(item.rng_state)
             self.runtime.replay_backward(item.x, grad)
+        if self.guard is not None and self.staleness > 0:
+            self.guard.apply(self.runtime.parameters())
         if self.optimizer is not None:
             set_lr(self.optimizer, self.optimizer_config.lr_at(item.epoch))
             self.optimizer.step()

@@ -25,6 +25,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-codec", default="fp16", help="gradient codec for the way down (default: %(default)s)")
     g.add_argument("--staleness", type=int, default=4, help="K: steps allowed in flight beyond the current one; 0 = sequential (default: %(default)s)")
     g.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", help="turn off the g - E*g*g correction (ablation)")
+    g.add_argument("--no-staleness-guard", dest="staleness_guard", action="store_false", help="do not cap stale head-gradient norms (ablation)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
@@ -51,6 +52,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         grad_codec=args.grad_codec,
         staleness=args.staleness,
         error_feedback=args.error_feedback,
+        staleness_guard=args.staleness_guard,
         optimizer=args.optimizer,
         lr=args.lr,
         momentum=args.momentum,

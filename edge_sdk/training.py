@@ -37,6 +37,7 @@ class TrainConfig:
     grad_codec: str = "fp16"
     staleness: int = 4
     error_feedback: bool = True
+    staleness_guard: bool = True  # cap stale head-gradient norms (K > 0); see pipeline.StalenessGuard
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9

@@ -119,7 +119,7 @@ def test_replay_rule_by_hand_with_k2():
     head = TanhHead()
     w0 = head.lin.weight.detach().clone()
     lr = 0.1
-    pipe = EdgePipeline(EagerRuntime(head), point=1, optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.0, schedule="constant"), codec="fp32", staleness=2)
+    pipe = EdgePipeline(EagerRuntime(head), point=1, optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.0, schedule="constant"), codec="fp32", staleness=2, staleness_guard=False)
     xs = [torch.randn(4, 3) for _ in range(3)]
     gs = [torch.randn(4, 2) for _ in range(3)]
     for x in xs:
@@ -267,3 +267,26 @@ def test_cloud_refuses_wrong_token_and_model_hash():
     assert err.code == ErrorCode.MODEL_MISMATCH
     (err,) = CloudSession(1).handle(fr.Hello(**{**base, "model": "no_such_model"}))
     assert err.code == ErrorCode.UNKNOWN_MODEL
+
+
+def test_staleness_guard_caps_outlier_gradients_only_when_stale():
+    from edge_sdk.pipeline import StalenessGuard
+
+    guard = StalenessGuard(warmup=3, alpha=0.5)
+    p = torch.zeros(4, requires_grad=True)
+    norms = []
+    for scale in (1.0, 1.0, 1.0, 1.0, 10.0):
+        p.grad = torch.full((4,), scale / 2)  # norm = scale
+        norms.append(guard.apply([p]))
+    assert norms[:4] == pytest.approx([1.0] * 4)
+    assert norms[4] == pytest.approx(1.0)  # the 10x outlier is capped at the running norm
+    assert torch.linalg.vector_norm(p.grad) == pytest.approx(1.0)
+    assert guard.clipped == 1
+
+    # K = 0: exact updates, the guard is not consulted
+    head = TanhHead()
+    pipe = EdgePipeline(EagerRuntime(head), point=1, optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, schedule="constant"), codec="fp32", staleness=0)
+    for i in range(8):
+        pipe.start_step(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), epoch=0)
+        pipe.on_gradients(_grad_frame(i, torch.randn(4, 2) * (100 if i == 7 else 1)))
+    assert pipe.guard.threshold is None and pipe.guard.clipped == 0

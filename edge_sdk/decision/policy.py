@@ -98,6 +98,8 @@ class CostModelPolicy(Policy):
     allowed_points: Iterable[int] | None = None
     allowed_codecs: Iterable[str] | None = None
     max_staleness: int = 8
+    #: a K the user fixed (``--staleness 3`` with ``--point auto``): only that K is tried
+    fixed_staleness: int | None = None
     memory_budget_bytes: int | None = None
     allow_raw_upload: bool = False
     min_head_blocks: int = 0
@@ -160,7 +162,8 @@ class CostModelPolicy(Policy):
             return (pred if self.fits(pred) else None), False
         preds: list[Prediction] = []
         capped = False
-        for k in range(self.max_staleness + 1):
+        ks = range(self.max_staleness + 1) if self.fixed_staleness is None else [self.fixed_staleness]
+        for k in ks:
             pred = predict(Choice(point, codec, k), inputs)
             if not self.fits(pred):
                 capped = True  # memory grows with K: no larger K fits either
