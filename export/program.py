@@ -89,22 +89,32 @@ class ExportBatchNorm(nn.Module):
         running_mean = ctx.buffers[2 * self.index]
         running_var = ctx.buffers[2 * self.index + 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
+        # Per-channel scale/shift are folded before touching the activation, so the
+        # full-size work (and its backward) is one subtract, one multiply, one add.
         if ctx.bn_mode == "running":
-            mean, var = running_mean, running_var
-        else:
-            dims = [0] + list(range(2, x.dim()))
-            mean = x.mean(dim=dims)
-            centred = x - mean.reshape(shape)
-            var = (centred * centred).mean(dim=dims)
-            if ctx.bn_mode == "batch_update":
-                n = x.numel() // x.shape[1]
-                unbiased = var * (n / max(n - 1, 1))
-                m = self.momentum
-                ctx.new_buffers.append(running_mean * (1 - m) + mean.detach() * m)
-                ctx.new_buffers.append(running_var * (1 - m) + unbiased.detach() * m)
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
+            scale = torch.rsqrt(running_var + self.eps)
+            if self.weight is not None:
+                scale = scale * self.weight
+            shift = -running_mean * scale
+            if self.bias is not None:
+                shift = shift + self.bias
+            return x * scale.reshape(shape) + shift.reshape(shape)
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        centred = x - mean.reshape(shape)
+        var = (centred * centred).mean(dim=dims)
+        if ctx.bn_mode == "batch_update":
+            n = x.numel() // x.shape[1]
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            ctx.new_buffers.append(running_mean * (1 - m) + mean.detach() * m)
+            ctx.new_buffers.append(running_var * (1 - m) + unbiased.detach() * m)
+        scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+            scale = scale * self.weight
+        y = centred * scale.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
         return y
 
 
