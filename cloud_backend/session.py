@@ -128,7 +128,7 @@ class CloudSession:
         if isinstance(frame, EpochEnd):
             return self._on_epoch_end(frame)
         if isinstance(frame, Context):
-            return [self.context(frame.step)] if frame.request else []
+            return [self.context(frame.step, request_recv_ns=recv_ns)] if frame.request else []
         if isinstance(frame, Weights):
             return self._on_weights(frame)
         if isinstance(frame, Repartition):
@@ -260,9 +260,12 @@ class CloudSession:
             self.replies.popitem(last=False)
         self.last_step = frame.step
         self.applied_steps += 1
-        out_frames: list[object] = [reply]
+        out_frames: list[object] = []
         if self.config.context_every and self.applied_steps % self.config.context_every == 0:
+            # Before the gradient: a small frame on an idle downlink is what lets the
+            # device tell latency from bandwidth.
             out_frames.append(self.context(frame.step))
+        out_frames.append(reply)
         return out_frames
 
     # ------------------------------------------------------------------- eval
@@ -333,16 +336,27 @@ class CloudSession:
         return out
 
     # ---------------------------------------------------------------- context
-    def context(self, step: int) -> Context:
-        """What the cloud knows about itself, for the device's decision engine."""
+    def context(self, step: int, *, request_recv_ns: int = 0) -> Context:
+        """What the cloud knows about itself, for the device's decision engine.
+
+        ``cloud_block_ms`` lists blocks ``[point, L)`` in order, each the block's
+        share of the whole measured step (forward is timed per block, the backward
+        is split in the same proportions). ``recv_ns`` is, for an answer to a
+        request, when the request arrived (cloud clock): the device subtracts the
+        time the cloud held it from the round trip.
+        """
+        fwd = [e.value or 0.0 for e in self.block_ms]
+        step_ms = self.step_ms.value or 0.0
+        total = sum(fwd)
+        per_block = [f * step_ms / total for f in fwd] if total > 0 else fwd
         return Context(
             step=step,
             uplink_bps=0.0,
             downlink_bps=0.0,
             rtt_ms=0.0,
-            cloud_step_ms=self.step_ms.value or 0.0,
-            cloud_block_ms=[e.value or 0.0 for e in self.block_ms],
+            cloud_step_ms=step_ms,
+            cloud_block_ms=per_block,
             queue_depth=self.queue_depth,
             request=False,
-            recv_ns=time.monotonic_ns(),
+            recv_ns=request_recv_ns,
         )

@@ -24,10 +24,14 @@ import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from edge_sdk import repartition
+from edge_sdk.context import ContextTracker
+from edge_sdk.decision.setup import build_controller, initial_choice
 from edge_sdk.pipeline import EdgePipeline, StepResult
 from edge_sdk.runtime.eager import EagerRuntime
 from edge_sdk.training import LocalSetup, TrainConfig, TrainResult, build_local
 from schemas import frames as fr
+from schemas.codecs import Codec
 from schemas.errors import WireError
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -105,31 +109,43 @@ class EdgeClient:
         self.progress = progress
         self.network = network
         self.counters = LinkCounters()
-        self._inbox: asyncio.Queue[tuple[fr.Envelope, int] | _Closed] = asyncio.Queue()
+        self._inbox: asyncio.Queue[tuple[fr.Envelope, int, int] | _Closed] = asyncio.Queue()
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._seq = 0
         self.session = 0
         spec = self.setup.spec
-        head = spec.model.head(self.setup.point)
-        self.runtime = EagerRuntime(head, name_map=spec.model.head_name_map(self.setup.point))
+        self.choice = initial_choice(cfg, self.setup)
+        self.runtime = self.make_runtime(self.choice.point)
         self.pipeline = EdgePipeline(
             self.runtime,
-            point=self.setup.point,
+            point=self.choice.point,
             optimizer=cfg.optimizer_config(),
-            codec=cfg.codec,
+            codec=self.choice.codec,
             grad_codec=cfg.grad_codec,
-            staleness=cfg.staleness,
+            staleness=self.choice.staleness,
             error_feedback=cfg.error_feedback,
             topk_ratio=cfg.topk_ratio,
             staleness_guard=cfg.staleness_guard,
         )
         self.edge_busy_s = 0.0  # device time including emulated slowdown
+        self._last_compute_s = 0.0
         # In emulation both ends read the same monotonic clock, so one-way delays
         # are directly measurable; on a real link only their differences are.
         self.shared_clock = shared_clock
         self._sent_ns: dict[int, int] = {}
-        self._last_recv: tuple[int, int] = (0, 0)  # (peer sent_ns, our recv_ns) of the last frame
+        self._last_recv: tuple[int, int, int] = (0, 0, 0)  # (peer sent_ns, our recv_ns, bytes) of the last frame
         self.one_way_ms: dict[str, list[float]] = {"up": [], "down": []}
+        # context measurement and the decision engine
+        self.tracker = ContextTracker()
+        self.controller = build_controller(cfg, self.setup, self.choice)
+        self._sent_bytes: dict[int, int] = {}
+        self._step_compute_s: dict[int, float] = {}
+        self._context_requests: dict[int, int] = {}
+        self.repartitions = 0
+
+    def make_runtime(self, point: int) -> EagerRuntime:
+        model = self.setup.spec.model
+        return EagerRuntime(model.head(point), name_map=model.head_name_map(point))
 
     # ------------------------------------------------------------- transport
     def _envelope(self, frame: object) -> bytes:
@@ -137,8 +153,10 @@ class EdgeClient:
         self._seq += 1
         return fr.encode(env)
 
-    async def _send(self, frame: object) -> None:
-        await self._outbox.put(self._envelope(frame))
+    async def _send(self, frame: object) -> int:
+        data = self._envelope(frame)
+        await self._outbox.put(data)
+        return len(data)
 
     async def _reader(self, ws: ClientConnection) -> None:
         try:
@@ -149,7 +167,7 @@ class EdgeClient:
                 self.counters.frames_down += 1
                 recv_ns = time.monotonic_ns()
                 try:
-                    await self._inbox.put((fr.decode(message), recv_ns))
+                    await self._inbox.put((fr.decode(message), recv_ns, len(message)))
                 except WireError as exc:
                     await self._inbox.put(_Closed(f"cloud sent a malformed frame: {exc}"))
                     return
@@ -171,8 +189,8 @@ class EdgeClient:
         if isinstance(item, _Closed):
             await self._inbox.put(item)  # every later wait sees it too
             raise TrainingError(item.reason)
-        envelope, recv_ns = item
-        self._last_recv = (envelope.sent_ns, recv_ns)
+        envelope, recv_ns, nbytes = item
+        self._last_recv = (envelope.sent_ns, recv_ns, nbytes)
         frame = envelope.frame
         if isinstance(frame, fr.Error):
             raise TrainingError(f"cloud refused: {frame.message} ({frame.code.name})")
@@ -187,6 +205,7 @@ class EdgeClient:
             await asyncio.sleep((self.cfg.device_slowdown - 1.0) * dt)
         if train:
             self.edge_busy_s += dt * self.cfg.device_slowdown
+        self._last_compute_s = dt * self.cfg.device_slowdown
         return out
 
     # --------------------------------------------------------------- protocol
@@ -196,9 +215,9 @@ class EdgeClient:
             model=spec.name,
             model_hash=spec.config_hash,
             num_blocks=spec.model.num_blocks,
-            point=self.setup.point,
-            codec=self.cfg.codec,
-            staleness=self.cfg.staleness,
+            point=self.choice.point,
+            codec=self.choice.codec,
+            staleness=self.choice.staleness,
             optimizer_json=self.cfg.optimizer_config().to_json(),
             token=self.cfg.token,
             batch_size=self.cfg.batch_size,
@@ -215,13 +234,14 @@ class EdgeClient:
             raise TrainingError(f"cloud did not accept the session: {getattr(frame, 'message', type(frame).__name__)}")
         self.session = frame.session
 
-    async def _apply(self, frame: object, means: _RunningMeans, epoch: int, t_start: float) -> StepResult | None:
+    async def _apply(self, frame: object, means: _RunningMeans, epoch: int, t_start: float, *, adapt: bool = True) -> StepResult | None:
+        if isinstance(frame, fr.Context):
+            self._observe_context(frame)
+            return None
         if isinstance(frame, fr.Gradients):
-            sent = self._sent_ns.pop(frame.step, None)
-            if self.shared_clock and sent is not None and frame.features_recv_ns:
-                self.one_way_ms["up"].append((frame.features_recv_ns - sent) / 1e6)
-                self.one_way_ms["down"].append((self._last_recv[1] - self._last_recv[0]) / 1e6)
+            self._observe_gradients(frame)
             result = await self._compute(self.pipeline.on_gradients, frame)
+            self.tracker.observe_edge_step(1e3 * (self._step_compute_s.pop(result.step, 0.0) + self._last_compute_s))
             means.add(result)
             if self.progress is not None:
                 elapsed = time.perf_counter() - t_start
@@ -235,12 +255,106 @@ class EdgeClient:
                         result=result,
                     )
                 )
+            if adapt:
+                await self._maybe_adapt(means, epoch, t_start)
             return result
         return None  # Context and other informational frames
 
-    async def _drain(self, means: _RunningMeans, epoch: int, t_start: float) -> None:
+    # ---------------------------------------------------------------- context
+    def _observe_gradients(self, frame: fr.Gradients) -> None:
+        sent = self._sent_ns.pop(frame.step, None)
+        nbytes = self._sent_bytes.pop(frame.step, 0)
+        peer_sent, recv, recv_bytes = self._last_recv
+        if sent is not None and frame.features_recv_ns:
+            self.tracker.observe_uplink(sent, frame.features_recv_ns, nbytes)
+            if self.shared_clock:
+                self.one_way_ms["up"].append((frame.features_recv_ns - sent) / 1e6)
+        self.tracker.observe_downlink(peer_sent, recv, recv_bytes)
+        if self.shared_clock:
+            self.one_way_ms["down"].append((recv - peer_sent) / 1e6)
+        self.tracker.observe_cloud_step(frame.cloud_ms)
+        self.tracker.observe_queue_depth(frame.queue_depth)
+
+    def _observe_context(self, frame: fr.Context) -> None:
+        peer_sent, recv, recv_bytes = self._last_recv
+        self.tracker.observe_downlink(peer_sent, recv, recv_bytes)
+        asked = self._context_requests.pop(frame.step, None)
+        if asked is not None and frame.recv_ns:
+            sent_ns, sent_bytes = asked
+            self.tracker.observe_rtt(sent_ns, recv, remote_hold_ns=max(0, peer_sent - frame.recv_ns))
+            self.tracker.observe_uplink(sent_ns, frame.recv_ns, sent_bytes)
+        point = self.pipeline.point
+        self.tracker.observe_remote(
+            cloud_step_ms=frame.cloud_step_ms or None,
+            cloud_block_ms={point + i: v for i, v in enumerate(frame.cloud_block_ms)},
+            queue_depth=frame.queue_depth,
+        )
+
+    async def _probe_rtt(self, count: int = 3) -> None:
+        """Round trips of small frames on an idle link (after the handshake, after a
+        drain): in-band requests sent while training queue behind features, so they
+        measure queueing too; the RTT estimator keeps the minimum."""
+        for _ in range(count):
+            await self._request_context()
+            while True:
+                frame = await self._next_frame()
+                if isinstance(frame, fr.Context):
+                    self._observe_context(frame)
+                    if frame.recv_ns:
+                        break
+
+    async def _request_context(self) -> None:
+        step = self.pipeline.next_step
+        nbytes = await self._send(fr.Context(step=step, uplink_bps=0.0, downlink_bps=0.0, rtt_ms=0.0, cloud_step_ms=0.0,
+                                             cloud_block_ms=[], queue_depth=0, request=True, recv_ns=0))
+        self._context_requests[step] = (time.monotonic_ns(), nbytes)
+
+    # --------------------------------------------------------------- decisions
+    async def _maybe_adapt(self, means: _RunningMeans, epoch: int, t_start: float) -> None:
+        step = self.pipeline.stats.steps_applied
+        if self.controller is None or not self.controller.due(step):
+            return
+        decision = self.controller.decide(step, self.tracker.snapshot())
+        if decision is not None:
+            await self._switch(decision.choice, means, epoch, t_start)
+
+    async def _switch(self, choice, means: _RunningMeans, epoch: int, t_start: float) -> None:
+        """Act on a decision: drain if needed, move the cut, change codec or K."""
+        cur = self.choice
+        if choice.point == cur.point and choice.codec == cur.codec and choice.staleness >= cur.staleness:
+            self.pipeline.window.staleness = choice.staleness  # growing the window needs no drain
+        else:
+            await self._drain(means, epoch, t_start, adapt=False)
+            if choice.point != cur.point:
+                await self._repartition(choice)
+            else:
+                self.pipeline.codec = Codec.parse(choice.codec)
+                self.pipeline.window.staleness = choice.staleness
+        self.choice = choice
+        if self.controller is not None:
+            self.controller.current = choice
+
+    async def _repartition(self, choice) -> None:
+        model = self.setup.spec.model
+        for frame in repartition.request_frames(self.pipeline, model, choice.point, codec=choice.codec, staleness=choice.staleness):
+            await self._send(frame)
+        received: list[fr.Weights] = []
+        while True:
+            frame = await self._next_frame()
+            if isinstance(frame, fr.Weights):
+                received.append(frame)
+            elif isinstance(frame, fr.RepartitionAck):
+                break
+            elif isinstance(frame, fr.Context):
+                self._observe_context(frame)
+        await asyncio.to_thread(repartition.complete, self.pipeline, model, frame, received, self.make_runtime,
+                                codec=choice.codec, staleness=choice.staleness)
+        self.runtime = self.pipeline.runtime
+        self.repartitions += 1
+
+    async def _drain(self, means: _RunningMeans, epoch: int, t_start: float, *, adapt: bool = True) -> None:
         while self.pipeline.in_flight:
-            await self._apply(await self._next_frame(), means, epoch, t_start)
+            await self._apply(await self._next_frame(), means, epoch, t_start, adapt=adapt)
 
     async def _evaluate(self, epoch: int) -> fr.EvalResult:
         for i, (x, y) in enumerate(self.setup.test_loader(self.cfg)):
@@ -264,11 +378,15 @@ class EdgeClient:
                 # Apply whatever already arrived first: fresher weights, less staleness.
                 while not self._inbox.empty() or not self.pipeline.can_start():
                     await self._apply(await self._next_frame(), means, epoch, t_start)
+                if self.pipeline.next_step % self.cfg.decide_every == 0:
+                    await self._request_context()
                 feats = await self._compute(self.pipeline.start_step, x, y, epoch=epoch)
+                self._step_compute_s[feats.step] = self._last_compute_s
                 self._sent_ns[feats.step] = time.monotonic_ns()
-                await self._send(feats)
+                self._sent_bytes[feats.step] = await self._send(feats)
             await self._drain(means, epoch, t_start)
             result.train_s += time.perf_counter() - t_epoch
+            await self._probe_rtt(1)
             await self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=True))
             ev = await self._evaluate(epoch)
             wall = time.perf_counter() - t_start
@@ -302,9 +420,9 @@ class EdgeClient:
     async def run(self) -> TrainResult:
         cfg = self.cfg
         result = TrainResult(
-            point=self.setup.point,
-            codec=cfg.codec,
-            staleness=cfg.staleness,
+            point=self.choice.point,
+            codec=self.choice.codec,
+            staleness=self.choice.staleness,
             network=self.network,
             device_slowdown=cfg.device_slowdown,
             model=cfg.model,
@@ -328,6 +446,7 @@ class EdgeClient:
         writer = asyncio.create_task(self._writer(ws))
         try:
             await self._handshake()
+            await self._probe_rtt()
             await self._train(result)
             await self._send(fr.Bye(reason="training finished"))
             await self._outbox.put(None)
@@ -341,6 +460,14 @@ class EdgeClient:
         result.epochs = cfg.epochs
         result.bytes_up = self.counters.bytes_up
         result.bytes_down = self.counters.bytes_down
+        result.point, result.codec, result.staleness = self.choice.point, self.choice.codec, self.choice.staleness
+        if self.controller is not None:
+            result.partition_history = self.controller.history
+        else:
+            result.partition_history = [dict(step=0, point=self.choice.point, codec=self.choice.codec,
+                                             staleness=self.choice.staleness, predicted_step_ms=None, switch=False,
+                                             reason="fixed by the user")]
+        result.context = self.tracker.snapshot().to_dict()
         return result
 
 

@@ -20,10 +20,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="folder holding a real dataset's files")
     g.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
-    g.add_argument("--point", type=int, default=None, help="partition point p: blocks [0,p) run on the device (default: the model's default cut)")
-    g.add_argument("--codec", default="int8", help="feature codec: fp32, fp16, bf16, int8, int8c, int4, topk (default: %(default)s)")
+    g.add_argument("--point", type=_auto_int, default="auto", help="partition point p: blocks [0,p) run on the device; 'auto' lets the decision engine choose and move it (default: %(default)s)")
+    g.add_argument("--codec", default="auto", help="feature codec: auto, fp32, fp16, bf16, int8, int8c, int4, topk (default: %(default)s)")
     g.add_argument("--grad-codec", default="fp16", help="gradient codec for the way down (default: %(default)s)")
-    g.add_argument("--staleness", type=int, default=4, help="K: steps allowed in flight beyond the current one; 0 = sequential (default: %(default)s)")
+    g.add_argument("--staleness", type=_auto_int, default="auto", help="K: steps allowed in flight beyond the current one; 0 = sequential; 'auto' sizes it to fill the pipe (default: %(default)s)")
     g.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", help="turn off the g - E*g*g correction (ablation)")
     g.add_argument("--no-staleness-guard", dest="staleness_guard", action="store_false", help="do not cap stale head-gradient norms (ablation)")
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="(default: %(default)s)")
@@ -40,6 +40,15 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _auto_int(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model,
@@ -47,10 +56,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_dir=args.data_dir,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        point=args.point,
+        point=None if args.point == "auto" else args.point,
         codec=args.codec,
         grad_codec=args.grad_codec,
-        staleness=args.staleness,
+        staleness=None if args.staleness == "auto" else args.staleness,
         error_feedback=args.error_feedback,
         staleness_guard=args.staleness_guard,
         optimizer=args.optimizer,

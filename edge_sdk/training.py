@@ -32,10 +32,15 @@ class TrainConfig:
     data_dir: str | None = None
     epochs: int = 10
     batch_size: int = 32
-    point: int | None = None  # None: the model's default cut
-    codec: str = "int8"
+    point: int | None = None  # None: auto (start at the model's default cut)
+    auto_point: bool = True  # let the decision engine move the cut (only when point is None)
+    codec: str = "auto"
     grad_codec: str = "fp16"
-    staleness: int = 4
+    staleness: int | None = None  # None: auto
+    max_staleness: int = 8
+    memory_budget_bytes: int | None = None
+    decide_after: int = 10  # steps of measurement before the first decision
+    decide_every: int = 10
     error_feedback: bool = True
     staleness_guard: bool = True  # cap stale head-gradient norms (K > 0); see pipeline.StalenessGuard
     optimizer: str = "sgd"
@@ -63,12 +68,16 @@ class TrainConfig:
             epochs=self.epochs,
         )
 
+    def __post_init__(self) -> None:
+        if self.point is not None:
+            self.auto_point = False
+
     def validate(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.staleness < 0:
+        if self.staleness is not None and self.staleness < 0:
             raise ValueError(f"--staleness must be >= 0, got {self.staleness}")
         if not (self.device_slowdown >= 1.0 and math.isfinite(self.device_slowdown)):
             raise ValueError(f"--device-slowdown must be >= 1 (1 = this machine's speed), got {self.device_slowdown}")
@@ -114,6 +123,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch records
     timeline: list[dict[str, float]] = field(default_factory=list)  # (wall_s, loss, acc) samples
     partition_history: list[dict[str, Any]] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)  # the last context snapshot (estimated link, compute)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

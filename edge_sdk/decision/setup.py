@@ -1,0 +1,61 @@
+"""Building the decision engine for a run (which knobs are free, from what profile)."""
+
+from __future__ import annotations
+
+from edge_sdk.decision.controller import DecisionController
+from edge_sdk.decision.cost_model import Choice, LinkEstimate, inputs_from_profile
+from edge_sdk.decision.policy import CostModelPolicy
+from edge_sdk.training import LocalSetup, TrainConfig
+
+#: codecs the engine may pick on its own; top-k is left to explicit requests
+#: (its accuracy cost is not in the cost model)
+AUTO_CODECS = ("fp32", "fp16", "int8", "int8c", "int4")
+INITIAL_CODEC = "int8"
+INITIAL_STALENESS = 2
+#: a neutral guess until the first measurements (10 Mbit/s, 50 ms)
+PRIOR_LINK = LinkEstimate(uplink_bps=10e6, downlink_bps=10e6, rtt_s=0.05)
+
+
+def initial_choice(cfg: TrainConfig, setup: LocalSetup) -> Choice:
+    codec = INITIAL_CODEC if cfg.codec == "auto" else cfg.codec
+    staleness = INITIAL_STALENESS if cfg.staleness is None else cfg.staleness
+    return Choice(setup.point, codec, staleness)
+
+
+def is_adaptive(cfg: TrainConfig) -> bool:
+    return cfg.auto_point or cfg.codec == "auto" or cfg.staleness is None
+
+
+def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> DecisionController | None:
+    """A controller when any of point / codec / K is ``auto``; None for a static run.
+
+    The per-block profile is measured here, on this machine, and scaled by the
+    device slowdown (in emulation) — the *measured* edge step time then
+    recalibrates it (``apply_context``) once training runs.
+    """
+    if not is_adaptive(cfg):
+        return None
+    from edge_sdk.profile import profile_model
+
+    spec = setup.spec
+    model = spec.model
+    profile = profile_model(spec, cfg.batch_size, optimizer=cfg.optimizer, repeats=3, warmup=1)
+    interior = [p for p in model.cut_points if 0 < p < model.num_blocks]
+    inputs = inputs_from_profile(
+        profile,
+        link=PRIOR_LINK,
+        device_slowdown=cfg.device_slowdown,
+        label_bytes=cfg.batch_size * 8,
+        remaining_steps=setup.total_steps(cfg),
+        cut_points=interior,
+        grad_codec=cfg.grad_codec,
+    )
+    policy = CostModelPolicy(
+        allowed_points=interior if cfg.auto_point else [current.point],
+        allowed_codecs=AUTO_CODECS if cfg.codec == "auto" else [cfg.codec],
+        max_staleness=cfg.max_staleness,
+        fixed_staleness=cfg.staleness,
+        memory_budget_bytes=cfg.memory_budget_bytes,
+    )
+    return DecisionController(base_inputs=inputs, policy=policy, current=current, total_steps=setup.total_steps(cfg),
+                              first_after=cfg.decide_after, every=cfg.decide_every)
