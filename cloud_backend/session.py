@@ -159,6 +159,12 @@ class CloudSession:
                 f"model {hello.model!r} config hash differs (device {hello.model_hash[:12]}, cloud {spec.config_hash[:12]}): "
                 "device and cloud run different model versions",
             )
+        if hello.runtime != "eager" and hello.program_hash and hello.program_hash != spec.config_hash:
+            raise WireError(
+                ErrorCode.MODEL_MISMATCH,
+                f"the device's {hello.runtime} programs were exported from another model config "
+                f"({hello.program_hash[:12]}, cloud {spec.config_hash[:12]}); export them again",
+            )
         if hello.num_blocks != spec.model.num_blocks:
             raise WireError(ErrorCode.MODEL_MISMATCH, f"device says {hello.num_blocks} blocks, cloud has {spec.model.num_blocks}")
         try:

@@ -28,7 +28,7 @@ from edge_sdk import repartition
 from edge_sdk.context import ContextTracker
 from edge_sdk.decision.setup import build_controller, initial_choice
 from edge_sdk.pipeline import EdgePipeline, StepResult
-from edge_sdk.runtime.eager import EagerRuntime
+from edge_sdk.runtime import EagerRuntime, HeadRuntime, load_runtime
 from edge_sdk.training import LocalSetup, TrainConfig, TrainResult, build_local
 from schemas import frames as fr
 from schemas.codecs import Codec
@@ -143,9 +143,21 @@ class EdgeClient:
         self._context_requests: dict[int, int] = {}
         self.repartitions = 0
 
-    def make_runtime(self, point: int) -> EagerRuntime:
+    def make_runtime(self, point: int) -> HeadRuntime:
         model = self.setup.spec.model
-        return EagerRuntime(model.head(point), name_map=model.head_name_map(point))
+        if self.cfg.runtime == "eager":
+            return EagerRuntime(model.head(point), name_map=model.head_name_map(point))
+        return load_runtime(self.cfg.runtime, self.cfg.programs, point, model.state_dict())
+
+    def sync_head_to_model(self) -> None:
+        """Copy a program runtime's live weights and statistics into the model
+        (eager runtimes train the model's own tensors, nothing to do)."""
+        if isinstance(self.runtime, EagerRuntime):
+            return
+        state = self.setup.spec.model.state_dict()
+        with torch.no_grad():
+            for name, t in {**self.runtime.named_parameters(), **self.runtime.named_buffers()}.items():
+                state[name].copy_(t)
 
     # ------------------------------------------------------------- transport
     def _envelope(self, frame: object) -> bytes:
@@ -224,7 +236,8 @@ class EdgeClient:
             seed=self.cfg.seed,
             config_json=json.dumps(spec.kwargs, sort_keys=True),
             runtime=self.runtime.name,
-            program_hash="",
+            # programs say which model config they were exported from; the cloud checks it
+            program_hash=str(self.setup.manifest.get("config_hash", "")) if self.setup.manifest else "",
         )
 
     async def _handshake(self) -> None:
@@ -336,6 +349,7 @@ class EdgeClient:
 
     async def _repartition(self, choice) -> None:
         model = self.setup.spec.model
+        self.sync_head_to_model()
         for frame in repartition.request_frames(self.pipeline, model, choice.point, codec=choice.codec, staleness=choice.staleness):
             await self._send(frame)
         received: list[fr.Weights] = []
@@ -448,6 +462,7 @@ class EdgeClient:
             await self._handshake()
             await self._probe_rtt()
             await self._train(result)
+            self.sync_head_to_model()
             await self._send(fr.Bye(reason="training finished"))
             await self._outbox.put(None)
             await writer

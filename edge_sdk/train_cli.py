@@ -36,6 +36,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", help="CA certificate (PEM) to trust for a wss:// server, e.g. its self-signed certificate")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut each epoch short (smoke runs)")
     g.add_argument("--device-slowdown", type=float, default=1.0, help="emulate a device S times slower than this machine (default: %(default)s)")
+    g.add_argument("--runtime", default="eager", choices=["eager", "executorch", "torchscript"], help="how the device runs its head: eager PyTorch, or programs from `python -m export` (default: %(default)s)")
+    g.add_argument("--programs", help="folder of exported head programs (with manifest.json) for --runtime executorch|torchscript")
     g.add_argument("--json", dest="json_path", help="write the run's report as JSON here")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -70,6 +72,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         seed=args.seed,
         token=args.token,
         tls_ca=args.tls_ca,
+        runtime=args.runtime,
+        programs=args.programs,
         max_steps_per_epoch=args.max_steps_per_epoch,
         device_slowdown=args.device_slowdown,
     )

@@ -82,6 +82,12 @@ class TrainConfig:
         if not (self.device_slowdown >= 1.0 and math.isfinite(self.device_slowdown)):
             raise ValueError(f"--device-slowdown must be >= 1 (1 = this machine's speed), got {self.device_slowdown}")
         self.optimizer_config()  # raises on a bad optimizer/lr
+        from edge_sdk.runtime import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.runtime != "eager" and not self.programs:
+            raise ValueError(f"--runtime {self.runtime} needs --programs DIR (made by `python -m export`)")
 
 
 @dataclass
@@ -136,6 +142,13 @@ class LocalSetup:
     spec: zoo.ModelSpec
     splits: datasets.DatasetSplits
     point: int
+    manifest: dict[str, Any] | None = None  # exported programs' manifest (program runtimes)
+
+    @property
+    def program_points(self) -> list[int] | None:
+        if self.manifest is None:
+            return None
+        return sorted(int(p) for p in self.manifest.get("points", {}))
 
     def train_loader(self, cfg: TrainConfig, epoch: int) -> DataLoader:
         # One generator per epoch seeded from (seed, epoch): the batch order is a
@@ -143,17 +156,22 @@ class LocalSetup:
         # the same batches.
         g = torch.Generator()
         g.manual_seed(cfg.seed * 1000 + epoch)
-        return DataLoader(self.splits.train, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=False)
+        # Exported programs have a fixed batch size: a short last batch is dropped
+        # (padding would skew train-mode BatchNorm statistics).
+        return DataLoader(self.splits.train, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                          drop_last=self.manifest is not None)
 
     def steps_per_epoch(self, cfg: TrainConfig) -> int:
-        n = math.ceil(len(self.splits.train) / cfg.batch_size)
+        n = len(self.splits.train) // cfg.batch_size if self.manifest is not None else math.ceil(len(self.splits.train) / cfg.batch_size)
         return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
 
     def total_steps(self, cfg: TrainConfig) -> int:
         return cfg.epochs * self.steps_per_epoch(cfg)
 
     def test_loader(self, cfg: TrainConfig) -> DataLoader:
-        return DataLoader(self.splits.test, batch_size=cfg.eval_batch_size, shuffle=False)
+        # programs run eval batches at their fixed size too (a short one is padded)
+        size = cfg.batch_size if self.manifest is not None else cfg.eval_batch_size
+        return DataLoader(self.splits.test, batch_size=size, shuffle=False)
 
 
 def default_point(spec: zoo.ModelSpec) -> int:
@@ -180,8 +198,38 @@ def build_local(cfg: TrainConfig) -> LocalSetup:
             f"dataset {cfg.dataset} gives {tuple(splits.input_shape)}"
         )
     warm_up()
-    point = default_point(spec) if cfg.point is None else cfg.point
-    if point not in spec.model.cut_points or point in (0, spec.model.num_blocks):
-        valid = [p for p in spec.model.cut_points if 0 < p < spec.model.num_blocks]
-        raise ValueError(f"--point {point} is not a valid interior cut of {cfg.model}; valid points: {valid}")
-    return LocalSetup(spec=spec, splits=splits, point=point)
+    manifest = _check_programs(cfg, spec) if cfg.runtime != "eager" else None
+    valid = [p for p in spec.model.cut_points if 0 < p < spec.model.num_blocks]
+    if manifest is not None:
+        exported = {int(p) for p in manifest.get("points", {})}
+        valid = [p for p in valid if p in exported]
+        if not valid:
+            raise ValueError(f"the programs in {cfg.programs} cover no interior cut of {cfg.model}")
+    point = cfg.point
+    if point is None:
+        point = default_point(spec)
+        if point not in valid:
+            point = min(valid, key=lambda p: abs(p - point))
+    if point not in valid:
+        raise ValueError(f"--point {point} is not a valid interior cut of {cfg.model}"
+                         f"{' with exported programs' if manifest else ''}; valid points: {valid}")
+    return LocalSetup(spec=spec, splits=splits, point=point, manifest=manifest)
+
+
+def _check_programs(cfg: TrainConfig, spec: zoo.ModelSpec) -> dict[str, Any]:
+    """The manifest of ``cfg.programs``, checked against the model and batch size."""
+    from edge_sdk.runtime import ManifestError, load_manifest
+
+    try:
+        manifest = load_manifest(cfg.programs)
+    except (ManifestError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot use programs in {cfg.programs}: {exc}") from None
+    if manifest.get("config_hash") != spec.config_hash:
+        raise ValueError(f"the programs in {cfg.programs} were exported from another model config "
+                         f"({manifest.get('model')} {str(manifest.get('config_hash'))[:12]}, this run: {spec.name} {spec.config_hash[:12]})")
+    if int(manifest.get("batch_size", -1)) != cfg.batch_size:
+        raise ValueError(f"the programs in {cfg.programs} have batch size {manifest.get('batch_size')}; "
+                         f"pass --batch-size {manifest.get('batch_size')} or export again")
+    if manifest.get("format") != cfg.runtime:
+        raise ValueError(f"the programs in {cfg.programs} are {manifest.get('format')} programs, not {cfg.runtime}")
+    return manifest

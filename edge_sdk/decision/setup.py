@@ -41,6 +41,8 @@ def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> De
     model = spec.model
     profile = profile_model(spec, cfg.batch_size, optimizer=cfg.optimizer, repeats=3, warmup=1)
     interior = [p for p in model.cut_points if 0 < p < model.num_blocks]
+    if setup.program_points is not None:  # only points with an exported program
+        interior = [p for p in interior if p in setup.program_points]
     inputs = inputs_from_profile(
         profile,
         link=PRIOR_LINK,
