@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from edge_sdk.emulation.cli import cloud_process, run_through_proxy  # noqa: E402
 from edge_sdk.local import train_locally  # noqa: E402
-from edge_sdk.training import DEFAULT_MODEL_FOR_DATASET, TrainConfig, build_local  # noqa: E402
+from edge_sdk import zoo  # noqa: E402
+from edge_sdk.training import DEFAULT_MODEL_FOR_DATASET, TrainConfig, build_local, default_point  # noqa: E402
 from edge_sdk.zoo.recipes import RECIPES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -40,7 +41,8 @@ RESULTS = ROOT / "bench" / "results"
 def config_for(dataset: str, seed: int, **overrides) -> TrainConfig:
     model = DEFAULT_MODEL_FOR_DATASET[dataset]
     r = RECIPES[model]
-    base = dict(model=model, dataset=dataset, epochs=r.epochs, batch_size=r.batch_size, optimizer=r.optimizer, lr=r.lr,
+    # a fixed cut (the model's default): this bench measures accuracy, not the engine
+    base = dict(model=model, dataset=dataset, point=default_point(zoo.build(model)), epochs=r.epochs, batch_size=r.batch_size, optimizer=r.optimizer, lr=r.lr,
                 momentum=r.momentum, weight_decay=r.weight_decay, schedule="constant", seed=seed)
     base.update(overrides)
     return TrainConfig(**base)

@@ -129,6 +129,8 @@ class EdgeClient:
         )
         self.edge_busy_s = 0.0  # device time including emulated slowdown
         self._last_compute_s = 0.0
+        self.step_times: list[float] = []  # seconds since the run started, per applied step
+        self._t_run = time.perf_counter()
         # In emulation both ends read the same monotonic clock, so one-way delays
         # are directly measurable; on a real link only their differences are.
         self.shared_clock = shared_clock
@@ -254,6 +256,7 @@ class EdgeClient:
         if isinstance(frame, fr.Gradients):
             self._observe_gradients(frame)
             result = await self._compute(self.pipeline.on_gradients, frame)
+            self.step_times.append(time.perf_counter() - self._t_run)
             self.tracker.observe_edge_step(1e3 * (self._step_compute_s.pop(result.step, 0.0) + self._last_compute_s))
             means.add(result)
             if self.progress is not None:
@@ -402,7 +405,10 @@ class EdgeClient:
             result.train_s += time.perf_counter() - t_epoch
             await self._probe_rtt(1)
             await self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=True))
-            ev = await self._evaluate(epoch)
+            if self.cfg.evaluate:
+                ev = await self._evaluate(epoch)
+            else:
+                ev = fr.EvalResult(epoch=epoch, loss=float("nan"), correct=0, count=0)
             wall = time.perf_counter() - t_start
             test_acc = ev.correct / ev.count if ev.count else float("nan")
             result.history.append(
@@ -444,7 +450,7 @@ class EdgeClient:
             runtime=self.runtime.name,
             error_feedback=cfg.error_feedback,
         )
-        t0 = time.perf_counter()
+        t0 = self._t_run = time.perf_counter()
         tls = None
         if self.url.startswith("wss://"):
             try:
@@ -483,6 +489,7 @@ class EdgeClient:
                                              staleness=self.choice.staleness, predicted_step_ms=None, switch=False,
                                              reason="fixed by the user")]
         result.context = self.tracker.snapshot().to_dict()
+        result.step_times = self.step_times
         return result
 
 

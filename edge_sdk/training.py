@@ -56,6 +56,7 @@ class TrainConfig:
     tls_ca: str | None = None  # CA bundle to trust for wss:// (e.g. a self-signed server certificate)
     max_steps_per_epoch: int | None = None  # for quick tests
     eval_batch_size: int = 256
+    evaluate: bool = True  # run the test split through the link after every epoch
     topk_ratio: float = 0.1
 
     def optimizer_config(self) -> OptimizerConfig:
@@ -129,7 +130,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch records
     timeline: list[dict[str, float]] = field(default_factory=list)  # (wall_s, loss, acc) samples
     partition_history: list[dict[str, Any]] = field(default_factory=list)
-    context: dict[str, Any] = field(default_factory=dict)  # the last context snapshot (estimated link, compute)
+    context: dict[str, Any] = field(default_factory=dict)
+    step_times: list[float] = field(default_factory=list)  # seconds from connect to each applied step  # the last context snapshot (estimated link, compute)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
