@@ -54,8 +54,10 @@ class MatmulLinear(nn.Module):
         self.bias = lin.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from export.layout import linear
+
         shape = x.shape
-        y = torch.mm(x.reshape(-1, shape[-1]), self.weight.t())
+        y = linear(x.reshape(-1, shape[-1]), self.weight)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -148,6 +150,15 @@ def rewrite_for_executorch(module: nn.Module, *, optimize: bool = True) -> nn.Mo
 
     ``optimize=False`` only does what correctness needs (``Conv1d``).
     """
+    _rewrite_layers(module, optimize)
+    if optimize:
+        from export.layout import to_channel_major
+
+        to_channel_major(module)
+    return module
+
+
+def _rewrite_layers(module: nn.Module, optimize: bool) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Conv1d):
             setattr(module, name, SliceConv2d(child))
@@ -159,5 +170,4 @@ def rewrite_for_executorch(module: nn.Module, *, optimize: bool = True) -> nn.Mo
         elif optimize and isinstance(child, nn.Linear):
             setattr(module, name, MatmulLinear(child))
         else:
-            rewrite_for_executorch(child, optimize=optimize)
-    return module
+            _rewrite_layers(child, optimize)

@@ -268,3 +268,20 @@ def test_pte_loads_in_executorch_runtime_and_matches_manifest(programs):
     head = spec.model.head(4).eval()
     with torch.no_grad():
         assert rel_err(feats, head(x)) < 1e-5
+
+
+def test_layout_rewrites_keep_custom_backwards_in_the_joint_graph():
+    """The channel-major rewrites' hand-written backwards survive ``_export_forward_backward``
+    (no ``where``/``slice_scatter`` from autograd-derived ReLU/im2col backwards, no op of
+    our own left for the runtime) and parameter names are unchanged."""
+    from export.executorch_export import export_methods
+    from export.program import prepare_head
+
+    spec = zoo.build("digits_cnn", seed=0)
+    head = spec.model.head(4)
+    prep = prepare_head(head, spec.input_shape, BATCH, executorch=True)
+    assert [p.name for p in prep.params] == [n for n, _ in head.named_parameters()]
+    joint = export_methods(prep)["forward_backward"]
+    ops = {str(n.target) for n in joint.graph.nodes if n.op == "call_function"}
+    assert not any(o.startswith("splitreplay.") for o in ops), ops
+    assert not ops & {"aten.where.self", "aten.slice_scatter.default", "aten.le.Scalar"}, ops

@@ -1,0 +1,459 @@
+"""Channel-major layout for the convolutional part of a head, with hand-written backwards.
+
+Why: after :mod:`export.rewrites` turned convolutions into im2col + ``mm``, the
+ExecuTorch profile of a training step was dominated by ``permute_copy`` (each conv
+transposed its input to ``(C, N, H, W)`` and its output back, and autograd added
+transposes of the big operands of the backward matmuls) and by the many small
+elementwise/scatter ops autograd derives (BatchNorm backward, ``where`` for ReLU,
+``slice_scatter`` for the im2col backward). Portable kernels are slow per call, and
+``permute_copy``/``where`` are among the slowest per element.
+
+So a run of layout-agnostic layers (convolutions, BatchNorm, ReLU, hardswish,
+non-overlapping max pooling, residual blocks of them) keeps its activations as
+``(C, N, *spatial)`` from the first layer to the last; the layout changes only at
+the run's ends (a reshape when ``C == 1``). In that layout:
+
+* a convolution is ``W (O, k*k*C) @ cols (k*k*C, N*Ho*Wo)`` with no transpose of
+  an activation; a 1x1 convolution needs no im2col at all;
+* its backward (:class:`_ConvMM`) computes the weight gradient transposing the
+  *smaller* of the two big operands, and, for stride 1 with "same" padding, the
+  input gradient as a convolution of the upstream gradient with the flipped kernel
+  (im2col slices + ``mm``) instead of the ``slice_scatter`` chain of the im2col
+  backward;
+* BatchNorm works on a ``(C, N*H*W)`` view (per-channel broadcasts over the last
+  dimension hit the fast kernel paths) with an analytic backward
+  (:class:`_BatchNormTrain`: 7 full-size ops instead of ~15);
+* ReLU's backward is ``g * sign(y)`` (:class:`_ReLU`) rather than ``le`` +
+  ``where``, which are 5-10x slower per element in the portable kernels.
+
+Everything computes the same function as eager PyTorch up to float summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from export.program import ExportBatchNorm, WindowMaxPool
+
+
+# ----------------------------------------------------------------------------- autograd
+#
+# Why custom operators and not plain ``torch.autograd.Function``s: ``torch.export``
+# inlines an autograd.Function's forward, and ``_export_forward_backward`` then
+# differentiates the inlined ATen ops, so a hand-written backward would be lost.
+# An operator of our own survives the first export as one node; when the joint
+# graph is traced, autograd runs its registered backward (traced into ATen ops) and,
+# below autograd, the operator is decomposed into its ATen implementation (the
+# Python-dispatcher CompositeImplicitAutograd kernel, which the export's
+# decomposition table picks up). The lowered program only holds ATen ops.
+
+_LIB = torch.library.Library("splitreplay", "DEF")
+
+
+def _register(name: str, schema: str, impl, function: type[torch.autograd.Function]):
+    _LIB.define(name + schema)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    _LIB.impl(name, impl, "Meta")
+    _LIB.impl(name, lambda *args: function.apply(*args), "Autograd")
+    op = getattr(torch.ops.splitreplay, name).default
+    op.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(impl)
+    return op
+
+
+def _below_autograd(op, *args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _relu_impl(x):
+    return torch.relu(x)
+
+
+class _ReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = _below_autograd(_relu_op, x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * torch.sign(y)  # y >= 0: sign is the 0/1 mask
+
+
+_relu_op = _register("relu", "(Tensor x) -> Tensor", _relu_impl, _ReLU)
+
+
+def relu(x: torch.Tensor) -> torch.Tensor:
+    return _relu_op(x)
+
+
+def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` transposing whichever operand is smaller (the result if needed)."""
+    if a.shape[0] <= b.shape[0]:
+        return (b @ a.t()).t()
+    return a @ b.t()
+
+
+def _im2col(x: torch.Tensor, kernel, stride, padding, dilation, out_hw) -> torch.Tensor:
+    """``(C, N, H, W)`` -> ``(kh*kw*C, N*Ho*Wo)`` (rows ordered tap-major)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    ho, wo = out_hw
+    if ph:
+        z = x.new_zeros((*x.shape[:-2], ph, x.shape[-1]))
+        x = torch.cat([z, x, z], dim=-2)
+    if pw:
+        z = x.new_zeros((*x.shape[:-1], pw))
+        x = torch.cat([z, x, z], dim=-1)
+    taps = [
+        x[..., i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    c = x.shape[0]
+    m = x.shape[1] * ho * wo
+    if len(taps) == 1:
+        return taps[0].reshape(c, m)
+    return torch.cat(taps, 0).reshape(len(taps) * c, m)
+
+
+def _geometry(geom):
+    kh, kw, sh, sw, ph, pw, dh, dw, ho, wo = geom
+    return (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo)
+
+
+def _conv_impl(x, weight, geom):
+    """``(y (O, N*Ho*Wo), cols)`` for ``x (C, N, H, W)``."""
+    kernel = _geometry(geom)[0]
+    o, c = weight.shape[0], weight.shape[1]
+    k = kernel[0] * kernel[1]
+    cols = _im2col(x, *_geometry(geom))
+    w2 = weight.permute(0, 2, 3, 1).reshape(o, k * c) if k > 1 else weight.reshape(o, c)
+    return w2 @ cols, cols
+
+
+class _ConvMM(torch.autograd.Function):
+    """Convolution as ``W2 @ im2col(x)`` in channel-major layout, hand-written backward:
+    the weight gradient transposes the smaller big operand; for stride 1 and "same"
+    padding the input gradient is the convolution of ``dy`` with the flipped kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, geom):
+        y, cols = _below_autograd(_conv_op, x, weight, geom)
+        ctx.save_for_backward(cols, weight)
+        ctx.geom = list(geom)
+        ctx.x_shape = x.shape
+        ctx.mark_non_differentiable(cols)
+        return y, cols
+
+    @staticmethod
+    def backward(ctx, dy, _dcols):
+        cols, weight = ctx.saved_tensors
+        kernel, stride, padding, dilation, (ho, wo) = _geometry(ctx.geom)
+        o, c, kh, kw = weight.shape
+        dw2 = _mm_t(dy, cols)  # (O, K*C)
+        if kh * kw > 1:
+            dweight = dw2.reshape(o, kh, kw, c).permute(0, 3, 1, 2)
+        else:
+            dweight = dw2.reshape(weight.shape)
+        dx = None
+        if ctx.needs_input_grad[0]:  # not for the head's first layer
+            n = ctx.x_shape[1]
+            same = tuple(padding) == tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+            if kh * kw == 1 and stride == (1, 1) and padding == (0, 0):
+                dx = (weight.reshape(o, c).t() @ dy).reshape(ctx.x_shape)
+            elif stride == (1, 1) and same and all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel)):
+                # transposed convolution = convolution with the flipped kernel
+                wf = weight.flip(2, 3).permute(1, 2, 3, 0).reshape(c, kh * kw * o)
+                dcols = _im2col(dy.reshape(o, n, ho, wo), kernel, stride, padding, dilation, (ho, wo))
+                dx = (wf @ dcols).reshape(ctx.x_shape)
+            else:
+                w2 = weight.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
+                dx = _col2im(w2.t() @ dy, ctx.x_shape, _geometry(ctx.geom))
+        return dx, dweight, None
+
+
+def _col2im(dcols, x_shape, geometry):
+    """Adjoint of :func:`_im2col`, by differentiating it (the generic, slower path)."""
+    with torch.enable_grad():
+        x = torch.zeros(x_shape, dtype=dcols.dtype, requires_grad=True)
+        cols = _im2col(x, *geometry)
+        (dx,) = torch.autograd.grad(cols, x, dcols)
+    return dx
+
+
+_conv_op = _register("conv_mm", "(Tensor x, Tensor weight, int[] geom) -> (Tensor, Tensor)", _conv_impl, _ConvMM)
+
+
+def _bn_impl(x, weight, bias, eps):
+    """Batch-statistics BatchNorm of ``x (C, M)``: ``(y, mean, var, xc, rstd)``."""
+    m = x.shape[1]
+    mean = x.sum(1, keepdim=True) * (1.0 / m)
+    xc = x - mean
+    var = (xc * xc).sum(1, keepdim=True) * (1.0 / m)
+    rstd = torch.rsqrt(var + eps)
+    y = xc * (rstd * weight.reshape(-1, 1)) + bias.reshape(-1, 1)
+    return y, mean, var, xc, rstd
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Analytic backward: 7 full-size ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var, xc, rstd = _below_autograd(_bn_op, x, weight, bias, eps)
+        ctx.save_for_backward(xc, rstd, weight)
+        ctx.mark_non_differentiable(mean, var, xc, rstd)
+        return y, mean, var, xc, rstd
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        xc, rstd, weight = ctx.saved_tensors
+        m = xc.shape[1]
+        scale = rstd * weight.reshape(-1, 1)
+        dbias = dy.sum(1, keepdim=True)
+        s2 = (dy * xc).sum(1, keepdim=True)  # dweight / rstd
+        dweight = s2 * rstd
+        k2 = scale * s2 * rstd * rstd * (-1.0 / m)
+        k3 = scale * dbias * (-1.0 / m)
+        dx = dy * scale + (xc * k2 + k3)
+        return dx, dweight.reshape(-1), dbias.reshape(-1), None
+
+
+_bn_op = _register(
+    "batch_norm_cm", "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _bn_impl, _BatchNormTrain,
+)
+
+
+def _linear_impl(x, weight):
+    """``x (N, I) @ weight.T``, transposing ``x`` and the result if they are smaller than ``weight``."""
+    n, i = x.shape
+    o = weight.shape[0]
+    if n * (i + o) < o * i:
+        return (weight @ x.t()).t()
+    return x @ weight.t()
+
+
+class _Linear(torch.autograd.Function):
+    """Backward ``dW = dy^T @ x`` (transposes the small ``dy``), ``dx = dy @ W`` (none)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _below_autograd(_linear_op, x, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dy @ weight if ctx.needs_input_grad[0] else None
+        return dx, dy.t() @ x
+
+
+_linear_op = _register("linear_mm", "(Tensor x, Tensor weight) -> Tensor", _linear_impl, _Linear)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _linear_op(x, weight)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class CMConv(nn.Module):
+    """A :class:`export.rewrites.SliceConv2d` taking and returning ``(C, N, *spatial)``."""
+
+    def __init__(self, conv) -> None:
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.one_d = conv.one_d
+        self.kernel, self.stride, self.padding, self.dilation = conv.kernel, conv.stride, conv.padding, conv.dilation
+        self.depthwise = conv.depthwise
+        self.out_channels = conv.out_channels
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_d:
+            x = x.unsqueeze(2)
+        c, n, h, w = x.shape
+        ho, wo = self._out_hw(h, w)
+        geometry = (self.kernel, self.stride, self.padding, self.dilation, (ho, wo))
+        weight = self.weight.unsqueeze(2) if self.one_d else self.weight
+        if self.depthwise:
+            kh, kw = self.kernel
+            cols = _im2col(x, *geometry).reshape(kh * kw, c, n * ho * wo)
+            wt = weight.reshape(c, kh * kw).t().reshape(kh * kw, c, 1)
+            y = (cols * wt).sum(0)
+        else:
+            geom = [*self.kernel, *self.stride, *self.padding, *self.dilation, ho, wo]
+            y = _conv_op(x, weight, geom)[0]
+        if self.bias is not None:
+            y = y + self.bias.reshape(-1, 1)
+        y = y.reshape(self.out_channels, n, ho, wo)
+        return y.squeeze(2) if self.one_d else y
+
+
+class CMBatchNorm(nn.Module):
+    """:class:`export.program.ExportBatchNorm` on ``(C, N, *spatial)`` activations."""
+
+    def __init__(self, bn: ExportBatchNorm) -> None:
+        super().__init__()
+        self.weight, self.bias = bn.weight, bn.bias
+        self.eps, self.momentum, self.index = bn.eps, bn.momentum, bn.index
+        self._ctx = bn._ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self._ctx[0]
+        c = x.shape[0]
+        x2 = x.reshape(c, -1)
+        running_mean = ctx.buffers[2 * self.index]
+        running_var = ctx.buffers[2 * self.index + 1]
+        if ctx.bn_mode == "running":
+            scale = torch.rsqrt(running_var + self.eps)
+            if self.weight is not None:
+                scale = scale * self.weight
+            shift = -running_mean * scale
+            if self.bias is not None:
+                shift = shift + self.bias
+            return (x2 * scale.reshape(c, 1) + shift.reshape(c, 1)).reshape(x.shape)
+        weight = self.weight if self.weight is not None else x.new_ones(c)
+        bias = self.bias if self.bias is not None else x.new_zeros(c)
+        y, mean, var = _bn_op(x2, weight, bias, self.eps)[:3]
+        if ctx.bn_mode == "batch_update":
+            n = x2.shape[1]
+            m = self.momentum
+            ctx.new_buffers.append(running_mean * (1 - m) + mean.reshape(c) * m)
+            ctx.new_buffers.append(running_var * (1 - m) + var.reshape(c) * (n / max(n - 1, 1) * m))
+        return y.reshape(x.shape)
+
+
+class FastReLU(nn.Module):
+    """ReLU whose backward is ``g * sign(y)`` (any layout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return relu(x)
+
+
+def _swap01(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, ...) <-> (C, N, ...)``; a reshape (no copy) when either is 1."""
+    if x.shape[0] == 1 or x.shape[1] == 1:
+        return x.reshape(x.shape[1], x.shape[0], *x.shape[2:])
+    return x.transpose(0, 1)
+
+
+def _swap_input(module, args):
+    return (_swap01(args[0]), *args[1:])
+
+
+def _swap_output(module, args, out):
+    return _swap01(out)
+
+
+# ----------------------------------------------------------------------------- the pass
+#
+# Each module gets a layout at its input and output: "cm" (channel-major), "nc"
+# (PyTorch's) or "any" (elementwise / pooling over the last dims, which do not care).
+# Layout changes are forward hooks on the module where they happen, so parameter
+# names (the manifest's) do not change.
+
+ANY, CM, NC = "any", "cm", "nc"
+
+
+def _residual_types() -> tuple[type, ...]:
+    try:
+        from edge_sdk.zoo.vision import InvertedResidual
+    except Exception:  # pragma: no cover - zoo not importable
+        return ()
+    return (InvertedResidual,)
+
+
+def _convert(m: nn.Module) -> tuple[nn.Module, str, str]:
+    """``(module, in_layout, out_layout)``; ``module`` replaces ``m`` in its parent."""
+    from export.rewrites import SliceConv2d
+
+    if isinstance(m, SliceConv2d) and (m.groups == 1 or m.depthwise):
+        return CMConv(m), CM, CM
+    if isinstance(m, ExportBatchNorm):
+        return CMBatchNorm(m), CM, CM
+    if isinstance(m, (nn.ReLU, FastReLU)):
+        return FastReLU(), ANY, ANY
+    if isinstance(m, (nn.Hardswish, WindowMaxPool, nn.Identity)):
+        return m, ANY, ANY
+    if isinstance(m, nn.Sequential):
+        lin, lout = _convert_chain(m._modules)
+        return m, lin, lout
+    if isinstance(m, _residual_types()):
+        block, lin, lout = _convert(m.block)
+        m.block = block
+        if lin in (CM, ANY) and lout in (CM, ANY):
+            return m, (CM if lin == CM or lout == CM else ANY), (CM if lin == CM or lout == CM else ANY)
+        _fix_ends(block, lin, lout, NC, NC)
+        return m, NC, NC
+    _convert_foreign(m)
+    return m, NC, NC
+
+
+def _convert_foreign(m: nn.Module) -> None:
+    """Inside a module we do not know, only rewrite ReLUs (layout-free)."""
+    for name, child in list(m.named_children()):
+        if isinstance(child, nn.ReLU):
+            setattr(m, name, FastReLU())
+        else:
+            _convert_foreign(child)
+
+
+def _fix_ends(m: nn.Module, lin: str, lout: str, want_in: str, want_out: str) -> None:
+    if lin == CM and want_in == NC or lin == NC and want_in == CM:
+        m.register_forward_pre_hook(_swap_input)
+    if lout == CM and want_out == NC or lout == NC and want_out == CM:
+        m.register_forward_hook(_swap_output)
+
+
+def _convert_chain(modules: dict) -> tuple[str, str]:
+    """Convert a sequential container's children in place; a child whose input layout
+    differs from the previous output gets a swapping pre-hook. Returns the chain's
+    (input, output) layout."""
+    cur = None  # layout flowing out of the previous child
+    first_in = ANY
+    for name in list(modules):
+        new, lin, lout = _convert(modules[name])
+        modules[name] = new
+        if lin != ANY:
+            if cur is None or cur == ANY:
+                if first_in == ANY:
+                    first_in = lin
+            elif cur != lin:
+                new.register_forward_pre_hook(_swap_input)
+        if lout != ANY:
+            cur = lout
+        elif cur is None:
+            cur = ANY
+    return first_in, (cur or ANY)
+
+
+def to_channel_major(head: nn.Module) -> nn.Module:
+    """Rewrite ``head`` in place so runs of layers keep channel-major activations.
+
+    The head's input and output stay ``(N, C, ...)``.
+    """
+    if isinstance(head, nn.Sequential):
+        chain = head._modules
+    elif isinstance(getattr(head, "blocks", None), nn.ModuleDict):
+        chain = head.blocks._modules  # edge_sdk.blocks.BlockSlice: blocks run in order
+    else:
+        return head
+    if not chain:
+        return head
+    lin, lout = _convert_chain(chain)
+    names = list(chain)
+    if lin == CM:
+        chain[names[0]].register_forward_pre_hook(_swap_input)
+    if lout == CM:
+        chain[names[-1]].register_forward_hook(_swap_output)
+    return head
