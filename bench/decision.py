@@ -3,12 +3,14 @@
 All runs are real emulated training (cloud backend process, shaping proxy, device
 slowdown), measured in this one process:
 
-1. **Cost-model accuracy**: for each profile x point x codec (K = the model's best
-   K for that pair), the *a priori* predicted step time (per-block profile of this
-   machine x slowdown, the profile's configured link) against the measured one.
+1. **Cost-model accuracy**: per profile, one reference run (default point, int8,
+   K=2) calibrates the model with its measured context, exactly as the engine does
+   at run time; then for each point x codec (K = the model's best K for that pair)
+   the predicted step time is compared with the measured one.
    Goal: median absolute error <= 15 %.
-2. **Regret**: per profile, the engine's a priori choice against the best measured
-   configuration of the sweep. Goal: >= 0.9 of the best throughput.
+2. **Regret**: per profile, the engine's choice from that calibrated model
+   against the best measured configuration of the sweep. Goal: >= 0.9 of the
+   best throughput.
 3. **Adaptation**: a trace that starts on WiFi and drops to household-IoT
    bandwidth. The engine (auto point/codec/K) must repartition within 30 steps of
    the drop; its wall time is compared with the static configurations of the sweep
@@ -35,7 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_sdk.decision.cost_model import Choice, LinkEstimate, predict  # noqa: E402
+from edge_sdk.context import ContextSnapshot  # noqa: E402
+from edge_sdk.decision.cost_model import Choice, LinkEstimate, apply_context  # noqa: E402
 from edge_sdk.decision.setup import build_controller  # noqa: E402
 from edge_sdk.emulation.cli import cloud_process, run_through_proxy  # noqa: E402
 from edge_sdk.emulation.network import PROFILES  # noqa: E402
@@ -70,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slowdown", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=30, help="steps per configuration on wifi/4g")
     ap.add_argument("--iot-steps", type=int, default=10, help="steps per configuration on iot (slow)")
-    ap.add_argument("--wifi-seconds", type=float, default=8.0, help="adaptation trace: seconds of wifi before the drop")
-    ap.add_argument("--trace-steps", type=int, default=120, help="adaptation run length in steps")
+    ap.add_argument("--wifi-seconds", type=float, default=25.0, help="adaptation trace: seconds of wifi before the drop")
+    ap.add_argument("--trace-steps", type=int, default=420, help="adaptation run length in steps")
     ap.add_argument("--real-statics", type=int, default=3, help="static configurations run for real on the trace")
     ap.add_argument("--out", default=str(RESULTS / "decision.json"))
     args = ap.parse_args(argv)
@@ -86,10 +89,16 @@ def main(argv: list[str] | None = None) -> int:
             steps = args.iot_steps if profile == "iot" else args.steps
             controller, inputs = a_priori_inputs({**base, "max_steps_per_epoch": steps}, profile)
             policy = controller.policy
+            # Calibrate once, as the engine does at run time: measure one reference
+            # configuration, then predict every *other* one from that context.
+            ref = Choice(controller.current.point, "int8", 2)
+            ref_run = run(TrainConfig(**base, max_steps_per_epoch=steps, point=ref.point, codec=ref.codec, staleness=ref.staleness),
+                          profile, port)
+            calibrated = apply_context(inputs, _snapshot(ref_run.context), ref)
             rows = []
             for point in inputs.cut_points:
                 for codec in CODECS:
-                    pred, _ = policy.best_for(inputs, point, codec)
+                    pred, _ = policy.best_for(calibrated, point, codec)
                     cfg = TrainConfig(**base, max_steps_per_epoch=steps, point=point, codec=codec, staleness=pred.K)
                     measured = step_ms(run(cfg, profile, port))
                     row = dict(profile=profile, point=point, codec=codec, staleness=pred.K,
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{profile:5s} p={point} {codec:5s} K={pred.K}: predicted {row['predicted_ms']:8.1f} ms, "
                           f"measured {measured:8.1f} ms ({100 * row['rel_error']:+.0f} %)", flush=True)
             report["sweep"] += rows
-            decision = policy.decide(inputs, None, inputs.remaining_steps)
+            decision = policy.decide(calibrated, None, calibrated.remaining_steps)
             choice = decision.choice
             chosen = next((r for r in rows if (r["point"], r["codec"], r["staleness"]) == (choice.point, choice.codec, choice.staleness)), None)
             if chosen is None:
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             goal_beats_every_static=best_static is not None and adaptive.train_s < best_static,
         )
         print(f"adaptive on the trace: {adaptive.train_s:.1f} s, drop at step {drop_step}, reacted after {react} steps; "
-              f"best static {best_static:.1f} s", flush=True)
+              f"best static {_fmt(best_static)} s", flush=True)
 
     errors = [abs(r["rel_error"]) for r in report["sweep"]]
     report["median_abs_error"] = statistics.median(errors)
@@ -164,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     _plot(report, out.with_suffix(".png"))
     print(f"wrote {out}")
     return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+def _snapshot(d: dict) -> ContextSnapshot:
+    blocks = {k: {int(i): v for i, v in d.get(k, {}).items()} for k in ("cloud_block_ms", "edge_block_ms")}
+    return ContextSnapshot(**{**d, **blocks})
 
 
 def _step_at(result, seconds: float) -> int | None:
@@ -185,7 +203,7 @@ def _print_tables(report: dict) -> None:
               f"p={b['point']} {b['codec']} K={b['staleness']} | {b['measured_ms']:.1f} | {r['throughput_ratio']:.2f} |")
     a = report["adaptation"]
     print(f"adaptation: drop at step {a['drop_step']}, first switch {a['steps_to_react']} steps later, "
-          f"adaptive {a['adaptive_s']:.1f} s vs best static {a['best_static_s']:.1f} s")
+          f"adaptive {a['adaptive_s']:.1f} s vs best static {_fmt(a['best_static_s'])} s")
 
 
 def _plot(report: dict, path: Path) -> None:

@@ -328,9 +328,10 @@ class EdgeClient:
     # --------------------------------------------------------------- decisions
     async def _maybe_adapt(self, means: _RunningMeans, epoch: int, t_start: float) -> None:
         step = self.pipeline.stats.steps_applied
-        if self.controller is None or not self.controller.due(step):
+        now = time.perf_counter() - self._t_run
+        if self.controller is None or not self.controller.due(step, now):
             return
-        decision = self.controller.decide(step, self.tracker.snapshot())
+        decision = self.controller.decide(step, self.tracker.snapshot(), now)
         if decision is not None:
             await self._switch(decision.choice, means, epoch, t_start)
 

@@ -217,8 +217,16 @@ def test_apply_context_calibrates_link_and_compute():
     out = apply_context(inp, Snap(), cur)
     assert out.link == LinkEstimate(2e6, 16e6, 0.1)
     assert predict(cur, out).stages.t1_edge_s == pytest.approx(2 * t1)
-    assert out.blocks[0].edge_forward_ms == pytest.approx(20)
+    # slower than profiled: a fixed per-step device cost, not slower blocks
+    assert out.edge_step_overhead_s == pytest.approx(t1)
+    assert out.blocks[0].edge_forward_ms == pytest.approx(10)
     assert out.blocks[1].cloud_ms == pytest.approx(4.0)
+
+    Snap.edge_step_ms = t1 * 1e3 / 2  # faster than profiled: the blocks scale down
+    out = apply_context(inp, Snap(), cur)
+    assert predict(cur, out).stages.t1_edge_s == pytest.approx(t1 / 2)
+    assert out.blocks[0].edge_forward_ms == pytest.approx(5) and out.edge_step_overhead_s == 0
+    Snap.edge_step_ms = t1 * 1e3 * 2
 
     Snap.cloud_block_ms = {0: 7.0}
     out = apply_context(inp, Snap(), None)  # no current: link + reported blocks only

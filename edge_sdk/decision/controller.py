@@ -23,17 +23,26 @@ class DecisionController:
     total_steps: int
     first_after: int = 10  # steps of measurement before the first decision
     every: int = 10
+    #: also decide when this much time passed since the last decision: on a link
+    #: that just collapsed, 10 steps can take minutes
+    every_s: float = 2.0
+    min_steps_between: int = 3  # fresh measurements of the current choice first
     history: list[dict[str, Any]] = field(default_factory=list)
     _last_step: int = -1
+    _last_time: float = 0.0
 
-    def due(self, step: int) -> bool:
+    def due(self, step: int, now_s: float = 0.0) -> bool:
         if step < self.first_after:
             return False
-        return self._last_step < 0 or step - self._last_step >= self.every
+        if self._last_step < 0:
+            return True
+        since = step - self._last_step
+        return since >= self.every or (since >= self.min_steps_between and now_s - self._last_time >= self.every_s)
 
-    def decide(self, step: int, snapshot: Any) -> Decision | None:
+    def decide(self, step: int, snapshot: Any, now_s: float = 0.0) -> Decision | None:
         """Consult the policy with calibrated inputs; a Decision when it says switch."""
         self._last_step = step
+        self._last_time = now_s
         remaining = max(1, self.total_steps - step)
         inputs = apply_context(self.base_inputs.with_remaining(remaining), snapshot, self.current)
         decision = self.policy.decide(inputs, self.current, remaining)

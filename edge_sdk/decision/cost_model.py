@@ -295,6 +295,10 @@ class DecisionInputs:
     topk_ratio: float = 0.1
     replay: bool = True
     cut_points: tuple[int, ...] | None = None
+    #: fixed device cost per split step beyond the blocks' compute (framework and
+    #: optimizer overhead, codec calls, scheduling on a busy device), in seconds;
+    #: calibrated from the measured edge step time by :func:`apply_context`
+    edge_step_overhead_s: float = 0.0
 
     @property
     def num_blocks(self) -> int:
@@ -423,7 +427,7 @@ def stage_times(config: Choice, inputs: DecisionInputs) -> StageTimes:
         fp32 = inputs.blocks[p - 1].nbytes("fp32", inputs.topk_ratio) or 0
         touched = (fp32 if config.codec != "fp32" else 0) + (fp32 if (inputs.grad_codec or config.codec) != "fp32" else 0)
         codec_cost = touched * inputs.codec_s_per_byte
-    t1 = fwd * (2.0 if inputs.replay else 1.0) + bwd + codec_cost
+    t1 = fwd * (2.0 if inputs.replay else 1.0) + bwd + codec_cost + inputs.edge_step_overhead_s
     link = inputs.link
     t2 = (feat + inputs.label_bytes + inputs.frame_overhead_bytes) * 8.0 / link.uplink_bps
     t3 = sum(b.cloud_ms for b in inputs.blocks[p:]) / 1e3
@@ -549,10 +553,17 @@ def apply_context(inputs: DecisionInputs, snapshot: Any, current: Choice | None 
         out = replace(out, blocks=tuple(replace(b, cloud_ms=b.cloud_ms * f) for b in out.blocks))
     edge_ms = getattr(snapshot, "edge_step_ms", None)
     if edge_ms and st.t1_edge_s > 0:
-        f = (edge_ms / 1e3) / st.t1_edge_s
-        out = replace(out, blocks=tuple(
-            replace(b, edge_forward_ms=b.edge_forward_ms * f, edge_backward_ms=b.edge_backward_ms * f)
-            for b in out.blocks), codec_s_per_byte=out.codec_s_per_byte * f)
+        measured = edge_ms / 1e3
+        if measured < st.t1_edge_s:
+            # a faster device than profiled: scale its compute down
+            f = measured / st.t1_edge_s
+            out = replace(out, blocks=tuple(
+                replace(b, edge_forward_ms=b.edge_forward_ms * f, edge_backward_ms=b.edge_backward_ms * f)
+                for b in out.blocks), codec_s_per_byte=out.codec_s_per_byte * f, edge_step_overhead_s=0.0)
+        else:
+            # slower than the blocks' compute explains: a per-step fixed cost (it
+            # does not grow with a deeper cut, so it must not be spread over blocks)
+            out = replace(out, edge_step_overhead_s=out.edge_step_overhead_s + measured - st.t1_edge_s)
     return out
 
 
