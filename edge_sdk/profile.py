@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -260,7 +261,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                         help="optimizer whose state size is measured (sgd = with momentum)")
-    parser.add_argument("--runtime", choices=["eager"], default="eager")
+    parser.add_argument("--runtime", choices=["eager", "executorch", "torchscript"], default="eager",
+                        help="also time the head as this runtime runs it, per exported point (needs --programs)")
+    parser.add_argument("--programs", type=Path, default=None, help="exported programs (python -m export) for --runtime")
     parser.add_argument("--json", type=Path, default=None, help="also write the profile as JSON here")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per block (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -270,18 +273,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also scale the printed times by this device's slowdown factor")
 
 
+def profile_heads(spec, runtime: str, programs: Path, batch_size: int, repeats: int) -> list[dict]:
+    """Time the head of every exported point as ``runtime`` runs it, against eager.
+
+    The decision engine must see the speed of the runtime that really runs the
+    head; this is that measurement (``edge_sdk.runtime.profile_runtime``)."""
+    from edge_sdk.runtime import EagerRuntime, load_manifest, load_runtime, profile_runtime
+
+    manifest = load_manifest(programs)
+    if manifest.get("config_hash") != spec.config_hash:
+        raise ValueError(f"the programs in {programs} were exported from another model config")
+    if int(manifest.get("batch_size", -1)) != batch_size:
+        raise ValueError(f"the programs in {programs} have batch size {manifest.get('batch_size')}, not {batch_size}")
+    out = []
+    x = spec.example_input(batch_size)
+    for point in sorted(int(p) for p in manifest["points"]):
+        model = copy.deepcopy(spec.model)
+        eager = EagerRuntime(model.head(point))
+        with torch.no_grad():
+            grad = torch.randn_like(eager.forward(x, train=False))
+        e = profile_runtime(eager, x, grad, repeats)
+        r = profile_runtime(load_runtime(runtime, programs, point, model.state_dict()), x, grad, repeats)
+        out.append(dict(point=point, eager_step_ms=e["step_ms"], runtime_step_ms=r["step_ms"],
+                        eager_forward_ms=e["forward_ms"], runtime_forward_ms=r["forward_ms"],
+                        ratio=r["step_ms"] / e["step_ms"]))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from edge_sdk import devices, zoo
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = zoo.build(args.model, seed=args.seed)
-    prof = profile_model(spec, args.batch_size, optimizer=args.optimizer, runtime=args.runtime,
+    if args.runtime != "eager" and args.programs is None:
+        print(f"error: --runtime {args.runtime} needs --programs DIR (made by `python -m export`)", file=sys.stderr)
+        return 2
+    prof = profile_model(spec, args.batch_size, optimizer=args.optimizer, runtime="eager",
                          repeats=args.repeats, warmup=args.warmup)
     dev = devices.get_device(args.device) if args.device else None
     print(format_table(prof, dev.slowdown if dev else 1.0, dev.name if dev else None))
+    heads = None
+    if args.runtime != "eager":
+        try:
+            heads = profile_heads(spec, args.runtime, args.programs, args.batch_size, args.repeats)
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"\nhead step (forward + replayed forward + backward) per exported point, {args.runtime} vs eager:")
+        print("  point  eager ms  " + f"{args.runtime} ms".rjust(14) + "   ratio")
+        for h in heads:
+            print(f"  {h['point']:>5}  {h['eager_step_ms']:8.2f}  {h['runtime_step_ms']:14.2f}  {h['ratio']:6.2f}x")
     if args.json:
         doc = prof.to_dict()
+        if heads is not None:
+            doc["runtime"] = {"name": args.runtime, "heads": heads}
         if dev:
             doc["device"] = dev.to_dict()
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,32 @@ def is_adaptive(cfg: TrainConfig) -> bool:
     return cfg.auto_point or cfg.codec == "auto" or cfg.staleness is None
 
 
+def scale_to_runtime(inputs, cfg: TrainConfig, setup: LocalSetup):
+    """Make the per-block device costs those of the runtime that runs the head.
+
+    The per-block profile is eager PyTorch; an exported program can be several
+    times slower, and not uniformly. The head step of every exported point is
+    timed in the real runtime and in eager (``profile_heads``); the device cost of
+    the blocks between two consecutive exported points is scaled by the ratio of
+    the runtime's to eager's extra time over that segment.
+    """
+    from dataclasses import replace
+
+    from edge_sdk.profile import profile_heads
+
+    heads = profile_heads(setup.spec, cfg.runtime, cfg.programs, cfg.batch_size, repeats=3)
+    blocks = list(inputs.blocks)
+    prev_point, prev_e, prev_r = 0, 0.0, 0.0
+    for h in heads:
+        de, dr = h["eager_step_ms"] - prev_e, h["runtime_step_ms"] - prev_r
+        ratio = dr / de if de > 1e-6 and dr > 0 else h["ratio"]
+        for i in range(prev_point, h["point"]):
+            b = blocks[i]
+            blocks[i] = replace(b, edge_forward_ms=b.edge_forward_ms * ratio, edge_backward_ms=b.edge_backward_ms * ratio)
+        prev_point, prev_e, prev_r = h["point"], h["eager_step_ms"], h["runtime_step_ms"]
+    return replace(inputs, blocks=tuple(blocks))
+
+
 def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> DecisionController | None:
     """A controller when any of point / codec / K is ``auto``; None for a static run.
 
@@ -52,6 +78,8 @@ def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> De
         cut_points=interior,
         grad_codec=cfg.grad_codec,
     )
+    if cfg.runtime != "eager":
+        inputs = scale_to_runtime(inputs, cfg, setup)
     policy = CostModelPolicy(
         allowed_points=interior if cfg.auto_point else [current.point],
         allowed_codecs=AUTO_CODECS if cfg.codec == "auto" else [cfg.codec],
