@@ -1,0 +1,98 @@
+"""Training through exported programs: the pipeline, repartitioning and the link.
+
+Programs are exported once per module (it takes a while); the eager runtime is the
+reference for every number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cloud_backend.server import CloudServer, ServerConfig
+from edge_sdk import repartition
+from edge_sdk.client import EdgeClient, TrainingError
+from edge_sdk.runtime import load_runtime
+from edge_sdk.training import TrainConfig
+from tests.test_repartition import InProcessRun, wire
+from edge_sdk.optim import OptimizerConfig
+from schemas import frames as fr
+
+
+@pytest.fixture(scope="module", params=["executorch", "torchscript"])
+def programs(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"programs_{request.param}")
+    proc = subprocess.run([sys.executable, "-m", "export", "--model", "digits_cnn", "--points", "1,2",
+                           "--format", request.param, "--batch-size", "16", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return request.param, out
+
+
+class ProgramRun(InProcessRun):
+    """The in-process run of test_repartition with the head in a program runtime."""
+
+    def __init__(self, kind, programs_dir, *a, **kw) -> None:
+        self.kind, self.programs_dir = kind, programs_dir
+        super().__init__(*a, **kw)
+
+    def runtime(self, point: int):
+        return load_runtime(self.kind, self.programs_dir, point, self.model.state_dict())
+
+    def sync(self) -> None:
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, t in {**self.pipe.runtime.named_parameters(), **self.pipe.runtime.named_buffers()}.items():
+                state[name].copy_(t)
+
+    def move_to(self, point: int) -> None:
+        self.sync()
+        super().move_to(point)
+
+
+def test_program_training_and_repartition_track_eager(programs):
+    kind, path = programs
+    opt = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, schedule="constant")
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
+    runs = []
+    for make in (lambda: InProcessRun("digits_cnn", 1, opt), lambda: ProgramRun(kind, path, "digits_cnn", 1, opt)):
+        torch.manual_seed(9)
+        run = make()
+        for i, (x, y) in enumerate(data):
+            if i == 4:
+                run.move_to(2)  # block 1 comes from the cloud into the program of point 2
+            run.step(x, y, 0)
+        if isinstance(run, ProgramRun):
+            run.sync()
+        runs.append(run.merged_state())
+    eager, program = runs
+    for k in eager:
+        torch.testing.assert_close(program[k].float(), eager[k].float(), rtol=1e-4, atol=1e-4, msg=f"{k} ({kind})")
+
+
+async def test_client_trains_through_programs_and_cloud_checks_their_origin(programs):
+    kind, path = programs
+    cfg = TrainConfig(epochs=1, max_steps_per_epoch=10, batch_size=16, point=2, codec="int8", staleness=2,
+                      runtime=kind, programs=str(path))
+    async with CloudServer(ServerConfig(port=0)) as server:
+        client = EdgeClient(f"ws://127.0.0.1:{server.port}", cfg)
+        result = await asyncio.wait_for(client.run(), timeout=300)
+        assert result.steps == 10 and result.runtime == kind
+        assert 0.0 <= result.test_accuracy <= 1.0
+
+        liar = EdgeClient(f"ws://127.0.0.1:{server.port}", cfg)
+        hello = liar.hello()
+        liar.hello = lambda: fr.Hello(**{**hello.__dict__, "program_hash": "f" * 64})
+        with pytest.raises(TrainingError, match="exported from another model config"):
+            await asyncio.wait_for(liar.run(), timeout=60)
+
+
+def test_programs_with_another_batch_size_are_a_clear_error(programs):
+    kind, path = programs
+    with pytest.raises(ValueError, match="batch size 16"):
+        EdgeClient("ws://127.0.0.1:9", TrainConfig(batch_size=32, point=2, runtime=kind, programs=str(path)))
