@@ -243,15 +243,11 @@ class EdgePipeline:
         self._updates_at_start[step] = self.updates
         self.stats.bytes_features += int(frame.payload.nbytes)
         self.stats.edge_compute_s += time.perf_counter() - t0
-        return Features(
-            step=step,
-            epoch=epoch,
-            point=self.point,
-            tensor=frame,
-            labels=codecs.tensor_frame_from_tensor(y),
-            train=True,
-            grad_codec=self.grad_codec.label,
-        )
+        return self._features(step, epoch, frame, y, train=True)
+
+    def _features(self, step: int, epoch: int, frame: codecs.TensorFrame, y: torch.Tensor, *, train: bool) -> Features:
+        return Features(step=step, epoch=epoch, point=self.point, tensor=frame,
+                        labels=codecs.tensor_frame_from_tensor(y), train=train, grad_codec=self.grad_codec.label)
 
     def on_gradients(self, frame: Gradients) -> StepResult:
         """Replay the head on the stored input and apply the returned gradient."""
@@ -281,15 +277,7 @@ class EdgePipeline:
         """Eval-mode forward; the cloud answers with loss and correct count only."""
         feats = self.runtime.forward(x, train=False)
         frame, _ = codecs.encode_tensor(feats, self.codec, topk_ratio=self.topk_ratio)
-        return Features(
-            step=batch,
-            epoch=epoch,
-            point=self.point,
-            tensor=frame,
-            labels=codecs.tensor_frame_from_tensor(y),
-            train=False,
-            grad_codec=self.grad_codec.label,
-        )
+        return self._features(batch, epoch, frame, y, train=False)
 
     def switch(
         self,

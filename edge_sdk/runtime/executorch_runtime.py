@@ -16,16 +16,7 @@ from typing import Mapping
 
 import torch
 
-from edge_sdk.runtime.base import HeadRuntime
-from edge_sdk.runtime.program import (
-    ManifestError,
-    ProgramState,
-    check_weights,
-    init_buffers,
-    load_manifest,
-    point_entry,
-    sha256_file,
-)
+from edge_sdk.runtime.program import ProgramRuntime, ProgramState, init_buffers
 
 
 def _training_module(data: bytes):
@@ -36,23 +27,14 @@ def _training_module(data: bytes):
         return _load_for_executorch_for_training_from_buffer(data)
 
 
-class ExecuTorchRuntime(HeadRuntime):
+class ExecuTorchRuntime(ProgramRuntime):
     """Head blocks ``[0, p)`` as an ExecuTorch program, trained in place."""
 
     name = "executorch"
+    format = "executorch"
 
     def __init__(self, programs_dir: str | Path, point: int, weights: Mapping[str, torch.Tensor], *, verify: bool = True) -> None:
-        self.programs_dir = Path(programs_dir)
-        self.manifest = load_manifest(programs_dir)
-        if self.manifest.get("format") != "executorch":
-            raise ManifestError(f"{programs_dir} holds {self.manifest.get('format')} programs, not executorch")
-        entry = point_entry(self.manifest, point)
-        check_weights(entry, weights)
-        path = self.programs_dir / entry["file"]
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise ManifestError(f"{path} does not match the sha256 in the manifest")
-        self.point = point
-        self.batch_size = int(entry["batch_size"])
+        entry, path = self._open(programs_dir, point, weights, verify)
         # The runtime reads the program in place: these bytes must outlive the module.
         self._program_bytes = path.read_bytes()
         self._module = _training_module(self._program_bytes)
@@ -75,24 +57,8 @@ class ExecuTorchRuntime(HeadRuntime):
         self._module.forward_backward("forward_backward", [x, g, *self.state.buffer_list, *masks])
         return self._module.named_gradients()
 
-    def named_parameters(self) -> dict[str, torch.Tensor]:
-        return dict(self.state.params)
-
-    def named_buffers(self) -> dict[str, torch.Tensor]:
-        return dict(self.state.buffers)
-
-    def forward(self, x: torch.Tensor, *, train: bool = True) -> torch.Tensor:
-        n = x.shape[0]
-        xs = self.state.pad(x)
-        if not train:
-            out = self._method.run_method("forward_eval", [xs, *self.state.param_list, *self.state.buffer_list])
-            return out[0][:n].clone()
-        self.state.check_train_batch(n)
-        masks = self.state.draw_masks(n)
-        out = self._method.run_method("forward", [xs, *self.state.param_list, *self.state.buffer_list, *masks])
-        if not self.state.entry.get("freeze_batchnorm"):
-            self.state.update_buffers(list(out[1:]))
-        return out[0][:n].clone()
+    def _run(self, method: str, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self._method.run_method(method, args))
 
     def replay_backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         n = x.shape[0]

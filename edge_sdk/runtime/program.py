@@ -24,6 +24,8 @@ from typing import Any, Mapping
 
 import torch
 
+from edge_sdk.runtime.base import HeadRuntime
+
 MANIFEST = "manifest.json"
 
 
@@ -138,3 +140,49 @@ def check_weights(entry: Mapping[str, Any], weights: Mapping[str, torch.Tensor])
     for p in entry["parameters"]:
         if list(weights[p["name"]].shape) != p["shape"]:
             raise ManifestError(f"{p['name']}: weights have shape {list(weights[p['name']].shape)}, program {p['shape']}")
+
+
+class ProgramRuntime(HeadRuntime):
+    """What the ExecuTorch and TorchScript runtimes share: opening a program from
+    the manifest (format, weights and sha256 checked), the live weights in
+    :class:`ProgramState`, and the forward protocol (pad, masks, running statistics
+    returned as outputs). Subclasses load the program and call its methods."""
+
+    format: str = ""
+
+    def _open(self, programs_dir: str | Path, point: int, weights: Mapping[str, torch.Tensor], verify: bool) -> tuple[dict[str, Any], Path]:
+        self.programs_dir = Path(programs_dir)
+        self.manifest = load_manifest(programs_dir)
+        if self.manifest.get("format") != self.format:
+            raise ManifestError(f"{programs_dir} holds {self.manifest.get('format')} programs, not {self.format}")
+        entry = point_entry(self.manifest, point)
+        check_weights(entry, weights)
+        path = self.programs_dir / entry["file"]
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise ManifestError(f"{path} does not match the sha256 in the manifest")
+        self.point = point
+        self.batch_size = int(entry["batch_size"])
+        return entry, path
+
+    def _run(self, method: str, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return dict(self.state.params)
+
+    def named_buffers(self) -> dict[str, torch.Tensor]:
+        return dict(self.state.buffers)
+
+    def forward(self, x: torch.Tensor, *, train: bool = True) -> torch.Tensor:
+        n = x.shape[0]
+        xs = self.state.pad(x)
+        with torch.no_grad():
+            if not train:
+                out = self._run("forward_eval", [xs, *self.state.param_list, *self.state.buffer_list])
+                return out[0][:n].clone()
+            self.state.check_train_batch(n)
+            masks = self.state.draw_masks(n)
+            out = self._run("forward", [xs, *self.state.param_list, *self.state.buffer_list, *masks])
+        if not self.state.entry.get("freeze_batchnorm"):
+            self.state.update_buffers(list(out[1:]))
+        return out[0][:n].clone()

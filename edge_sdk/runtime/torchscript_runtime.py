@@ -13,35 +13,17 @@ from typing import Mapping
 
 import torch
 
-from edge_sdk.runtime.base import HeadRuntime
-from edge_sdk.runtime.program import (
-    ManifestError,
-    ProgramState,
-    check_weights,
-    init_buffers,
-    load_manifest,
-    point_entry,
-    sha256_file,
-)
+from edge_sdk.runtime.program import ProgramRuntime, ProgramState, init_buffers
 
 
-class TorchScriptRuntime(HeadRuntime):
+class TorchScriptRuntime(ProgramRuntime):
     """Head blocks ``[0, p)`` as a traced TorchScript program."""
 
     name = "torchscript"
+    format = "torchscript"
 
     def __init__(self, programs_dir: str | Path, point: int, weights: Mapping[str, torch.Tensor], *, verify: bool = True) -> None:
-        self.programs_dir = Path(programs_dir)
-        self.manifest = load_manifest(programs_dir)
-        if self.manifest.get("format") != "torchscript":
-            raise ManifestError(f"{programs_dir} holds {self.manifest.get('format')} programs, not torchscript")
-        entry = point_entry(self.manifest, point)
-        check_weights(entry, weights)
-        path = self.programs_dir / entry["file"]
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise ManifestError(f"{path} does not match the sha256 in the manifest")
-        self.point = point
-        self.batch_size = int(entry["batch_size"])
+        entry, path = self._open(programs_dir, point, weights, verify)
         self.program = torch.jit.load(str(path))
         params = {
             p["name"]: weights[p["name"]].detach().to(torch.float32).clone().contiguous().requires_grad_(True)
@@ -49,25 +31,9 @@ class TorchScriptRuntime(HeadRuntime):
         }
         self.state = ProgramState(entry, self.batch_size, params, init_buffers(entry, weights))
 
-    def named_parameters(self) -> dict[str, torch.Tensor]:
-        return dict(self.state.params)
-
-    def named_buffers(self) -> dict[str, torch.Tensor]:
-        return dict(self.state.buffers)
-
-    def forward(self, x: torch.Tensor, *, train: bool = True) -> torch.Tensor:
-        n = x.shape[0]
-        xs = self.state.pad(x)
-        with torch.no_grad():
-            if not train:
-                out = self.program.forward_eval(xs, *self.state.param_list, *self.state.buffer_list)
-                return out[:n].clone()
-            self.state.check_train_batch(n)
-            masks = self.state.draw_masks(n)
-            out = self.program.forward(xs, *self.state.param_list, *self.state.buffer_list, *masks)
-        if not self.state.entry.get("freeze_batchnorm"):
-            self.state.update_buffers(list(out[1:]))
-        return out[0][:n].clone()
+    def _run(self, method: str, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = getattr(self.program, method)(*args)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
 
     def replay_backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         n = x.shape[0]
