@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="steps per configuration on wifi/4g")
     ap.add_argument("--iot-steps", type=int, default=10, help="steps per configuration on iot (slow)")
     ap.add_argument("--wifi-seconds", type=float, default=25.0, help="adaptation trace: seconds of wifi before the drop")
-    ap.add_argument("--trace-steps", type=int, default=420, help="adaptation run length in steps")
-    ap.add_argument("--real-statics", type=int, default=3, help="static configurations run for real on the trace")
+    ap.add_argument("--trace-steps", type=int, default=520, help="adaptation run length in steps")
+    ap.add_argument("--real-statics", type=int, default=2, help="static configurations run for real on the trace")
     ap.add_argument("--out", default=str(RESULTS / "decision.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -129,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             f.write(f"0,{wifi.uplink_bps / 1e6},{wifi.downlink_bps / 1e6},{1e3 * wifi.rtt_s}\n")
             f.write(f"{args.wifi_seconds},{iot.uplink_bps / 1e6},{iot.downlink_bps / 1e6},{1e3 * iot.rtt_s}\n")
             trace = f.name
-        adaptive = run(TrainConfig(**base, max_steps_per_epoch=args.trace_steps), f"trace:{trace}", port)
+        # whole epochs (no evaluation) until at least --trace-steps steps
+        per_epoch = build_local(TrainConfig(**base, point=1)).steps_per_epoch(TrainConfig(**base))
+        epochs = -(-args.trace_steps // per_epoch)
+        trace_steps = epochs * per_epoch
+        trace_base = {**base, "epochs": epochs}
+        adaptive = run(TrainConfig(**trace_base), f"trace:{trace}", port)
         drop_step = _step_at(adaptive, args.wifi_seconds)
         switches = [h for h in adaptive.partition_history if h.get("switch") and h["step"] >= (drop_step or 0)]
         react = (switches[0]["step"] - drop_step) if (switches and drop_step is not None) else None
@@ -141,18 +146,18 @@ def main(argv: list[str] | None = None) -> int:
             ri = sweep_iot.get(key[:2])
             if ri is None:
                 continue
-            n_wifi = min(args.trace_steps, int(1e3 * args.wifi_seconds / rw["measured_ms"]))
-            composed = (n_wifi * rw["measured_ms"] + (args.trace_steps - n_wifi) * ri["measured_ms"]) / 1e3
+            n_wifi = min(trace_steps, int(1e3 * args.wifi_seconds / rw["measured_ms"]))
+            composed = (n_wifi * rw["measured_ms"] + (trace_steps - n_wifi) * ri["measured_ms"]) / 1e3
             statics.append(dict(point=key[0], codec=key[1], staleness=key[2], composed_s=composed))
         statics.sort(key=lambda r: r["composed_s"])
         for s in statics[: args.real_statics]:
-            cfg = TrainConfig(**base, max_steps_per_epoch=args.trace_steps, point=s["point"], codec=s["codec"], staleness=s["staleness"])
+            cfg = TrainConfig(**trace_base, point=s["point"], codec=s["codec"], staleness=s["staleness"])
             s["measured_s"] = run(cfg, f"trace:{trace}", port).train_s
             print(f"static p={s['point']} {s['codec']} K={s['staleness']} on the trace: {s['measured_s']:.1f} s "
                   f"(composed {s['composed_s']:.1f} s)", flush=True)
         best_static = min((s.get("measured_s", s["composed_s"]) for s in statics), default=None)
         report["adaptation"] = dict(
-            trace=f"wifi {args.wifi_seconds:g} s then iot", steps=args.trace_steps, drop_step=drop_step,
+            trace=f"wifi {args.wifi_seconds:g} s then iot", steps=trace_steps, drop_step=drop_step,
             first_switch_after_drop=switches[0] if switches else None, steps_to_react=react,
             adaptive_s=adaptive.train_s, best_static_s=best_static, statics=statics,
             partition_history=adaptive.partition_history,
