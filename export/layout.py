@@ -259,6 +259,64 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _linear_op(x, weight)
 
 
+def _window_max_impl(x, k):
+    """``x (..., k, I)`` -> ``(y (..., I), x_0, ..., x_{k-1}, m_1, ..., m_{k-2})``: the max
+    over dim -2 by a running ``maximum`` of the ``k`` slices, plus what the backward needs."""
+    parts = [x.select(-2, i) for i in range(k)]
+    runs = []
+    m = parts[0]
+    for i in range(1, k):
+        m = torch.maximum(m, parts[i])
+        runs.append(m)
+    return (m, *parts, *runs[:-1])
+
+
+class _WindowMax(torch.autograd.Function):
+    """Backward without argmax/scatter: slice ``i`` gets the gradient where it is
+    strictly above the running max of slices ``0..i-1`` and no later slice is, so the
+    first maximum wins ties, like eager's CPU max pooling. The masks are
+    ``sign(relu(x_i - m_{i-1}))`` (0/1), the slices' gradients are stacked back."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        out = _below_autograd(_window_max_op(k), x, k)
+        ctx.k = k
+        ctx.save_for_backward(*out[1:])
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, g, *_):
+        k = ctx.k
+        saved = ctx.saved_tensors
+        parts, runs = saved[:k], (saved[0], *saved[k:])  # runs[i-1]: max of slices 0..i-1
+        grads = [None] * k
+        rest = g
+        for i in range(k - 1, 0, -1):
+            grads[i] = rest * torch.sign(torch.relu(parts[i] - runs[i - 1]))
+            rest = rest - grads[i]
+        grads[0] = rest
+        return torch.stack(grads, -2), None
+
+
+_WINDOW_MAX_OPS: dict[int, object] = {}
+
+
+def _window_max_op(k: int):
+    """The ``splitreplay::window_max{k}`` operator (registered on first use)."""
+    if k not in _WINDOW_MAX_OPS:
+        outs = ", ".join(["Tensor"] * (2 * k - 1))
+        _WINDOW_MAX_OPS[k] = _register(f"window_max{k}", f"(Tensor x, int k) -> ({outs})", _window_max_impl, _WindowMax)
+    return _WINDOW_MAX_OPS[k]
+
+
+def window_max(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Max over dim -2 (of size ``k``) of ``x (..., k, I)``."""
+    if k == 1:
+        return x.squeeze(-2)
+    return _window_max_op(k)(x, k)[0]
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -333,6 +391,30 @@ class CMBatchNorm(nn.Module):
         return y.reshape(x.shape)
 
 
+class CMWindowMaxPool(nn.Module):
+    """:class:`export.program.WindowMaxPool` (non-overlapping windows over the trailing
+    dims, any layout) as running ``maximum`` of strided slices, one dim at a time:
+    first along the last dim (within each row), then along the rows, which keeps
+    row-major first-wins ties. No ``argmax``/``gather``/``scatter_add``."""
+
+    def __init__(self, pool: WindowMaxPool) -> None:
+        super().__init__()
+        self.kernel = tuple(pool.kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel
+        lead = x.shape[: x.dim() - len(k)]
+        spatial = x.shape[x.dim() - len(k):]
+        out = [s // kk for s, kk in zip(spatial, k)]
+        if any(o * kk != s for o, kk, s in zip(out, k, spatial)):
+            x = x[(Ellipsis, *[slice(0, o * kk) for o, kk in zip(out, k)])]
+        # last dim: (..., W) -> (..., Wo, kw, 1)
+        y = window_max(x.reshape(*x.shape[:-1], out[-1], k[-1], 1), k[-1]).reshape(*x.shape[:-1], out[-1])
+        if len(k) == 2:  # rows: (..., H, Wo) -> (..., Ho, kh, Wo)
+            y = window_max(y.reshape(*lead, out[0], k[0], out[1]), k[0])
+        return y
+
+
 class FastReLU(nn.Module):
     """ReLU whose backward is ``g * sign(y)`` (any layout)."""
 
@@ -383,7 +465,9 @@ def _convert(m: nn.Module) -> tuple[nn.Module, str, str]:
         return CMBatchNorm(m), CM, CM
     if isinstance(m, (nn.ReLU, FastReLU)):
         return FastReLU(), ANY, ANY
-    if isinstance(m, (nn.Hardswish, WindowMaxPool, nn.Identity)):
+    if isinstance(m, WindowMaxPool):
+        return CMWindowMaxPool(m), ANY, ANY
+    if isinstance(m, (nn.Hardswish, nn.Identity)):
         return m, ANY, ANY
     if isinstance(m, nn.Sequential):
         lin, lout = _convert_chain(m._modules)

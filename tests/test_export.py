@@ -285,3 +285,23 @@ def test_layout_rewrites_keep_custom_backwards_in_the_joint_graph():
     ops = {str(n.target) for n in joint.graph.nodes if n.op == "call_function"}
     assert not any(o.startswith("splitreplay.") for o in ops), ops
     assert not ops & {"aten.where.self", "aten.slice_scatter.default", "aten.le.Scalar"}, ops
+    assert not ops & {"aten.argmax.default", "aten.gather.default", "aten.scatter_add.default"}, ops
+
+
+@pytest.mark.parametrize("shape,kernel", [((3, 4, 9, 8), (2, 2)), ((3, 4, 11), (2,)), ((2, 3, 6, 6), (3, 3))])
+def test_window_max_pool_matches_eager_including_ties(shape, kernel):
+    """The ``maximum``-based pooling routes the gradient to the first maximum of each
+    window in row-major order, like eager's CPU max pooling (ReLU zeros tie often)."""
+    from export.layout import CMWindowMaxPool
+    from export.program import WindowMaxPool
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(shape)).round()  # many ties
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    pool = nn.functional.max_pool2d if len(kernel) == 2 else nn.functional.max_pool1d
+    y1, y2 = CMWindowMaxPool(WindowMaxPool(kernel))(x1), pool(x2, kernel)
+    g = torch.randn(y1.shape)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.equal(y1, y2)
+    assert torch.equal(x1.grad, x2.grad)
