@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m edge_sdk emulate --network wifi --device-slowdown 4 --json runs/demo/run.json --report runs/demo "$@"
+exec .venv/bin/python -m edge_sdk emulate --json runs/demo/run.json --report runs/demo "$@"

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report", help="folder for the JSON report and PNG plots")
     g.add_argument("--threads", type=int, default=1, help="torch threads for each of edge and cloud; they share this machine (default: %(default)s)")
     add_training_arguments(p)
+    # The demo's defaults: a device 4x slower than this machine (a phone-class CPU,
+    # see edge_sdk.devices), and the digits recipe's 20 epochs.
+    p.set_defaults(device_slowdown=4.0, epochs=20)
 
 
 @contextlib.contextmanager
