@@ -72,12 +72,14 @@ def _read_port(proc: subprocess.Popen, timeout_s: float) -> int:
     raise EmulationError("cloud backend did not start listening in time")
 
 
-def resolve_slowdown(args: argparse.Namespace) -> float:
+def resolve_device(args: argparse.Namespace) -> tuple[float, int | None]:
+    """(slowdown, memory budget) from ``--device``, else ``--device-slowdown`` and no budget."""
     if args.device:
         from edge_sdk.devices import get_device
 
-        return float(get_device(args.device).slowdown)
-    return float(args.device_slowdown)
+        dev = get_device(args.device)
+        return float(dev.slowdown), int(dev.memory_budget_bytes)
+    return float(args.device_slowdown), None
 
 
 async def run_through_proxy(cfg, network_spec: str, cloud_port: int, progress=None, setup=None) -> object:
@@ -102,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from edge_sdk.progress import ProgressBar
 
     try:
-        args.device_slowdown = resolve_slowdown(args)
+        args.device_slowdown, budget = resolve_device(args)
         cfg = config_from_args(args)
+        cfg.memory_budget_bytes = budget  # the decision engine caps K to fit it
         cfg.validate()
     except (ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
