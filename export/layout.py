@@ -97,8 +97,9 @@ def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.t()
 
 
-def _im2col(x: torch.Tensor, kernel, stride, padding, dilation, out_hw) -> torch.Tensor:
-    """``(C, N, H, W)`` -> ``(kh*kw*C, N*Ho*Wo)`` (rows ordered tap-major)."""
+def _im2col(x: torch.Tensor, kernel, stride, padding, dilation, out_hw, reverse: bool = False) -> torch.Tensor:
+    """``(C, N, H, W)`` -> ``(kh*kw*C, N*Ho*Wo)`` (rows ordered tap-major; taps in
+    reverse order if ``reverse``, which pairs with a flipped kernel at no cost)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     ho, wo = out_hw
     if ph:
@@ -112,6 +113,8 @@ def _im2col(x: torch.Tensor, kernel, stride, padding, dilation, out_hw) -> torch
         for i in range(kh)
         for j in range(kw)
     ]
+    if reverse:
+        taps.reverse()
     c = x.shape[0]
     m = x.shape[1] * ho * wo
     if len(taps) == 1:
@@ -165,9 +168,11 @@ class _ConvMM(torch.autograd.Function):
             if kh * kw == 1 and stride == (1, 1) and padding == (0, 0):
                 dx = (weight.reshape(o, c).t() @ dy).reshape(ctx.x_shape)
             elif stride == (1, 1) and same and all(d * (k - 1) % 2 == 0 for d, k in zip(dilation, kernel)):
-                # transposed convolution = convolution with the flipped kernel
-                wf = weight.flip(2, 3).permute(1, 2, 3, 0).reshape(c, kh * kw * o)
-                dcols = _im2col(dy.reshape(o, n, ho, wo), kernel, stride, padding, dilation, (ho, wo))
+                # transposed convolution = convolution with the flipped kernel; the flip
+                # is done by taking dy's taps in reverse order (the portable ``flip``
+                # kernel is slow)
+                wf = weight.permute(1, 2, 3, 0).reshape(c, kh * kw * o)
+                dcols = _im2col(dy.reshape(o, n, ho, wo), kernel, stride, padding, dilation, (ho, wo), reverse=True)
                 dx = (wf @ dcols).reshape(ctx.x_shape)
             else:
                 w2 = weight.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
@@ -185,6 +190,126 @@ def _col2im(dcols, x_shape, geometry):
 
 
 _conv_op = _register("conv_mm", "(Tensor x, Tensor weight, int[] geom) -> (Tensor, Tensor)", _conv_impl, _ConvMM)
+
+
+def _taps_ck(x: torch.Tensor, kernel, stride, padding, dilation, out_hw, reverse: bool = False) -> torch.Tensor:
+    """``(C, N, H, W)`` -> ``(C, kh*kw, N*Ho*Wo)``: per channel, the taps as rows (for ``bmm``)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    ho, wo = out_hw
+    x = _pad_or_crop(_pad_or_crop(x, 2, ph, ph), 3, pw, pw)
+    c, m = x.shape[0], x.shape[1] * ho * wo
+    taps = [
+        x[..., i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    if reverse:
+        taps.reverse()
+    return torch.stack(taps, 1).reshape(c, len(taps), m)  # stack: no copy of a strided tap before the cat
+
+
+def _depthwise_impl(x, weight, geom):
+    """``(y (C, 1, N*Ho*Wo), cols (C, k, N*Ho*Wo))`` for ``x (C, N, H, W)``, ``weight (C, 1, kh, kw)``:
+    one ``bmm`` of the per-channel kernels ``(C, 1, k)`` with the per-channel taps."""
+    c = x.shape[0]
+    cols = _taps_ck(x, *_geometry(geom))
+    return torch.bmm(weight.reshape(c, 1, -1), cols), cols
+
+
+def _pad_or_crop(x: torch.Tensor, dim: int, left: int, right: int) -> torch.Tensor:
+    """Zero-pad (``cat``) or crop (``right < 0``) dim ``dim`` of ``x``."""
+    if right < 0:
+        x = x.narrow(dim, 0, x.shape[dim] + right)
+        right = 0
+    parts = []
+    if left:
+        parts.append(x.new_zeros((*x.shape[:dim], left, *x.shape[dim + 1:])))
+    parts.append(x)
+    if right:
+        parts.append(x.new_zeros((*x.shape[:dim], right, *x.shape[dim + 1:])))
+    return torch.cat(parts, dim) if len(parts) > 1 else x
+
+
+def _phase_taps(k: int, s: int, d: int, r: int) -> list[tuple[int, int]]:
+    """Taps ``t`` of a ``k``-tap kernel (stride ``s``, dilation ``d``) that reach padded
+    input positions ``s*u + r``, with their output offsets ``e``: ``dx[s*u + r] += dy[u - e] * w[t]``."""
+    return [(t, (t * d - r) // s) for t in range(k) if (t * d - r) % s == 0]
+
+
+def _depthwise_input_grad_polyphase(dy, weight, x_shape, geometry):
+    """Input gradient of a strided depthwise convolution, one output phase at a time.
+
+    The padded input position ``q = s*u + r`` receives ``dy[u - e_t] * w[t]`` from the
+    taps ``t`` with ``t*d = s*e_t + r``; per phase ``(rh, rw)`` that is a small
+    depthwise convolution (shifted slices of the zero-padded ``dy`` + ``bmm``), and the
+    phases are interleaved by ``stack`` + reshape. Same work as the forward, where
+    zero-dilating ``dy`` first would do ``s*s`` times as much."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = geometry
+    c, n, h, w = x_shape
+    wk = weight.reshape(c, kh, kw)
+    uh, uw = -(-(h + 2 * ph) // sh), -(-(w + 2 * pw) // sw)
+    phases_h = [_phase_taps(kh, sh, dh, r) for r in range(sh)]
+    phases_w = [_phase_taps(kw, sw, dw, r) for r in range(sw)]
+    lh = max([e for ph_ in phases_h for _, e in ph_], default=0)
+    lw = max([e for pw_ in phases_w for _, e in pw_], default=0)
+    dyp = _pad_or_crop(_pad_or_crop(dy, 2, lh, max(0, uh - ho)), 3, lw, max(0, uw - wo))
+    rows = []
+    for taps_h in phases_h:
+        cols = []
+        for taps_w in phases_w:
+            taps = [(th, eh, tw, ew) for th, eh in taps_h for tw, ew in taps_w]
+            if not taps:
+                cols.append(dy.new_zeros((c, n, uh, uw)))
+                continue
+            sl = [dyp[:, :, lh - eh : lh - eh + uh, lw - ew : lw - ew + uw] for _, eh, _, ew in taps]
+            wsel = torch.stack([wk[:, th, tw] for th, _, tw, _ in taps], 1).reshape(c, 1, len(taps))
+            cols.append(torch.bmm(wsel, torch.stack(sl, 1).reshape(c, len(taps), n * uh * uw)).reshape(c, n, uh, uw))
+        rows.append(torch.stack(cols, -1).reshape(c, n, uh, uw * sw) if sw > 1 else cols[0])
+    full = torch.stack(rows, -2).reshape(c, n, uh * sh, uw * sw) if sh > 1 else rows[0]
+    return full[:, :, ph : ph + h, pw : pw + w]
+
+
+class _Depthwise(torch.autograd.Function):
+    """Depthwise convolution (channel-major) with a hand-written backward: the weight
+    gradient is one multiply + sum over the saved columns; the input gradient is a
+    stride-1 depthwise convolution of ``dy`` (zero-dilated by the stride) with the
+    flipped kernel, instead of autograd's ``slice_scatter`` chain."""
+
+    @staticmethod
+    def forward(ctx, x, weight, geom):
+        y, cols = _below_autograd(_depthwise_op, x, weight, geom)
+        ctx.save_for_backward(cols, weight)
+        ctx.geom = list(geom)
+        ctx.x_shape = x.shape
+        ctx.mark_non_differentiable(cols)
+        return y, cols
+
+    @staticmethod
+    def backward(ctx, dy, _dcols):
+        cols, weight = ctx.saved_tensors
+        kernel, stride, padding, dilation, (ho, wo) = _geometry(ctx.geom)
+        c, _, kh, kw = weight.shape
+        k = kh * kw
+        dweight = torch.bmm(cols, dy.reshape(c, -1, 1)).reshape(weight.shape)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            _, n, h, w = ctx.x_shape
+            if stride == (1, 1) and all(d * (kk - 1) >= p for d, kk, p in zip(dilation, kernel, padding)):
+                # stride-1 depthwise convolution of dy with the flipped kernel
+                d = dy.reshape(c, n, ho, wo)
+                for dim, size, dd, kk, p in ((2, h, dilation[0], kh, padding[0]), (3, w, dilation[1], kw, padding[1])):
+                    lft = dd * (kk - 1) - p
+                    d = _pad_or_crop(d, dim, lft, size + dd * (kk - 1) - d.shape[dim] - lft)
+                dcols = _taps_ck(d, kernel, (1, 1), (0, 0), dilation, (h, w), reverse=True)
+                dx = torch.bmm(weight.reshape(c, 1, k), dcols).reshape(ctx.x_shape)
+            else:
+                dx = _depthwise_input_grad_polyphase(dy.reshape(c, n, ho, wo), weight, ctx.x_shape, _geometry(ctx.geom))
+        return dx, dweight, None
+
+
+_depthwise_op = _register(
+    "depthwise_cm", "(Tensor x, Tensor weight, int[] geom) -> (Tensor, Tensor)", _depthwise_impl, _Depthwise,
+)
 
 
 def _bn_impl(x, weight, bias, eps):
@@ -343,13 +468,10 @@ class CMConv(nn.Module):
         ho, wo = self._out_hw(h, w)
         geometry = (self.kernel, self.stride, self.padding, self.dilation, (ho, wo))
         weight = self.weight.unsqueeze(2) if self.one_d else self.weight
+        geom = [*self.kernel, *self.stride, *self.padding, *self.dilation, ho, wo]
         if self.depthwise:
-            kh, kw = self.kernel
-            cols = _im2col(x, *geometry).reshape(kh * kw, c, n * ho * wo)
-            wt = weight.reshape(c, kh * kw).t().reshape(kh * kw, c, 1)
-            y = (cols * wt).sum(0)
+            y = _depthwise_op(x, weight, geom)[0].reshape(c, -1)
         else:
-            geom = [*self.kernel, *self.stride, *self.padding, *self.dilation, ho, wo]
             y = _conv_op(x, weight, geom)[0]
         if self.bias is not None:
             y = y + self.bias.reshape(-1, 1)

@@ -24,11 +24,12 @@ from export.api import export_head, write_manifest
 BATCH = 4
 # (model, point): digits p=4 has BatchNorm and Dropout, p=1 only BatchNorm; mnist1d p=1
 # is the BatchNorm block, p=5 adds three convs and a linear; mobilenetv3 p=2 is the stem
-# plus the first bottleneck (depthwise conv, three BatchNorms, hardswish).
+# plus the first bottleneck (depthwise conv, three BatchNorms, hardswish), p=3 adds a
+# stride-2 depthwise conv.
 CASES = {
     "digits_cnn": [1, 4],
     "mnist1d_cnn": [1, 5],
-    "mobilenetv3_large": [2],
+    "mobilenetv3_large": [2, 3],
 }
 FORMATS = ["executorch", "torchscript"]
 
@@ -305,3 +306,39 @@ def test_window_max_pool_matches_eager_including_ties(shape, kernel):
     y2.backward(g)
     assert torch.equal(y1, y2)
     assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,stride,padding,dilation",
+    [
+        ((4, 3, 9, 8), (3, 3), (1, 1), (1, 1), (1, 1)),  # stride 1, "same": flipped-kernel path
+        ((4, 3, 32, 32), (3, 3), (2, 2), (1, 1), (1, 1)),  # stride 2: polyphase path
+        ((4, 3, 11, 10), (5, 5), (2, 2), (2, 2), (1, 1)),
+        ((4, 3, 11, 10), (3, 3), (2, 2), (0, 0), (1, 1)),  # cropped
+        ((4, 3, 7, 7), (3, 3), (1, 1), (2, 2), (1, 1)),  # padding wider than the kernel reach
+        ((3, 2, 13, 14), (3, 3), (3, 2), (1, 1), (2, 1)),
+        ((3, 2, 13, 14), (5, 3), (2, 4), (2, 0), (2, 2)),  # phases without taps
+        ((4, 2, 1, 12), (1, 5), (1, 3), (0, 2), (1, 2)),  # 1-D as unit height
+    ],
+)
+def test_depthwise_custom_backward_matches_eager(shape, kernel, stride, padding, dilation):
+    """``splitreplay::depthwise_cm`` (channel-major, bmm forward, flipped-kernel or
+    polyphase input gradient) against eager grouped ``conv2d``."""
+    from export.layout import _depthwise_op
+
+    torch.manual_seed(0)
+    c, n, h, w = shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x = torch.randn(shape, requires_grad=True)
+    weight = torch.randn(c, 1, kh, kw, requires_grad=True)
+    y = _depthwise_op(x, weight, [kh, kw, sh, sw, ph, pw, dh, dw, ho, wo])[0].reshape(c, n, ho, wo)
+    x2, w2 = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    y2 = nn.functional.conv2d(x2.transpose(0, 1), w2, stride=stride, padding=padding, dilation=dilation, groups=c)
+    y2 = y2.transpose(0, 1)
+    g = torch.randn(y.shape)
+    y.backward(g)
+    y2.backward(g)
+    assert rel_err(y, y2) < 1e-5
+    assert rel_err(x.grad, x2.grad) < 1e-5
+    assert rel_err(weight.grad, w2.grad) < 1e-5
