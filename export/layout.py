@@ -90,11 +90,69 @@ def relu(x: torch.Tensor) -> torch.Tensor:
     return _relu_op(x)
 
 
+def _hardswish_impl(x):
+    """``(y, h)`` with ``h = hardtanh(x + 3, 0, 6)``, ``y = x * h / 6``."""
+    h = torch.nn.functional.hardtanh(x + 3.0, 0.0, 6.0)
+    return x * h / 6.0, h
+
+
+class _Hardswish(torch.autograd.Function):
+    """``hardtanh`` instead of ``clamp`` (portable ``clamp`` is ~4x slower), and a
+    backward without ``lt``/``le``/``where``: with ``m = sign(h * (6 - h))`` (1 on the
+    open interval ``(-3, 3)``, else 0) the derivative is ``(h + x * m) / 6``: ``x/3 + 1/2``
+    inside, 1 from 3 up, 0 from -3 down, as eager's ``hardswish_backward``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y, h = _below_autograd(_hardswish_op, x)
+        ctx.save_for_backward(x, h)
+        ctx.mark_non_differentiable(h)
+        return y, h
+
+    @staticmethod
+    def backward(ctx, g, _dh):
+        x, h = ctx.saved_tensors
+        m = torch.sign(h * (6.0 - h))
+        return g * ((h + x * m) * (1.0 / 6.0))
+
+
+_hardswish_op = _register("hardswish", "(Tensor x) -> (Tensor, Tensor)", _hardswish_impl, _Hardswish)
+
+
+class FastHardswish(nn.Module):
+    """Hardswish with the custom backward of :class:`_Hardswish` (any layout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _hardswish_op(x)[0]
+
+
 def _mm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` transposing whichever operand is smaller (the result if needed)."""
     if a.shape[0] <= b.shape[0]:
         return (b @ a.t()).t()
     return a @ b.t()
+
+
+def _tap_slices(x: torch.Tensor, kernel, stride, dilation, out_hw) -> list[torch.Tensor]:
+    """The ``kh*kw`` shifted (strided) windows of the padded ``x (..., H, W)``, tap-major.
+
+    Each kernel row's slice along H is taken once and shared by that row's taps, and a
+    slice spanning a whole dim is skipped: every slice is a copy in ExecuTorch.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    ho, wo = out_hw
+
+    def cut(t, dim, start, n, step):
+        stop = start + step * (n - 1) + 1
+        if start == 0 and step == 1 and stop == t.shape[dim]:
+            return t
+        return t.narrow(dim, start, stop - start) if step == 1 else t[(slice(None),) * (dim % t.dim()) + (slice(start, stop, step),)]
+
+    taps = []
+    for i in range(kh):
+        row = cut(x, -2, i * dh, ho, sh)
+        taps.extend(cut(row, -1, j * dw, wo, sw) for j in range(kw))
+    return taps
 
 
 def _im2col(x: torch.Tensor, kernel, stride, padding, dilation, out_hw, reverse: bool = False) -> torch.Tensor:
@@ -108,11 +166,7 @@ def _im2col(x: torch.Tensor, kernel, stride, padding, dilation, out_hw, reverse:
     if pw:
         z = x.new_zeros((*x.shape[:-1], pw))
         x = torch.cat([z, x, z], dim=-1)
-    taps = [
-        x[..., i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    taps = _tap_slices(x, kernel, stride, dilation, out_hw)
     if reverse:
         taps.reverse()
     c = x.shape[0]
@@ -198,11 +252,7 @@ def _taps_ck(x: torch.Tensor, kernel, stride, padding, dilation, out_hw, reverse
     ho, wo = out_hw
     x = _pad_or_crop(_pad_or_crop(x, 2, ph, ph), 3, pw, pw)
     c, m = x.shape[0], x.shape[1] * ho * wo
-    taps = [
-        x[..., i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    taps = _tap_slices(x, kernel, stride, dilation, out_hw)
     if reverse:
         taps.reverse()
     return torch.stack(taps, 1).reshape(c, len(taps), m)  # stack: no copy of a strided tap before the cat
@@ -589,7 +639,9 @@ def _convert(m: nn.Module) -> tuple[nn.Module, str, str]:
         return FastReLU(), ANY, ANY
     if isinstance(m, WindowMaxPool):
         return CMWindowMaxPool(m), ANY, ANY
-    if isinstance(m, (nn.Hardswish, nn.Identity)):
+    if isinstance(m, (nn.Hardswish, FastHardswish)):
+        return FastHardswish(), ANY, ANY
+    if isinstance(m, nn.Identity):
         return m, ANY, ANY
     if isinstance(m, nn.Sequential):
         lin, lout = _convert_chain(m._modules)
@@ -606,10 +658,12 @@ def _convert(m: nn.Module) -> tuple[nn.Module, str, str]:
 
 
 def _convert_foreign(m: nn.Module) -> None:
-    """Inside a module we do not know, only rewrite ReLUs (layout-free)."""
+    """Inside a module we do not know, only rewrite ReLUs and hardswishes (layout-free)."""
     for name, child in list(m.named_children()):
         if isinstance(child, nn.ReLU):
             setattr(m, name, FastReLU())
+        elif isinstance(child, nn.Hardswish):
+            setattr(m, name, FastHardswish())
         else:
             _convert_foreign(child)
 

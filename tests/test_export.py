@@ -342,3 +342,16 @@ def test_depthwise_custom_backward_matches_eager(shape, kernel, stride, padding,
     assert rel_err(y, y2) < 1e-5
     assert rel_err(x.grad, x2.grad) < 1e-5
     assert rel_err(weight.grad, w2.grad) < 1e-5
+
+
+def test_hardswish_custom_backward_matches_eager_including_the_kinks():
+    from export.layout import FastHardswish
+
+    x = torch.cat([torch.randn(1000) * 4, torch.tensor([-3.0, 3.0, 0.0, -6.0, 6.0])])
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = FastHardswish()(x1), nn.functional.hardswish(x2)
+    g = torch.randn(x.shape)
+    y1.backward(g)
+    y2.backward(g)
+    assert rel_err(y1, y2) < 1e-6
+    assert rel_err(x1.grad, x2.grad) < 1e-6
