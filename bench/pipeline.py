@@ -50,8 +50,11 @@ def stages_of(result) -> dict[str, float]:
 
 
 def fill_staleness(stages: dict[str, float], cap: int) -> int:
+    """The smallest K with (K+1) max(T) >= sum(T), plus one step of slack: stage
+    times jitter on a real machine, and a window that is exactly full stalls on
+    every late frame."""
     t_max, t_sum = max(stages.values()), sum(stages.values())
-    return min(cap, max(0, math.ceil(t_sum / t_max) - 1))
+    return min(cap, max(0, math.ceil(t_sum / t_max)))
 
 
 def main(argv: list[str] | None = None) -> int:

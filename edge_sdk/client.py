@@ -213,10 +213,11 @@ class EdgeClient:
     async def _compute(self, fn: Callable, *args, train: bool = True, **kwargs):
         """Run head compute off the event loop, then emulate a slower device."""
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(fn, *args, **kwargs)
-        dt = time.perf_counter() - t0
+        out, cpu_s = await asyncio.to_thread(_timed_on_cpu, fn, *args, **kwargs)
         if self.cfg.device_slowdown > 1.0:
-            await asyncio.sleep((self.cfg.device_slowdown - 1.0) * dt)
+            # (s-1) x the compute's *CPU* time: waiting for this machine's busy cores
+            # (cloud and proxy share them in emulation) must not be amplified s-fold.
+            await asyncio.sleep((self.cfg.device_slowdown - 1.0) * cpu_s)
         # The device is occupied for the whole span, thread hand-offs and timer
         # slack included: that, not the kernel time alone, is what limits the pipeline.
         busy = time.perf_counter() - t0
@@ -495,6 +496,13 @@ class EdgeClient:
         result.context = self.tracker.snapshot().to_dict()
         result.step_times = self.step_times
         return result
+
+
+def _timed_on_cpu(fn: Callable, *args, **kwargs):
+    """Run ``fn`` and return (result, CPU seconds this thread spent in it)."""
+    c0 = time.thread_time()
+    out = fn(*args, **kwargs)
+    return out, time.thread_time() - c0
 
 
 def _median(values: list[float]) -> float:

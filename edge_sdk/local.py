@@ -50,15 +50,14 @@ def train_locally(cfg: TrainConfig, *, setup: LocalSetup | None = None, slowdown
         for i, (x, y) in enumerate(setup.train_loader(cfg, epoch)):
             if cfg.max_steps_per_epoch is not None and i >= cfg.max_steps_per_epoch:
                 break
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             optimizer.zero_grad(set_to_none=True)
             loss, c = setup.spec.loss(model(x), y)
             loss.backward()
             optimizer.step()
-            dt = time.perf_counter() - t0
-            if slowdown > 1.0:
-                time.sleep((slowdown - 1.0) * dt)
-            busy += dt * slowdown
+            if slowdown > 1.0:  # (s-1) x CPU time, as the emulated split device does
+                time.sleep((slowdown - 1.0) * (time.thread_time() - c0))
+            busy += time.perf_counter() - t0
             steps += 1
             loss_sum += float(loss.detach()) * len(y)
             correct += int(c)

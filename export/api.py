@@ -110,9 +110,11 @@ def export_head(
     if is_et:
         from export.executorch_export import export_executorch
 
-        rewrites = ["maxpool_argmax_gather", "conv1d_as_2d"]
+        # names of the graph rewrites applied before lowering (see export/layout.py)
+        rewrites = ["maxpool_running_maximum", "conv1d_as_2d"]
         if optimize:
-            rewrites += ["conv_im2col_mm", "depthwise_conv_muladd", "linear_mm_add"]
+            rewrites += ["channel_major_layout", "conv_im2col_mm", "depthwise_conv_bmm", "batchnorm_analytic_backward",
+                         "relu_hardswish_sign_mask_backward", "linear_mm"]
         export_executorch(prep, path)
     else:
         from export.torchscript_export import export_torchscript
