@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slowdown", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=30, help="steps per configuration on wifi/4g")
     ap.add_argument("--iot-steps", type=int, default=10, help="steps per configuration on iot (slow)")
-    ap.add_argument("--wifi-seconds", type=float, default=25.0, help="adaptation trace: seconds of wifi before the drop")
-    ap.add_argument("--trace-steps", type=int, default=520, help="adaptation run length in steps")
+    ap.add_argument("--wifi-seconds", type=float, default=10.0, help="adaptation trace: seconds of wifi before the drop")
+    ap.add_argument("--trace-steps", type=int, default=360, help="adaptation run length in steps")
     ap.add_argument("--real-statics", type=int, default=2, help="static configurations run for real on the trace")
+    ap.add_argument("--sweep-from", help="reuse the sweep and regret of an earlier decision.json; run only the adaptation")
     ap.add_argument("--out", default=str(RESULTS / "decision.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"config": dict(base), "sweep": [], "regret": [], "adaptation": {}}
     with cloud_process(["--threads", "1"]) as (_proc, port):
         # ---------------------------------------------------------------- sweep
-        for profile in args.profiles.split(","):
+        if args.sweep_from:
+            earlier = json.loads(Path(args.sweep_from).read_text())
+            report["sweep"], report["regret"] = earlier["sweep"], earlier["regret"]
+        for profile in ([] if args.sweep_from else args.profiles.split(",")):
             steps = args.iot_steps if profile == "iot" else args.steps
             controller, inputs = a_priori_inputs({**base, "max_steps_per_epoch": steps}, profile)
             policy = controller.policy

@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from edge_sdk import repartition
-from edge_sdk.context import ContextTracker
+from edge_sdk.context import ContextTracker, LinkChangeDetector
 from edge_sdk.decision.setup import build_controller, initial_choice
 from edge_sdk.pipeline import EdgePipeline, StepResult
 from edge_sdk.runtime import EagerRuntime, HeadRuntime, load_runtime
@@ -139,6 +139,8 @@ class EdgeClient:
         self.one_way_ms: dict[str, list[float]] = {"up": [], "down": []}
         # context measurement and the decision engine
         self.tracker = ContextTracker()
+        self.link_change = LinkChangeDetector()
+        self.link_changes: list[int] = []  # steps at which the link was seen to change
         self.controller = build_controller(cfg, self.setup, self.choice)
         self._sent_bytes: dict[int, int] = {}
         self._step_compute_s: dict[int, float] = {}
@@ -285,6 +287,13 @@ class EdgeClient:
         sent = self._sent_ns.pop(frame.step, None)
         nbytes = self._sent_bytes.pop(frame.step, 0)
         peer_sent, recv, recv_bytes = self._last_recv
+        if sent is not None and self.link_change.observe((recv - sent) / 1e9):
+            # much slower all of a sudden: forget the old link, re-decide soon
+            self.tracker.uplink.reset()
+            self.tracker.downlink.reset()
+            self.link_changes.append(frame.step)
+            if self.controller is not None:
+                self.controller.force(self.pipeline.stats.steps_applied)
         if sent is not None and frame.features_recv_ns:
             self.tracker.observe_uplink(sent, frame.features_recv_ns, nbytes)
             if self.shared_clock:

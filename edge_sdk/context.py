@@ -387,6 +387,35 @@ class ContextSnapshot:
         return d
 
 
+class LinkChangeDetector:
+    """Notices a link that suddenly got much slower, from step round trips.
+
+    Why: the bandwidth estimators look back over dozens of frames, so after a drop
+    from WiFi to a 250 kbit/s radio they keep reporting the old rate for many
+    (now seconds-long) steps. A step's round trip is measured on the device's own
+    clock (no offset); when one exceeds ``factor`` x the recent median by more than
+    ``min_jump_s``, the link changed: the estimators start afresh and the engine
+    re-decides as soon as a few new frames have been seen.
+    """
+
+    def __init__(self, window: int = 20, factor: float = 4.0, min_jump_s: float = 0.2, warmup: int = 5) -> None:
+        self.factor = factor
+        self.min_jump_s = min_jump_s
+        self.warmup = warmup
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def observe(self, round_trip_s: float) -> bool:
+        """Add one step's round trip; True when it signals a link change."""
+        changed = False
+        if len(self._recent) >= self.warmup:
+            med = statistics.median(self._recent)
+            changed = round_trip_s > self.factor * med and round_trip_s - med > self.min_jump_s
+        if changed:
+            self._recent.clear()
+        self._recent.append(round_trip_s)
+        return changed
+
+
 class ContextTracker:
     """All estimators of one side of a session, fed by ``observe_*`` calls.
 

@@ -282,3 +282,17 @@ def test_snapshot_feeds_the_cost_model():
     assert inputs.link.downlink_bps == pytest.approx(4 * MBIT, rel=0.2)
     assert inputs.link.rtt_s == pytest.approx(0.1)
     assert isinstance(inputs.link, LinkEstimate)
+
+
+def test_link_change_detector_flags_a_sudden_slowdown_only():
+    from edge_sdk.context import LinkChangeDetector
+
+    det = LinkChangeDetector(warmup=5)
+    steady = [0.05, 0.06, 0.055, 0.07, 0.05, 0.065, 0.12, 0.06]  # jitter, one 2x outlier
+    assert not any(det.observe(t) for t in steady)
+    assert det.observe(1.5)  # 25x the median and > 0.2 s later: the link changed
+    assert not any(det.observe(t) for t in (1.4, 1.6, 1.5, 1.45, 1.55, 1.5))  # the new normal
+    fast = LinkChangeDetector(warmup=5)
+    for t in (0.001, 0.001, 0.001, 0.001, 0.001):
+        fast.observe(t)
+    assert not fast.observe(0.01)  # 10x, but only 9 ms: scheduling noise, not a link change

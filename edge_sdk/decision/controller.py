@@ -30,10 +30,17 @@ class DecisionController:
     history: list[dict[str, Any]] = field(default_factory=list)
     _last_step: int = -1
     _last_time: float = 0.0
+    _forced_at: int | None = None
+
+    def force(self, step: int) -> None:
+        """Re-decide after ``min_steps_between`` more steps (the link just changed)."""
+        self._forced_at = step
 
     def due(self, step: int, now_s: float = 0.0) -> bool:
         if step < self.first_after:
             return False
+        if self._forced_at is not None and step - self._forced_at >= self.min_steps_between:
+            return True
         if self._last_step < 0:
             return True
         since = step - self._last_step
@@ -43,6 +50,7 @@ class DecisionController:
         """Consult the policy with calibrated inputs; a Decision when it says switch."""
         self._last_step = step
         self._last_time = now_s
+        self._forced_at = None
         remaining = max(1, self.total_steps - step)
         inputs = apply_context(self.base_inputs.with_remaining(remaining), snapshot, self.current)
         decision = self.policy.decide(inputs, self.current, remaining)
