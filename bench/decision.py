@@ -3,10 +3,9 @@
 All runs are real emulated training (cloud backend process, shaping proxy, device
 slowdown), measured in this one process:
 
-1. **Cost-model accuracy**: per profile, two reference runs calibrate the model
-   with measured context — the default cut (link, cloud, device) and the deepest
-   cut (device again, so `calibrate_device` can separate a fixed per-step cost from
-   compute) — then for each point x codec (K = the model's best K for that pair)
+1. **Cost-model accuracy**: per profile, one reference run (default point, int8,
+   K=2) calibrates the model with its measured context, exactly as the engine does
+   at run time; then for each point x codec (K = the model's best K for that pair)
    the predicted step time is compared with the measured one.
    Goal: median absolute error <= 15 %.
 2. **Regret**: per profile, the engine's choice from that calibrated model
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_sdk.context import ContextSnapshot  # noqa: E402
-from edge_sdk.decision.cost_model import Choice, LinkEstimate, apply_context, calibrate_device  # noqa: E402
+from edge_sdk.decision.cost_model import Choice, LinkEstimate, apply_context  # noqa: E402
 from edge_sdk.decision.setup import build_controller  # noqa: E402
 from edge_sdk.emulation.cli import cloud_process, run_through_proxy  # noqa: E402
 from edge_sdk.emulation.network import PROFILES  # noqa: E402
@@ -100,13 +99,6 @@ def main(argv: list[str] | None = None) -> int:
             ref_run = run(TrainConfig(**base, max_steps_per_epoch=steps, point=ref.point, codec=ref.codec, staleness=ref.staleness),
                           profile, port)
             calibrated = apply_context(inputs, _snapshot(ref_run.context), ref)
-            # a second reference at the deepest cut separates fixed per-step device
-            # cost from compute (calibrate_device); link and cloud come from the first
-            deep = Choice(max(inputs.cut_points), "int8", 1)
-            deep_run = run(TrainConfig(**base, max_steps_per_epoch=steps, point=deep.point, codec=deep.codec,
-                                       staleness=deep.staleness), profile, port)
-            calibrated = calibrate_device(calibrated, [(ref, ref_run.context["edge_step_ms"] / 1e3),
-                                                       (deep, deep_run.context["edge_step_ms"] / 1e3)])
             rows = []
             for point in inputs.cut_points:
                 for codec in CODECS:

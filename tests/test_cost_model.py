@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -276,19 +275,3 @@ def test_inputs_from_real_profile():
     d = CostModelPolicy().decide(inp, None, 500)
     assert d.switch and 1 <= d.choice.point <= inp.num_blocks
     assert d.prediction.step_time_s > 0 and d.reason
-
-
-def test_calibrate_device_separates_fixed_cost_from_compute():
-    from edge_sdk.decision.cost_model import calibrate_device
-
-    # three blocks (a third like the first), gradients in the features' codec
-    inp = two_block_inputs(grad_codec=None)
-    inp = replace(inp, blocks=inp.blocks + (inp.blocks[0],), cut_points=None)
-    raw = {p: predict(Choice(p, "fp32", 0), inp).stages.t1_edge_s for p in (1, 2)}
-    true = {p: 0.010 + 2.0 * t for p, t in raw.items()}  # a fixed 10 ms plus twice the profiled compute
-    cal = calibrate_device(inp, [(Choice(p, "fp32", 0), true[p]) for p in (1, 2)])
-    assert cal.edge_step_overhead_s == pytest.approx(0.010)
-    for p in (1, 2):
-        assert predict(Choice(p, "fp32", 0), cal).stages.t1_edge_s == pytest.approx(true[p])
-    # one cut is not enough to separate the two: unchanged
-    assert calibrate_device(inp, [(Choice(1, "fp32", 0), true[1])]) is inp

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context, calibrate_device
+from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context
 from edge_sdk.decision.policy import Decision, Policy
 
 
@@ -31,8 +31,6 @@ class DecisionController:
     _last_step: int = -1
     _last_time: float = 0.0
     _forced_at: int | None = None
-    #: measured device seconds per step, by cut point visited (for calibrate_device)
-    device_samples: dict[int, tuple[Choice, float]] = field(default_factory=dict)
 
     def force(self, step: int) -> None:
         """Re-decide after ``min_steps_between`` more steps (the link just changed)."""
@@ -54,11 +52,7 @@ class DecisionController:
         self._last_time = now_s
         self._forced_at = None
         remaining = max(1, self.total_steps - step)
-        edge_ms = getattr(snapshot, "edge_step_ms", None)
-        if edge_ms:
-            self.device_samples[self.current.point] = (self.current, edge_ms / 1e3)
-        base = calibrate_device(self.base_inputs.with_remaining(remaining), list(self.device_samples.values()))
-        inputs = apply_context(base, snapshot, self.current)
+        inputs = apply_context(self.base_inputs.with_remaining(remaining), snapshot, self.current)
         decision = self.policy.decide(inputs, self.current, remaining)
         pred = decision.prediction
         self.history.append(

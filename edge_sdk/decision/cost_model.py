@@ -567,41 +567,6 @@ def apply_context(inputs: DecisionInputs, snapshot: Any, current: Choice | None 
     return out
 
 
-def calibrate_device(inputs: DecisionInputs, samples: Sequence[tuple[Choice, float]]) -> DecisionInputs:
-    """Fit the device's step time as ``a + b x (profiled T1)`` from measured choices.
-
-    ``samples`` are (choice, measured device seconds per step) for at least two
-    different cut points. One measurement can only say "slower by so much"
-    (:func:`apply_context` makes that an additive overhead); two cuts separate a
-    fixed per-step cost ``a`` from a compute scale ``b``, which is what a device
-    (or an emulation on a busy machine) whose slowness grows with the work needs.
-    Returns ``inputs`` unchanged when the samples cannot support a fit.
-    """
-    by_point: dict[int, tuple[float, float]] = {}
-    for choice, measured in samples:
-        if 0 < choice.point < inputs.num_blocks and measured > 0:
-            base = stage_times(choice, replace(inputs, edge_step_overhead_s=0.0)).t1_edge_s
-            by_point[choice.point] = (base, measured)
-    if len(by_point) < 2:
-        return inputs
-    xs, ys = zip(*by_point.values())
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    if var <= 0:
-        return inputs
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
-    if not b > 0:
-        return inputs
-    a = max(0.0, my - b * mx)
-    return replace(
-        inputs,
-        blocks=tuple(replace(blk, edge_forward_ms=blk.edge_forward_ms * b, edge_backward_ms=blk.edge_backward_ms * b)
-                     for blk in inputs.blocks),
-        codec_s_per_byte=inputs.codec_s_per_byte * b,
-        edge_step_overhead_s=a,
-    )
-
-
 def inputs_from_profile(
     profile: Any,
     *,
