@@ -233,8 +233,8 @@ def _plot(report: dict, path: Path) -> None:
     ax1.set_xlabel("measured step time (ms)")
     ax1.set_ylabel("predicted step time (ms)")
     ax1.set_title(f"cost model, median |error| {100 * report['median_abs_error']:.0f} %")
-    for name, c in colors.items():
-        ax1.scatter([], [], color=c, label=name)
+    for name in dict.fromkeys(r["profile"] for r in report["sweep"]):
+        ax1.scatter([], [], color=colors.get(name, "k"), label=name)
     ax1.legend()
     hist = report["adaptation"].get("partition_history", [])
     ax2.step([h["step"] for h in hist], [h["point"] for h in hist], where="post", label="partition point")
