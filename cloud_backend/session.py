@@ -22,6 +22,7 @@ from enum import Enum
 import torch
 
 from edge_sdk import zoo
+from edge_sdk.context import ComputeEstimator
 from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
 from schemas import codecs
 from schemas.errors import ErrorCode, WireError
@@ -68,18 +69,6 @@ class SessionConfig:
     max_batch: int = 4096
 
 
-class _Ewma:
-    """Exponentially weighted mean: the cloud's compute time drifts with load."""
-
-    def __init__(self, alpha: float = 0.2) -> None:
-        self.alpha = alpha
-        self.value: float | None = None
-
-    def update(self, x: float) -> float:
-        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
-        return self.value
-
-
 class CloudSession:
     """The tail of one device's model, its optimizer and step bookkeeping."""
 
@@ -95,8 +84,8 @@ class CloudSession:
         self.replies: OrderedDict[int, Gradients] = OrderedDict()
         self.applied_steps = 0
         self.last_step = -1
-        self.step_ms = _Ewma()
-        self.block_ms: list[_Ewma] = []
+        self.step_ms = ComputeEstimator()
+        self.block_ms: list[ComputeEstimator] = []
         self.queue_depth = 0  # set by the transport: frames waiting behind this one
         self._eval = {"loss": 0.0, "correct": 0, "count": 0}
         self._incoming: StateAssembler | None = None
@@ -198,7 +187,7 @@ class CloudSession:
         self.blocks = list(model.blocks[point:])
         params = [p for b in self.blocks for p in b.parameters()]
         self.optimizer = build_optimizer(params, self.optimizer_config) if params else None
-        self.block_ms = [_Ewma() for _ in self.blocks]
+        self.block_ms = [ComputeEstimator() for _ in self.blocks]
 
     # ------------------------------------------------------------------ train
     def _check_point(self, frame: Features) -> None:
@@ -221,7 +210,7 @@ class CloudSession:
             if timed:
                 t0 = time.perf_counter()
                 x = block(x)
-                ewma.update((time.perf_counter() - t0) * 1e3)
+                ewma.observe((time.perf_counter() - t0) * 1e3)
             else:
                 x = block(x)
         return x
@@ -250,7 +239,7 @@ class CloudSession:
         grad = feats.grad if feats.grad is not None else torch.zeros_like(feats)
         grad_frame, _ = codecs.encode_tensor(grad, codecs.Codec.parse(frame.grad_codec or "fp32"))
         cloud_ms = (time.perf_counter() - t0) * 1e3
-        self.step_ms.update(cloud_ms)
+        self.step_ms.observe(cloud_ms)
         reply = Gradients(
             step=frame.step,
             tensor=grad_frame,
@@ -351,8 +340,8 @@ class CloudSession:
         request, when the request arrived (cloud clock): the device subtracts the
         time the cloud held it from the round trip.
         """
-        fwd = [e.value or 0.0 for e in self.block_ms]
-        step_ms = self.step_ms.value or 0.0
+        fwd = [e.value_ms or 0.0 for e in self.block_ms]
+        step_ms = self.step_ms.value_ms or 0.0
         total = sum(fwd)
         per_block = [f * step_ms / total for f in fwd] if total > 0 else fwd
         return Context(

@@ -25,11 +25,6 @@ from schemas.frames import Weights
 CHUNK_ELEMENTS = 1 << 20
 
 
-def moved_blocks(a: int, b: int) -> range:
-    """Indices of the blocks that change sides when the cut moves from a to b."""
-    return range(min(a, b), max(a, b))
-
-
 def _block_index(name: str) -> int:
     # full-model names are "blocks.<i>.<...>"
     parts = name.split(".")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -115,9 +115,6 @@ class ReplayWindow:
 @dataclass
 class PipelineStats:
     steps_applied: int = 0
-    bytes_features: int = 0
-    edge_compute_s: float = 0.0  # measured head compute (forward + replay + codec), before any slowdown
-    per_step_edge_s: list[float] = field(default_factory=list)
 
 
 class StalenessGuard:
@@ -224,7 +221,6 @@ class EdgePipeline:
             raise RuntimeError(
                 f"{self.in_flight} steps already in flight (K={self.staleness}); apply a gradient first"
             )
-        t0 = time.perf_counter()
         rng_state = torch.get_rng_state()
         feats = self.runtime.forward(x, train=True)
         frame, error = codecs.encode_tensor(feats, self.codec, topk_ratio=self.topk_ratio)
@@ -241,8 +237,6 @@ class EdgePipeline:
             )
         )
         self._updates_at_start[step] = self.updates
-        self.stats.bytes_features += int(frame.payload.nbytes)
-        self.stats.edge_compute_s += time.perf_counter() - t0
         return self._features(step, epoch, frame, y, train=True)
 
     def _features(self, step: int, epoch: int, frame: codecs.TensorFrame, y: torch.Tensor, *, train: bool) -> Features:
@@ -254,12 +248,8 @@ class EdgePipeline:
         if frame.tensor is None:
             raise StepAccountingError(ErrorCode.PROTOCOL, f"gradients for step {frame.step} carry no tensor")
         item = self.window.pop(frame.step)
-        t0 = time.perf_counter()
-        grad = codecs.decode_tensor(frame.tensor)
-        grad = self.corrected_gradient(grad, item.error)
+        grad = self.corrected_gradient(codecs.decode_tensor(frame.tensor), item.error)
         self.apply(item, grad)
-        compute = time.perf_counter() - t0
-        self.stats.edge_compute_s += compute
         self.stats.steps_applied += 1
         stale = self.updates - 1 - self._updates_at_start.pop(item.step)
         return StepResult(

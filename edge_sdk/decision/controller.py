@@ -69,8 +69,3 @@ class DecisionController:
             )
         )
         return decision if decision.switch and decision.choice != self.current else None
-
-    def record_initial(self, step: int = 0) -> None:
-        self.history.append(dict(step=step, point=self.current.point, codec=self.current.codec,
-                                 staleness=self.current.staleness, predicted_step_ms=None, switch=False,
-                                 reason="initial configuration (before any measurement)"))
