@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace-steps", type=int, default=360, help="adaptation run length in steps")
     ap.add_argument("--real-statics", type=int, default=2, help="static configurations run for real on the trace")
     ap.add_argument("--sweep-from", help="reuse the sweep and regret of an earlier decision.json; run only the adaptation")
+    ap.add_argument("--skip-adaptation", action="store_true", help="only the sweep and regret (quick cost-model checks)")
     ap.add_argument("--out", default=str(RESULTS / "decision.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -127,49 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                                          reason=decision.reason))
 
         # ----------------------------------------------------------- adaptation
-        wifi, iot = PROFILES["wifi"], PROFILES["iot"]
-        with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
-            f.write("time_s,up_mbps,down_mbps,rtt_ms\n")
-            f.write(f"0,{wifi.uplink_bps / 1e6},{wifi.downlink_bps / 1e6},{1e3 * wifi.rtt_s}\n")
-            f.write(f"{args.wifi_seconds},{iot.uplink_bps / 1e6},{iot.downlink_bps / 1e6},{1e3 * iot.rtt_s}\n")
-            trace = f.name
-        # whole epochs (no evaluation) until at least --trace-steps steps
-        per_epoch = build_local(TrainConfig(**base, point=1)).steps_per_epoch(TrainConfig(**base))
-        epochs = -(-args.trace_steps // per_epoch)
-        trace_steps = epochs * per_epoch
-        trace_base = {**base, "epochs": epochs}
-        adaptive = run(TrainConfig(**trace_base), f"trace:{trace}", port)
-        drop_step = _step_at(adaptive, args.wifi_seconds)
-        switches = [h for h in adaptive.partition_history if h.get("switch") and h["step"] >= (drop_step or 0)]
-        react = (switches[0]["step"] - drop_step) if (switches and drop_step is not None) else None
-        # static configurations on the same trace
-        sweep_wifi = {(r["point"], r["codec"], r["staleness"]): r for r in report["sweep"] if r["profile"] == "wifi"}
-        sweep_iot = {(r["point"], r["codec"]): r for r in report["sweep"] if r["profile"] == "iot"}
-        statics = []
-        for key, rw in sweep_wifi.items():
-            ri = sweep_iot.get(key[:2])
-            if ri is None:
-                continue
-            n_wifi = min(trace_steps, int(1e3 * args.wifi_seconds / rw["measured_ms"]))
-            composed = (n_wifi * rw["measured_ms"] + (trace_steps - n_wifi) * ri["measured_ms"]) / 1e3
-            statics.append(dict(point=key[0], codec=key[1], staleness=key[2], composed_s=composed))
-        statics.sort(key=lambda r: r["composed_s"])
-        for s in statics[: args.real_statics]:
-            cfg = TrainConfig(**trace_base, point=s["point"], codec=s["codec"], staleness=s["staleness"])
-            s["measured_s"] = run(cfg, f"trace:{trace}", port).train_s
-            print(f"static p={s['point']} {s['codec']} K={s['staleness']} on the trace: {s['measured_s']:.1f} s "
-                  f"(composed {s['composed_s']:.1f} s)", flush=True)
-        best_static = min((s.get("measured_s", s["composed_s"]) for s in statics), default=None)
-        report["adaptation"] = dict(
-            trace=f"wifi {args.wifi_seconds:g} s then iot", steps=trace_steps, drop_step=drop_step,
-            first_switch_after_drop=switches[0] if switches else None, steps_to_react=react,
-            adaptive_s=adaptive.train_s, best_static_s=best_static, statics=statics,
-            partition_history=adaptive.partition_history,
-            goal_react_within_30=react is not None and react <= 30,
-            goal_beats_every_static=best_static is not None and adaptive.train_s < best_static,
-        )
-        print(f"adaptive on the trace: {adaptive.train_s:.1f} s, drop at step {drop_step}, reacted after {react} steps; "
-              f"best static {_fmt(best_static)} s", flush=True)
+        if not args.skip_adaptation:
+            report["adaptation"] = _adaptation(args, base, report, port)
 
     errors = [abs(r["rel_error"]) for r in report["sweep"]]
     report["median_abs_error"] = statistics.median(errors)
@@ -182,6 +142,54 @@ def main(argv: list[str] | None = None) -> int:
     _plot(report, out.with_suffix(".png"))
     print(f"wrote {out}")
     return 0
+
+
+def _adaptation(args, base: dict, report: dict, port: int) -> dict:
+    """The wifi -> iot trace: the adaptive run against the best static configurations."""
+    wifi, iot = PROFILES["wifi"], PROFILES["iot"]
+    with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+        f.write("time_s,up_mbps,down_mbps,rtt_ms\n")
+        f.write(f"0,{wifi.uplink_bps / 1e6},{wifi.downlink_bps / 1e6},{1e3 * wifi.rtt_s}\n")
+        f.write(f"{args.wifi_seconds},{iot.uplink_bps / 1e6},{iot.downlink_bps / 1e6},{1e3 * iot.rtt_s}\n")
+        trace = f.name
+    # whole epochs (no evaluation) until at least --trace-steps steps
+    per_epoch = build_local(TrainConfig(**base, point=1)).steps_per_epoch(TrainConfig(**base))
+    epochs = -(-args.trace_steps // per_epoch)
+    trace_steps = epochs * per_epoch
+    trace_base = {**base, "epochs": epochs}
+    adaptive = run(TrainConfig(**trace_base), f"trace:{trace}", port)
+    drop_step = _step_at(adaptive, args.wifi_seconds)
+    switches = [h for h in adaptive.partition_history if h.get("switch") and h["step"] >= (drop_step or 0)]
+    react = (switches[0]["step"] - drop_step) if (switches and drop_step is not None) else None
+    # static configurations on the same trace
+    sweep_wifi = {(r["point"], r["codec"], r["staleness"]): r for r in report["sweep"] if r["profile"] == "wifi"}
+    sweep_iot = {(r["point"], r["codec"]): r for r in report["sweep"] if r["profile"] == "iot"}
+    statics = []
+    for key, rw in sweep_wifi.items():
+        ri = sweep_iot.get(key[:2])
+        if ri is None:
+            continue
+        n_wifi = min(trace_steps, int(1e3 * args.wifi_seconds / rw["measured_ms"]))
+        composed = (n_wifi * rw["measured_ms"] + (trace_steps - n_wifi) * ri["measured_ms"]) / 1e3
+        statics.append(dict(point=key[0], codec=key[1], staleness=key[2], composed_s=composed))
+    statics.sort(key=lambda r: r["composed_s"])
+    for s in statics[: args.real_statics]:
+        cfg = TrainConfig(**trace_base, point=s["point"], codec=s["codec"], staleness=s["staleness"])
+        s["measured_s"] = run(cfg, f"trace:{trace}", port).train_s
+        print(f"static p={s['point']} {s['codec']} K={s['staleness']} on the trace: {s['measured_s']:.1f} s "
+              f"(composed {s['composed_s']:.1f} s)", flush=True)
+    best_static = min((s.get("measured_s", s["composed_s"]) for s in statics), default=None)
+    adaptation = dict(
+        trace=f"wifi {args.wifi_seconds:g} s then iot", steps=trace_steps, drop_step=drop_step,
+        first_switch_after_drop=switches[0] if switches else None, steps_to_react=react,
+        adaptive_s=adaptive.train_s, best_static_s=best_static, statics=statics,
+        partition_history=adaptive.partition_history,
+        goal_react_within_30=react is not None and react <= 30,
+        goal_beats_every_static=best_static is not None and adaptive.train_s < best_static,
+    )
+    print(f"adaptive on the trace: {adaptive.train_s:.1f} s, drop at step {drop_step}, reacted after {react} steps; "
+          f"best static {_fmt(best_static)} s", flush=True)
+    return adaptation
 
 
 def _fmt(x: float | None) -> str:
@@ -211,8 +219,9 @@ def _print_tables(report: dict) -> None:
         print(f"| {r['profile']} | p={e['point']} {e['codec']} K={e['staleness']} | {e['measured_ms']:.1f} | "
               f"p={b['point']} {b['codec']} K={b['staleness']} | {b['measured_ms']:.1f} | {r['throughput_ratio']:.2f} |")
     a = report["adaptation"]
-    print(f"adaptation: drop at step {a['drop_step']}, first switch {a['steps_to_react']} steps later, "
-          f"adaptive {a['adaptive_s']:.1f} s vs best static {_fmt(a['best_static_s'])} s")
+    if a:
+        print(f"adaptation: drop at step {a['drop_step']}, first switch {a['steps_to_react']} steps later, "
+              f"adaptive {a['adaptive_s']:.1f} s vs best static {_fmt(a['best_static_s'])} s")
 
 
 def _plot(report: dict, path: Path) -> None:

@@ -371,6 +371,9 @@ class ContextSnapshot:
     downlink_bps: float | None = None
     rtt_s: float | None = None
     edge_step_ms: float | None = None
+    #: the CPU time inside ``edge_step_ms`` (thread time of the head compute): with
+    #: it the cost model tells compute (scales with the cut) from waiting (does not)
+    edge_cpu_ms: float | None = None
     cloud_step_ms: float | None = None
     cloud_block_ms: Mapping[int, float] = field(default_factory=dict)
     edge_block_ms: Mapping[int, float] = field(default_factory=dict)
@@ -434,6 +437,7 @@ class ContextTracker:
         self.downlink = downlink or BandwidthEstimator()
         self._compute_kw = compute or {}
         self.edge_step = ComputeEstimator(**self._compute_kw)
+        self.edge_cpu = ComputeEstimator(**self._compute_kw)
         self.cloud_step = ComputeEstimator(**self._compute_kw)
         self.edge_blocks: dict[int, ComputeEstimator] = {}
         self.cloud_blocks: dict[int, ComputeEstimator] = {}
@@ -453,8 +457,11 @@ class ContextTracker:
         """A cloud->device frame: cloud-clock send time, device-clock receive time."""
         self.downlink.observe(sent_ns, recv_ns, nbytes)
 
-    def observe_edge_step(self, ms: float) -> None:
+    def observe_edge_step(self, ms: float, cpu_ms: float | None = None) -> None:
+        """One applied step's device time (wall, ms), and optionally its CPU time."""
         self.edge_step.observe(ms)
+        if cpu_ms is not None:
+            self.edge_cpu.observe(cpu_ms)
 
     def observe_cloud_step(self, ms: float) -> None:
         self.cloud_step.observe(ms)
@@ -514,6 +521,7 @@ class ContextTracker:
             downlink_bps=down,
             rtt_s=rtt,
             edge_step_ms=self.edge_step.value_ms,
+            edge_cpu_ms=self.edge_cpu.value_ms,
             cloud_step_ms=cloud_step,
             cloud_block_ms=cloud_blocks,
             edge_block_ms={i: e.value_ms for i, e in self.edge_blocks.items() if e.value_ms is not None},

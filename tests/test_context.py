@@ -251,7 +251,7 @@ def test_tracker_snapshot_prefers_local_and_falls_back_to_remote():
     tr.observe_remote(uplink_bps=8e6, downlink_bps=0, rtt_s=0.05, cloud_step_ms=3.0, cloud_block_ms=[1.0, 2.0],
                       queue_depth=2)
     for _ in range(5):
-        tr.observe_edge_step(20.0)
+        tr.observe_edge_step(20.0, cpu_ms=1.5)
         tr.observe_edge_block(0, 5.0)
     snap = tr.snapshot()
     assert snap.uplink_bps == 8e6 and snap.methods["uplink"] == "remote"
@@ -259,6 +259,7 @@ def test_tracker_snapshot_prefers_local_and_falls_back_to_remote():
     assert snap.rtt_s == 0.05 and snap.cloud_step_ms == 3.0 and snap.queue_depth == 2
     assert snap.cloud_block_ms == {0: 1.0, 1: 2.0}
     assert snap.edge_step_ms == 20.0 and snap.edge_block_ms == {0: 5.0}
+    assert snap.edge_cpu_ms == pytest.approx(1.5)  # the CPU inside the step: compute apart from waiting
     tr.observe_rtt(0, 30_000_000)
     tr.observe_cloud_step(4.0)
     tr.observe_cloud_block(1, 2.5)

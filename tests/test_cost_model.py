@@ -22,6 +22,7 @@ from edge_sdk.decision.cost_model import (
     min_staleness_to_fill,
     pipeline_time,
     predict,
+    stage_times,
     steady_step_time,
 )
 
@@ -275,3 +276,63 @@ def test_inputs_from_real_profile():
     d = CostModelPolicy().decide(inp, None, 500)
     assert d.switch and 1 <= d.choice.point <= inp.num_blocks
     assert d.prediction.step_time_s > 0 and d.reason
+
+
+def three_block_inputs(**kw) -> DecisionInputs:
+    """Three blocks so two interior points (1 and 2) can be compared."""
+    blocks = (
+        BlockCost(edge_forward_ms=10, edge_backward_ms=20, cloud_ms=3, out_bytes={"fp32": 40_000, "int8": 10_008}),
+        BlockCost(edge_forward_ms=5, edge_backward_ms=10, cloud_ms=2, out_bytes={"fp32": 4_000, "int8": 1_008}),
+        BlockCost(edge_forward_ms=1, edge_backward_ms=2, cloud_ms=1, out_bytes={"fp32": 40}),
+    )
+    base = dict(blocks=blocks, link=LinkEstimate(8e6, 16e6, 0.050), input_bytes=1000, remaining_steps=100,
+                grad_codec="fp32", codec_s_per_byte=1e-8, frame_overhead_bytes=0)
+    base.update(kw)
+    return DecisionInputs(**base)
+
+
+def test_measured_head_step_and_codec_replace_the_block_sums():
+    inp = three_block_inputs(head_step_s={1: 0.100}, codec_step_s={(1, "int8"): 0.007}, edge_step_fixed_s=0.004)
+    # measured point: the measurement, not 2 x 10 + 20 ms; the codec as timed, not 10 ns/B
+    assert stage_times(Choice(1, "fp32", 0), inp).t1_edge_s == pytest.approx(0.100)
+    assert stage_times(Choice(1, "int8", 0), inp).t1_edge_s == pytest.approx(0.107)
+    # unmeasured point: the block sum plus the fixed per-step part the blocks miss
+    assert stage_times(Choice(2, "int8", 0), inp).t1_edge_s == pytest.approx(
+        2 * 0.015 + 0.030 + 0.004 + 4_000 * 1e-8)
+    # the fixed part is compute that exists only with a split step
+    assert inp.edge_compute_s(0) == 0.0
+
+
+class _CpuSnap:
+    uplink_bps = downlink_bps = rtt_s = None
+    cloud_step_ms = None
+    cloud_block_ms = None
+
+    def __init__(self, edge_step_ms: float, edge_cpu_ms: float | None) -> None:
+        self.edge_step_ms, self.edge_cpu_ms = edge_step_ms, edge_cpu_ms
+
+
+def test_apply_context_with_cpu_time_scales_compute_and_keeps_waiting_fixed():
+    # emulated device 10x this machine; point 1 measured at 60 ms, point 2 at 90 ms
+    inp = three_block_inputs(head_step_s={1: 0.060, 2: 0.090}, device_slowdown=10.0)
+    cur = Choice(1, "fp32", 1)
+    # in the run the step's CPU time was 9 ms (-> 90 ms of device compute, 1.5x the
+    # profile: a busy device) and the step took 100 ms (10 ms of hand-offs)
+    out = apply_context(inp, _CpuSnap(edge_step_ms=100.0, edge_cpu_ms=9.0), cur)
+    assert stage_times(cur, out).t1_edge_s == pytest.approx(0.100)
+    assert out.edge_step_overhead_s == pytest.approx(0.010)
+    # the deeper cut: its compute 1.5x slower too, the hand-off cost unchanged
+    assert stage_times(Choice(2, "fp32", 1), out).t1_edge_s == pytest.approx(1.5 * 0.090 + 0.010)
+    # the block sums (unmeasured points, device-only) scale with the compute
+    assert out.blocks[0].edge_forward_ms == pytest.approx(15.0)
+    # calibration is absolute, not cumulative: applying it twice changes nothing
+    again = apply_context(out, _CpuSnap(edge_step_ms=100.0, edge_cpu_ms=9.0), cur)
+    assert stage_times(Choice(2, "fp32", 1), again).t1_edge_s == pytest.approx(1.5 * 0.090 + 0.010)
+
+
+def test_apply_context_without_cpu_time_keeps_the_additive_calibration():
+    inp = three_block_inputs(head_step_s={1: 0.060, 2: 0.090}, device_slowdown=10.0)
+    cur = Choice(1, "fp32", 1)
+    out = apply_context(inp, _CpuSnap(edge_step_ms=100.0, edge_cpu_ms=None), cur)
+    assert out.edge_step_overhead_s == pytest.approx(0.040)
+    assert stage_times(Choice(2, "fp32", 1), out).t1_edge_s == pytest.approx(0.130)

@@ -295,10 +295,27 @@ class DecisionInputs:
     topk_ratio: float = 0.1
     replay: bool = True
     cut_points: tuple[int, ...] | None = None
-    #: fixed device cost per split step beyond the blocks' compute (framework and
-    #: optimizer overhead, codec calls, scheduling on a busy device), in seconds;
-    #: calibrated from the measured edge step time by :func:`apply_context`
+    #: device *wall* time per split step that is not compute (thread hand-offs,
+    #: timer slack, preemption), in seconds; calibrated by :func:`apply_context`
+    #: from the measured edge step minus its measured CPU time. It does not grow
+    #: with a deeper cut, so it is never spread over the blocks.
     edge_step_overhead_s: float = 0.0
+    #: measured device compute of one whole split step at a point (forward, replayed
+    #: forward, backward, optimizer step, the pipeline's bookkeeping; no codec),
+    #: seconds at device speed. Where present it replaces the block sum: per-block
+    #: timings miss the optimizer and the per-step bookkeeping, and those do not
+    #: scale with the blocks (see ``edge_sdk.runtime.timing.pipeline_step_ms``).
+    head_step_s: Mapping[int, float] = field(default_factory=dict)
+    #: measured device time of the codec per step, ``(point, codec) -> seconds`` at
+    #: device speed (feature encode + gradient decode + error feedback); where
+    #: missing, ``codec_s_per_byte`` prices it
+    codec_step_s: Mapping[tuple[int, str], float] = field(default_factory=dict)
+    #: per-step compute the block sum misses, for points without ``head_step_s``
+    #: (estimated from the points that have one), seconds at device speed
+    edge_step_fixed_s: float = 0.0
+    #: device time / this machine's CPU time in emulation (1 on a real device):
+    #: turns a measured per-step CPU time into device compute for calibration
+    device_slowdown: float = 1.0
 
     @property
     def num_blocks(self) -> int:
@@ -324,6 +341,39 @@ class DecisionInputs:
 
     def with_remaining(self, remaining_steps: int) -> DecisionInputs:
         return replace(self, remaining_steps=int(remaining_steps))
+
+    def edge_compute_s(self, point: int) -> float:
+        """Device compute of one split step at ``point`` without the codec: the
+        measured head step where there is one, else the blocks' forward (twice with
+        replay) + backward + the fixed per-step part."""
+        if point in self.head_step_s:
+            return float(self.head_step_s[point])
+        head = self.blocks[:point]
+        fwd = sum(b.edge_forward_ms for b in head) / 1e3
+        bwd = sum(b.edge_backward_ms for b in head) / 1e3
+        return fwd * (2.0 if self.replay else 1.0) + bwd + (self.edge_step_fixed_s if point > 0 else 0.0)
+
+    def codec_compute_s(self, point: int, codec: str) -> float:
+        """Device time of quantizing the features and de-quantizing the gradient."""
+        if point <= 0:
+            return 0.0
+        if (point, codec) in self.codec_step_s:
+            return float(self.codec_step_s[(point, codec)])
+        fp32 = self.blocks[point - 1].nbytes("fp32", self.topk_ratio) or 0
+        touched = (fp32 if codec != "fp32" else 0) + (fp32 if (self.grad_codec or codec) != "fp32" else 0)
+        return touched * self.codec_s_per_byte
+
+    def scale_edge_compute(self, f: float) -> DecisionInputs:
+        """Every device compute term times ``f`` (a device faster or slower than profiled)."""
+        return replace(
+            self,
+            blocks=tuple(replace(b, edge_forward_ms=b.edge_forward_ms * f, edge_backward_ms=b.edge_backward_ms * f)
+                         for b in self.blocks),
+            head_step_s={p: v * f for p, v in self.head_step_s.items()},
+            edge_step_fixed_s=self.edge_step_fixed_s * f,
+            codec_step_s={k: v * f for k, v in self.codec_step_s.items()},
+            codec_s_per_byte=self.codec_s_per_byte * f,
+        )
 
     def feature_nbytes(self, point: int, codec: str) -> int | None:
         """Bytes of the features crossing cut ``point`` (raw input when ``point == 0``)."""
@@ -415,19 +465,11 @@ def stage_times(config: Choice, inputs: DecisionInputs) -> StageTimes:
     if p == L:  # device-only: plain forward + backward, no link, no replay
         t_edge = sum(b.edge_forward_ms + b.edge_backward_ms for b in inputs.blocks) / 1e3
         return StageTimes(t_edge, 0.0, 0.0, 0.0, 0.0)
-    head = inputs.blocks[:p]
-    fwd = sum(b.edge_forward_ms for b in head) / 1e3
-    bwd = sum(b.edge_backward_ms for b in head) / 1e3
     feat = inputs.feature_nbytes(p, config.codec)
     if feat is None:
         raise ValueError(f"no feature size for codec {config.codec!r} at point {p}")
     grad = inputs.gradient_nbytes(p, config.codec)
-    codec_cost = 0.0
-    if p > 0:
-        fp32 = inputs.blocks[p - 1].nbytes("fp32", inputs.topk_ratio) or 0
-        touched = (fp32 if config.codec != "fp32" else 0) + (fp32 if (inputs.grad_codec or config.codec) != "fp32" else 0)
-        codec_cost = touched * inputs.codec_s_per_byte
-    t1 = fwd * (2.0 if inputs.replay else 1.0) + bwd + codec_cost + inputs.edge_step_overhead_s
+    t1 = inputs.edge_compute_s(p) + inputs.codec_compute_s(p, config.codec) + inputs.edge_step_overhead_s
     link = inputs.link
     t2 = (feat + inputs.label_bytes + inputs.frame_overhead_bytes) * 8.0 / link.uplink_bps
     t3 = sum(b.cloud_ms for b in inputs.blocks[p:]) / 1e3
@@ -530,9 +572,14 @@ def apply_context(inputs: DecisionInputs, snapshot: Any, current: Choice | None 
     * cloud time: per-block ms replace the profile's where reported; else a
       measured cloud step time rescales the tail of ``current`` (and so all blocks)
       by measured / predicted;
-    * edge time: a measured edge step time rescales every block's edge times by
-      measured / predicted ``T1`` of ``current`` (the profile's *shape* across
-      blocks is trusted, its absolute speed is not).
+    * edge time, with the step's measured CPU time (``edge_cpu_ms``): device
+      compute = CPU x ``device_slowdown``; every compute term is scaled by
+      measured / predicted compute of ``current`` (a busy or throttled device runs
+      *all* its kernels slower: the profile's shape across points is trusted, its
+      absolute speed is not), and the rest of the measured step (wall - compute:
+      thread hand-offs, timer slack) becomes the fixed ``edge_step_overhead_s``;
+    * edge time without a CPU measurement: faster than predicted scales the
+      compute down; slower adds the difference as a fixed per-step cost.
     Duck-typed on the snapshot so the cost model does not import the estimators.
     """
     out = replace(inputs, link=inputs.link.updated(snapshot))
@@ -552,17 +599,20 @@ def apply_context(inputs: DecisionInputs, snapshot: Any, current: Choice | None 
         f = (cloud_ms / 1e3) / st.t3_cloud_s
         out = replace(out, blocks=tuple(replace(b, cloud_ms=b.cloud_ms * f) for b in out.blocks))
     edge_ms = getattr(snapshot, "edge_step_ms", None)
-    if edge_ms and st.t1_edge_s > 0:
+    cpu_ms = getattr(snapshot, "edge_cpu_ms", None)
+    compute = st.t1_edge_s - out.edge_step_overhead_s  # predicted compute + codec of `current`
+    if edge_ms and cpu_ms and compute > 0 and current.point < out.num_blocks:
+        measured_compute = out.device_slowdown * cpu_ms / 1e3
+        out = out.scale_edge_compute(measured_compute / compute)
+        out = replace(out, edge_step_overhead_s=max(0.0, edge_ms / 1e3 - measured_compute))
+    elif edge_ms and st.t1_edge_s > 0:
         measured = edge_ms / 1e3
         if measured < st.t1_edge_s:
             # a faster device than profiled: scale its compute down
-            f = measured / st.t1_edge_s
-            out = replace(out, blocks=tuple(
-                replace(b, edge_forward_ms=b.edge_forward_ms * f, edge_backward_ms=b.edge_backward_ms * f)
-                for b in out.blocks), codec_s_per_byte=out.codec_s_per_byte * f, edge_step_overhead_s=0.0)
+            out = replace(out.scale_edge_compute(measured / st.t1_edge_s), edge_step_overhead_s=0.0)
         else:
-            # slower than the blocks' compute explains: a per-step fixed cost (it
-            # does not grow with a deeper cut, so it must not be spread over blocks)
+            # slower than the compute explains: a per-step fixed cost (it does not
+            # grow with a deeper cut, so it must not be spread over blocks)
             out = replace(out, edge_step_overhead_s=out.edge_step_overhead_s + measured - st.t1_edge_s)
     return out
 
@@ -626,5 +676,6 @@ def inputs_from_profile(
         label_bytes=int(label_bytes),
         remaining_steps=int(remaining_steps),
         cut_points=tuple(int(p) for p in cut_points) if cut_points is not None else None,
+        device_slowdown=float(device_slowdown),
         **kw,
     )

@@ -53,3 +53,99 @@ def profile_runtime(runtime: HeadRuntime, x: torch.Tensor, grad: torch.Tensor, r
         for k, v in runtime.named_buffers().items():
             v.copy_(saved[k])
     return {"forward_ms": forward_ms, "replay_ms": replay_ms, "step_ms": step_ms, "repeats": repeats}
+
+
+
+class SplitStepTimer:
+    """Times one whole split step through ``EdgePipeline`` per call (CPU ms).
+
+    Why not the head's forward + backward alone: the device's step also takes the
+    optimizer step, captures the RNG for replay, builds the label frame and keeps
+    the window; per-block timings miss those, and they do not grow with the cut,
+    so a model calibrated on block sums mispredicts every other point. This times
+    the very code the device runs (lossless codec: the codec is priced apart).
+    CPU time rather than wall time, so a busy machine's preemption does not leak
+    into the profile. The runtime's weights *are* trained: pass one built on a copy.
+    """
+
+    def __init__(self, runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer) -> None:
+        from edge_sdk.pipeline import EdgePipeline
+
+        self.pipe = EdgePipeline(runtime, point=point, optimizer=optimizer, codec="fp32", grad_codec="fp32",
+                                 staleness=0, staleness_guard=False)
+        self.x, self.y = x, y
+        self._grad_frame = None
+
+    def __call__(self) -> float:
+        from schemas import codecs
+        from schemas.frames import Gradients
+
+        c0 = time.thread_time()
+        feats = self.pipe.start_step(self.x, self.y, epoch=0)
+        c1 = time.thread_time()
+        if self._grad_frame is None:
+            g = 1e-3 * torch.randn(tuple(feats.tensor.shape), generator=torch.Generator().manual_seed(0))
+            self._grad_frame, _ = codecs.encode_tensor(g, codecs.Codec.parse("fp32"))
+        c2 = time.thread_time()
+        self.pipe.on_gradients(Gradients(step=feats.step, tensor=self._grad_frame))
+        return (c1 - c0 + time.thread_time() - c2) * 1e3
+
+
+class CodecStepTimer:
+    """Times the device's codec work of one step at a cut of ``shape`` (CPU ms):
+    encode the features with ``codec``, decode the gradient sent with
+    ``grad_codec``, apply the error-feedback correction when ``codec`` is lossy.
+
+    Why measured: per byte, int4 and per-channel int8 cost 2-3x what per-tensor
+    int8 does (bit packing, per-channel scales), so one cost per byte for every
+    codec misprices the codec choice exactly where the cut is big.
+    """
+
+    def __init__(self, shape: tuple[int, ...], codec: str, grad_codec: str) -> None:
+        from schemas import codecs
+
+        self.x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        self.codec = codecs.Codec.parse(codec)
+        self.g_frame, _ = codecs.encode_tensor(1e-3 * self.x, codecs.Codec.parse(grad_codec))
+
+    def __call__(self) -> float:
+        from edge_sdk.pipeline import EdgePipeline
+        from schemas import codecs
+
+        t0 = time.thread_time()
+        _, error = codecs.encode_tensor(self.x, self.codec)
+        g = codecs.decode_tensor(self.g_frame)
+        if error is not None:
+            EdgePipeline.error_feedback_correction(g, error)
+        return (time.thread_time() - t0) * 1e3
+
+
+def median_interleaved(timers: dict, repeats: int, warmup: int = 1, budget_s: float | None = None) -> dict:
+    """Median of ``repeats`` calls of every timer, taken round-robin.
+
+    Why round-robin: on a shared or throttling machine a slow spell lasts tens of
+    milliseconds; timing one configuration after another lets a spell land on a
+    single one and bend the comparison between them. Interleaved, a spell costs
+    every configuration one sample. Stops early (with at least one sample each)
+    when ``budget_s`` of wall time is spent.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1, warmup >= 0")
+    for t in timers.values():
+        for _ in range(warmup):
+            t()
+    samples: dict = {k: [] for k in timers}
+    start = time.perf_counter()
+    for r in range(repeats):
+        for k, t in timers.items():
+            samples[k].append(t())
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def pipeline_step_ms(runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer,
+                     repeats: int = 10, warmup: int = 2) -> float:
+    """Median CPU milliseconds of one whole split step (see :class:`SplitStepTimer`)."""
+    timer = SplitStepTimer(runtime, x, y, point=point, optimizer=optimizer)
+    return median_interleaved({point: timer}, repeats, warmup)[point]
