@@ -25,7 +25,7 @@ import torch
 from edge_sdk import zoo
 from edge_sdk.runtime.eager import EagerRuntime
 from edge_sdk.runtime.loading import load_runtime
-from edge_sdk.runtime.timing import profile_runtime
+from edge_sdk.runtime.timing import profile_runtime, profile_runtimes
 from export.api import export_head, exporter_versions, write_manifest
 
 # model -> (points to export, point to time)
@@ -78,13 +78,15 @@ def bench_model(name: str, points: list[int], timed: int, batch: int, repeats: i
         "executorch": load_runtime("executorch", root / f"{name}-et", timed, weights),
         "torchscript": load_runtime("torchscript", root / f"{name}-ts", timed, weights),
     }
+    # the three runtimes step round-robin, so a burst of load on this shared machine
+    # hits all of them alike; the (minutes-slow) unoptimized program is timed apart
+    timing = profile_runtimes(runtimes, x, g, repeats)
     if name in UNOPTIMIZED:
         _export(spec, [timed], "executorch", batch, root / f"{name}-et-noopt", optimize=False)
-        runtimes["executorch_unoptimized"] = load_runtime("executorch", root / f"{name}-et-noopt", timed, weights)
-    timing = {}
-    for kind, rt in runtimes.items():
-        timing[kind] = profile_runtime(rt, x, g, repeats if kind != "executorch_unoptimized" else max(1, repeats // 2))
-        print(f"  {kind:24s} forward {timing[kind]['forward_ms']:8.2f} ms  step {timing[kind]['step_ms']:8.2f} ms", flush=True)
+        noopt = load_runtime("executorch", root / f"{name}-et-noopt", timed, weights)
+        timing["executorch_unoptimized"] = profile_runtime(noopt, x, g, max(1, repeats // 2))
+    for kind, t in timing.items():
+        print(f"  {kind:24s} forward {t['forward_ms']:8.2f} ms  step {t['step_ms']:8.2f} ms", flush=True)
     eager = timing["eager"]["step_ms"]
     result["timing_ms"] = timing
     result["step_ratio_vs_eager"] = {k: round(v["step_ms"] / eager, 2) for k, v in timing.items() if k != "eager"}
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.export", description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(DEFAULT), help="comma-separated subset of " + ", ".join(DEFAULT))
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9, help="timed steps per runtime, taken round-robin (median)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for eager/TorchScript (default 1, like the ExecuTorch portable kernels)")
     p.add_argument("--out", default="bench/results/export.json")
     args = p.parse_args(argv)

@@ -278,7 +278,8 @@ def profile_heads(spec, runtime: str, programs: Path, batch_size: int, repeats: 
 
     The decision engine must see the speed of the runtime that really runs the
     head; this is that measurement (``edge_sdk.runtime.profile_runtime``)."""
-    from edge_sdk.runtime import EagerRuntime, load_manifest, load_runtime, profile_runtime
+    from edge_sdk.runtime import EagerRuntime, load_manifest, load_runtime
+    from edge_sdk.runtime.timing import profile_runtimes
 
     manifest = load_manifest(programs)
     if manifest.get("config_hash") != spec.config_hash:
@@ -292,8 +293,9 @@ def profile_heads(spec, runtime: str, programs: Path, batch_size: int, repeats: 
         eager = EagerRuntime(model.head(point))
         with torch.no_grad():
             grad = torch.randn_like(eager.forward(x, train=False))
-        e = profile_runtime(eager, x, grad, repeats)
-        r = profile_runtime(load_runtime(runtime, programs, point, model.state_dict()), x, grad, repeats)
+        timed = profile_runtimes({"eager": eager, "runtime": load_runtime(runtime, programs, point, model.state_dict())},
+                                 x, grad, repeats)
+        e, r = timed["eager"], timed["runtime"]
         out.append(dict(point=point, eager_step_ms=e["step_ms"], runtime_step_ms=r["step_ms"],
                         eager_forward_ms=e["forward_ms"], runtime_forward_ms=r["forward_ms"],
                         ratio=r["step_ms"] / e["step_ms"]))

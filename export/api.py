@@ -114,8 +114,9 @@ def export_head(
         rewrites = ["maxpool_running_maximum", "conv1d_as_2d"]
         if optimize:
             rewrites += ["channel_major_layout", "conv_im2col_mm", "depthwise_conv_bmm", "batchnorm_analytic_backward",
-                         "relu_hardswish_sign_mask_backward", "linear_mm"]
-        export_executorch(prep, path)
+                         "relu_hardswish_sign_mask_backward", "linear_mm", "strided_taps_by_phase",
+                         "phase_interleave_pixel_shuffle", "mm_transposed_to_linear", "drop_alias_copies"]
+        export_executorch(prep, path, optimize=optimize)
     else:
         from export.torchscript_export import export_torchscript
 

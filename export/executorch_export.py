@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from export.graph_passes import PRESERVED_OPS, decomposition_table, drop_aliases, mm_transposed_to_linear
 from export.program import ForwardEval, ForwardLoss, ForwardTrain, PreparedHead, example_inputs
 
 
@@ -73,21 +74,45 @@ def program_operators(et_program) -> set[str]:
     return ops
 
 
-def export_methods(prep: PreparedHead, rewrite=None) -> dict[str, torch.export.ExportedProgram]:
-    """``torch.export`` each method; ``rewrite(ep) -> ep`` runs before lowering."""
-    from torch.export.experimental import _export_forward_backward
+def _joint_forward_backward(ep: torch.export.ExportedProgram, table: dict | None) -> torch.export.ExportedProgram:
+    """``torch.export.experimental._export_forward_backward`` with a decomposition
+    table of our choosing (the experimental API always decomposes to core ATen,
+    which breaks up ops ExecuTorch runs faster whole; see :mod:`export.graph_passes`)."""
+    from torch.export.experimental import (
+        _copy_graph_module_and_signature,
+        _decompose_exported_program,
+        _export_forward_backward,
+        _remove_detach_pass,
+    )
 
+    if table is None:
+        return _export_forward_backward(ep)
+    ep = _decompose_exported_program(ep, cia_to_decomp={}, python_decomp_table=table, joint_loss_index=0,
+                                     decompose_custom_triton_ops=False)
+    gm, signature = _copy_graph_module_and_signature(ep)
+    _remove_detach_pass(gm, signature)
+    return ep._update(gm, signature)
+
+
+def export_methods(prep: PreparedHead, rewrite=None, *, optimize: bool = True) -> dict[str, torch.export.ExportedProgram]:
+    """``torch.export`` each method; ``rewrite(ep) -> ep`` runs before lowering.
+    ``optimize`` keeps the ops ExecuTorch runs faster whole, puts ``linear`` back
+    where decomposition left ``mm(a, b.T)`` and drops ``alias`` copies
+    (:mod:`export.graph_passes`)."""
     args = example_inputs(prep)
     eps = {}
     with _quiet():
         eps["forward"] = torch.export.export(ForwardTrain(prep), args["forward"], strict=False)
         eps["forward_eval"] = torch.export.export(ForwardEval(prep), args["forward_eval"], strict=False)
         joint = torch.export.export(ForwardLoss(prep), args["forward_backward"], strict=False)
-        eps["forward_backward"] = _export_forward_backward(joint)
+        eps["forward_backward"] = _joint_forward_backward(joint, decomposition_table() if optimize else None)
     for name, ep in eps.items():
         # Core ATen decomposition makes the two forward methods look like the joint one.
         if name != "forward_backward":
-            ep = ep.run_decompositions()
+            ep = ep.run_decompositions(decomposition_table()) if optimize else ep.run_decompositions()
+        if optimize:
+            mm_transposed_to_linear(ep)
+            drop_aliases(ep)
         eps[name] = rewrite(ep) if rewrite else ep
     return eps
 
@@ -98,7 +123,8 @@ def lower(eps: dict[str, torch.export.ExportedProgram]) -> bytes:
 
     with _quiet():
         try:
-            edge = to_edge(eps, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+            edge = to_edge(eps, compile_config=EdgeCompileConfig(_check_ir_validity=False,
+                                                                 preserve_ops=list(PRESERVED_OPS)))
             et = edge.to_executorch()
         except Exception as exc:  # name the operator the lowering choked on
             op = _operator_in(exc)
@@ -124,9 +150,9 @@ def _operator_in(exc: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
-def export_executorch(prep: PreparedHead, path: str | os.PathLike, rewrite=None) -> bytes:
+def export_executorch(prep: PreparedHead, path: str | os.PathLike, rewrite=None, *, optimize: bool = True) -> bytes:
     """Export ``prep`` and write the ``.pte`` to ``path``; returns the bytes."""
-    data = lower(export_methods(prep, rewrite))
+    data = lower(export_methods(prep, rewrite, optimize=optimize))
     with open(path, "wb") as f:
         f.write(data)
     return data

@@ -355,3 +355,19 @@ def test_hardswish_custom_backward_matches_eager_including_the_kinks():
     y2.backward(g)
     assert rel_err(y1, y2) < 1e-6
     assert rel_err(x1.grad, x2.grad) < 1e-6
+
+
+def test_mobilenet_program_uses_the_fast_kernels(programs):
+    """The graph passes reach the lowered program: the 1x1 convolutions' weight
+    gradients run as ``linear`` (no transpose copy), the stride-2 depthwise input
+    gradient interleaves its phases with one ``pixel_shuffle``, and no ``alias``
+    survives as a copy."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    data = (programs[("mobilenetv3_large", "executorch")] / "head_p3.pte").read_bytes()
+    pte = deserialize_pte_binary(data)
+    program = getattr(pte, "program", pte)
+    joint = next(p for p in program.execution_plan if p.name == "forward_backward")
+    ops = {op.name for op in joint.operators}
+    assert {"aten::linear", "aten::pixel_shuffle"} <= ops
+    assert "aten::alias_copy" not in ops

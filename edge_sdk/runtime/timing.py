@@ -16,15 +16,6 @@ import torch
 from edge_sdk.runtime.base import HeadRuntime
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def profile_runtime(runtime: HeadRuntime, x: torch.Tensor, grad: torch.Tensor, repeats: int = 5) -> dict[str, float]:
     """Median wall times in milliseconds.
 
@@ -36,25 +27,39 @@ def profile_runtime(runtime: HeadRuntime, x: torch.Tensor, grad: torch.Tensor, r
     running statistics and ``.grad`` are left as after a normal step; weights are
     not changed (no optimizer step).
     """
+    return profile_runtimes({"runtime": runtime}, x, grad, repeats)["runtime"]
+
+
+def profile_runtimes(runtimes: dict[str, HeadRuntime], x: torch.Tensor, grad: torch.Tensor,
+                     repeats: int = 5) -> dict[str, dict[str, float]]:
+    """:func:`profile_runtime` for several runtimes, their steps taken round-robin.
+
+    Why: a ratio between two runtimes timed one after the other takes in whatever
+    the machine did meanwhile (on a shared 2-core VM a neighbour's burst lasts
+    seconds); interleaved, each round sees the same conditions for all of them.
+    """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
-    saved = {k: v.detach().clone() for k, v in runtime.named_buffers().items()}
-    runtime.forward(x)
-    runtime.replay_backward(x, grad)
-    forward_ms = _median_ms(lambda: runtime.forward(x), repeats)
-    replay_ms = _median_ms(lambda: runtime.replay_backward(x, grad), repeats)
-
-    def step() -> None:
-        runtime.forward(x)
-        runtime.replay_backward(x, grad)
-
-    step_ms = _median_ms(step, repeats)
+    saved = {k: {n: v.detach().clone() for n, v in rt.named_buffers().items()} for k, rt in runtimes.items()}
+    for rt in runtimes.values():
+        rt.forward(x)
+        rt.replay_backward(x, grad)
+    samples: dict[str, dict[str, list[float]]] = {k: {"forward_ms": [], "replay_ms": [], "step_ms": []} for k in runtimes}
+    for _ in range(repeats):
+        for k, rt in runtimes.items():
+            t0 = time.perf_counter()
+            rt.forward(x)
+            t1 = time.perf_counter()
+            rt.replay_backward(x, grad)
+            t2 = time.perf_counter()
+            samples[k]["forward_ms"].append((t1 - t0) * 1e3)
+            samples[k]["replay_ms"].append((t2 - t1) * 1e3)
+            samples[k]["step_ms"].append((t2 - t0) * 1e3)
     with torch.no_grad():
-        for k, v in runtime.named_buffers().items():
-            v.copy_(saved[k])
-    return {"forward_ms": forward_ms, "replay_ms": replay_ms, "step_ms": step_ms, "repeats": repeats}
-
-
+        for k, rt in runtimes.items():
+            for n, v in rt.named_buffers().items():
+                v.copy_(saved[k][n])
+    return {k: {**{m: statistics.median(v) for m, v in ms.items()}, "repeats": repeats} for k, ms in samples.items()}
 
 class SplitStepTimer:
     """Times one whole split step through ``EdgePipeline`` per call (CPU ms).
