@@ -49,6 +49,14 @@ def _transposed_2d(node: torch.fx.Node) -> torch.fx.Node | None:
     return src
 
 
+def _recompiled(gm: torch.fx.GraphModule, changes: int) -> int:
+    """Check and regenerate ``gm`` after ``changes`` edits (none: leave it be)."""
+    if changes:
+        gm.graph.lint()
+        gm.recompile()
+    return changes
+
+
 def mm_transposed_to_linear(ep: torch.export.ExportedProgram) -> int:
     """Rewrite ``mm(a, b.T)`` as ``linear(a, b)`` in place; returns how many.
 
@@ -71,10 +79,7 @@ def mm_transposed_to_linear(ep: torch.export.ExportedProgram) -> int:
         if not bt.users:
             gm.graph.erase_node(bt)
         count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+    return _recompiled(gm, count)
 
 
 def drop_aliases(ep: torch.export.ExportedProgram) -> int:
@@ -96,7 +101,4 @@ def drop_aliases(ep: torch.export.ExportedProgram) -> int:
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+    return _recompiled(gm, count)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from export.program import ExportBatchNorm, WindowMaxPool
+from export.rewrites import _zero_pad
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -183,14 +184,8 @@ def _phase_tap_slices(x: torch.Tensor, kernel, stride, dilation, out_hw, cut) ->
 def _im2col(x: torch.Tensor, kernel, stride, padding, dilation, out_hw, reverse: bool = False) -> torch.Tensor:
     """``(C, N, H, W)`` -> ``(kh*kw*C, N*Ho*Wo)`` (rows ordered tap-major; taps in
     reverse order if ``reverse``, which pairs with a flipped kernel at no cost)."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     ho, wo = out_hw
-    if ph:
-        z = x.new_zeros((*x.shape[:-2], ph, x.shape[-1]))
-        x = torch.cat([z, x, z], dim=-2)
-    if pw:
-        z = x.new_zeros((*x.shape[:-1], pw))
-        x = torch.cat([z, x, z], dim=-1)
+    x = _zero_pad(x, *padding)
     taps = _tap_slices(x, kernel, stride, dilation, out_hw)
     if reverse:
         taps.reverse()
