@@ -18,6 +18,7 @@ slowdown), measured in this one process:
    the rest are composed from their measured per-phase step times, see the JSON).
 
     python bench/decision.py [--slowdown 10] [--steps 30] [--iot-steps 10]
+    python bench/decision.py --profiles wifi,4g --skip-adaptation   # cost model only, ~90 s
 
 Writes bench/results/decision.json and bench/results/decision.png.
 """

@@ -266,7 +266,9 @@ class EdgeClient:
             result = await self._compute(self.pipeline.on_gradients, frame)
             self.step_times.append(time.perf_counter() - self._t_run)
             busy_s, cpu_s = self._step_compute_s.pop(result.step, (0.0, 0.0))
-            self.tracker.observe_edge_step(1e3 * (busy_s + self._last_compute_s), cpu_ms=1e3 * (cpu_s + self._last_cpu_s))
+            # this thread's CPU time is the step's compute only without intra-op threads
+            cpu_ms = 1e3 * (cpu_s + self._last_cpu_s) if torch.get_num_threads() == 1 else None
+            self.tracker.observe_edge_step(1e3 * (busy_s + self._last_compute_s), cpu_ms=cpu_ms)
             means.add(result)
             if self.progress is not None:
                 elapsed = time.perf_counter() - t_start

@@ -69,3 +69,18 @@ def test_a_zero_budget_times_only_the_shallowest_point():
     expected = sum(2 * b.edge_forward_ms + b.edge_backward_ms for b in blocks) / 1e3 + fixed
     assert out.edge_compute_s(2) == pytest.approx(expected)
     assert stage_times(Choice(2, "fp32", 1), out).t1_edge_s >= expected
+
+
+def test_cpu_time_only_when_torch_computes_on_one_thread():
+    import time
+
+    from edge_sdk.runtime.timing import compute_clock
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert compute_clock() is time.thread_time
+        torch.set_num_threads(2)  # intra-op workers' CPU time is not this thread's
+        assert compute_clock() is time.perf_counter
+    finally:
+        torch.set_num_threads(before)
