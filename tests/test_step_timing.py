@@ -84,3 +84,11 @@ def test_cpu_time_only_when_torch_computes_on_one_thread():
         assert compute_clock() is time.perf_counter
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_fixed_point_times_only_that_point():
+    cfg = TrainConfig(model="digits_cnn", dataset="digits", epochs=1, batch_size=32, point=2, codec="auto")
+    setup = build_local(cfg)
+    inputs = build_controller(cfg, setup, Choice(2, "int8", 2)).base_inputs
+    assert list(inputs.head_step_s) == [2]
+    assert {p for p, _ in inputs.codec_step_s} == {2}

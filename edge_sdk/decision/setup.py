@@ -98,7 +98,7 @@ def with_measured_head_steps(inputs, cfg: TrainConfig, setup: LocalSetup, points
         shape = inputs.blocks[p - 1].out_shape
         for codec in codecs if shape is not None else ():
             timers[(p, codec)] = CodecStepTimer(shape, codec, inputs.grad_codec or codec)
-    if not timers:
+    if not timers:  # no split point to time (a device-only or cloud-only run)
         return inputs
     ms = median_interleaved(timers, repeats, warmup=1, budget_s=max(0.0, budget_s - (time.perf_counter() - start)))
     scale = cfg.device_slowdown / 1e3
@@ -138,9 +138,10 @@ def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> De
     if cfg.runtime != "eager":
         inputs = scale_to_runtime(inputs, cfg, setup)
     codecs = AUTO_CODECS if cfg.codec == "auto" else (cfg.codec,)
-    inputs = with_measured_head_steps(inputs, cfg, setup, interior, codecs)
+    allowed_points = interior if cfg.auto_point else [current.point]
+    inputs = with_measured_head_steps(inputs, cfg, setup, [p for p in allowed_points if p in interior], codecs)
     policy = CostModelPolicy(
-        allowed_points=interior if cfg.auto_point else [current.point],
+        allowed_points=allowed_points,
         allowed_codecs=list(codecs),
         max_staleness=cfg.max_staleness,
         fixed_staleness=cfg.staleness,
