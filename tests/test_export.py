@@ -152,7 +152,16 @@ def test_features_and_gradients_match_eager(programs, model, point, fmt):
 
 def _train(rt, ref: EagerReference, spec: zoo.ModelSpec, point: int, steps: int) -> float:
     """Train head runtime and eager reference side by side through the same frozen tail;
-    return the largest weight difference relative to the weights' scale."""
+    return the largest weight difference relative to the weights' scale.
+
+    The global RNG (dropout masks) is seeded here, so the run does not depend on
+    which tests ran before. Why it matters: max pooling routes the gradient to the
+    window's argmax, and the program sums in another order than eager (features
+    agree to ~3e-7), so when two values in a window are that close the two sides
+    route one gradient entry differently and the weights part. Over 50 steps that
+    happened for about 3 % of RNG states (digits p=4, found by running 340 seeds);
+    a fixed state makes the test repeatable instead of flaky."""
+    torch.manual_seed(0)
     tail = copy.deepcopy(spec.model.tail(point)).eval()
     for p in tail.parameters():
         p.requires_grad_(False)
