@@ -167,7 +167,8 @@ def _phase_tap_slices(x: torch.Tensor, kernel, stride, dilation, out_hw, cut) ->
     element); splitting the input into phases once gathers each input element once
     (W first, the expensive direction, then rows), and the ``kh*kw`` taps become
     row-contiguous copies. Measured on MobileNetV3's 3x3 stride-2 depthwise layer
-    (64 x 32 x 34 x 34 padded input): 11.0 vs 19.0 ms with the ``bmm``."""
+    (64 x 32 x 34 x 34 padded input) with the ``bmm``: 10.6 vs 14.8 ms
+    (``python bench/export_ops.py --kernels``)."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     ho, wo = out_hw
     cols = {s: x[..., s::sw] if sw > 1 else x for s in {j * dw % sw for j in range(kw)}}
@@ -211,6 +212,17 @@ def _conv_impl(x, weight, geom):
     return w2 @ cols, cols
 
 
+def _forward_saving_cols(ctx, op, x, weight, geom):
+    """Forward of a convolution op that returns ``(y, cols)``; keeps what both
+    hand-written backwards need (the columns, the weight, the geometry)."""
+    y, cols = _below_autograd(op, x, weight, geom)
+    ctx.save_for_backward(cols, weight)
+    ctx.geom = list(geom)
+    ctx.x_shape = x.shape
+    ctx.mark_non_differentiable(cols)
+    return y, cols
+
+
 class _ConvMM(torch.autograd.Function):
     """Convolution as ``W2 @ im2col(x)`` in channel-major layout, hand-written backward:
     the weight gradient transposes the smaller big operand; for stride 1 and "same"
@@ -218,12 +230,7 @@ class _ConvMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, geom):
-        y, cols = _below_autograd(_conv_op, x, weight, geom)
-        ctx.save_for_backward(cols, weight)
-        ctx.geom = list(geom)
-        ctx.x_shape = x.shape
-        ctx.mark_non_differentiable(cols)
-        return y, cols
+        return _forward_saving_cols(ctx, _conv_op, x, weight, geom)
 
     @staticmethod
     def backward(ctx, dy, _dcols):
@@ -337,7 +344,7 @@ def _depthwise_input_grad_polyphase(dy, weight, x_shape, geometry):
         rows.append(cols)
     if sh == sw:
         # one pass: phase (rh, rw) is channel rh*s + rw of pixel_shuffle's input; in
-        # ExecuTorch 13.5 vs 22.7 ms by stacks (the W interleave moves single floats)
+        # ExecuTorch 14.0 vs 15.9 ms by stacks (bench/export_ops.py --kernels)
         phases = torch.stack([p for r in rows for p in r], 2).reshape(c * n, sh * sw, uh, uw)
         full = torch.nn.functional.pixel_shuffle(phases, sh).reshape(c, n, uh * sh, uw * sw)
     else:
@@ -354,12 +361,7 @@ class _Depthwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, geom):
-        y, cols = _below_autograd(_depthwise_op, x, weight, geom)
-        ctx.save_for_backward(cols, weight)
-        ctx.geom = list(geom)
-        ctx.x_shape = x.shape
-        ctx.mark_non_differentiable(cols)
-        return y, cols
+        return _forward_saving_cols(ctx, _depthwise_op, x, weight, geom)
 
     @staticmethod
     def backward(ctx, dy, _dcols):
