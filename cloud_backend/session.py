@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +24,17 @@ import torch
 
 from edge_sdk import zoo
 from edge_sdk.context import ComputeEstimator
+from cloud_backend.validation import (
+    REPLY_CACHE_SIZE,
+    ModelPlan,
+    WeightsPlan,
+    check_features_claim,
+    check_features_values,
+    check_optimizer_entries,
+    check_hello_fields,
+    parse_grad_codec,
+    parse_optimizer,
+)
 from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
 from schemas import codecs
 from schemas.errors import ErrorCode, WireError
@@ -49,9 +61,11 @@ from edge_sdk.migration import (
     optimizer_state_by_name,
 )
 
-#: How many train replies are kept for idempotent re-delivery. A device never has
-#: more than K+1 steps in flight, so anything above the largest K is enough.
-REPLY_CACHE_SIZE = 256
+log = logging.getLogger("cloud_backend")
+
+#: Default memory budget of one session (model, tail optimizer, reply cache, one
+#: step's activations, migrating weights); ``serve --max-session-memory``.
+DEFAULT_SESSION_BYTES = 2 << 30
 
 
 class Phase(Enum):
@@ -67,6 +81,7 @@ class SessionConfig:
     token: str | None = None
     context_every: int = 10  # send a Context frame every N train steps
     max_batch: int = 4096
+    max_session_bytes: int = DEFAULT_SESSION_BYTES
 
 
 class CloudSession:
@@ -77,6 +92,8 @@ class CloudSession:
         self.config = config or SessionConfig()
         self.phase = Phase.AWAIT_HELLO
         self.spec: zoo.ModelSpec | None = None
+        self.plan: ModelPlan | None = None
+        self.batch_size = 0
         self.point = 0
         self.blocks: list[torch.nn.Module] = []
         self.optimizer: torch.optim.Optimizer | None = None
@@ -89,21 +106,33 @@ class CloudSession:
         self.queue_depth = 0  # set by the transport: frames waiting behind this one
         self._eval = {"loss": 0.0, "correct": 0, "count": 0}
         self._incoming: StateAssembler | None = None
+        self._incoming_plan: WeightsPlan | None = None
+        self._incoming_bytes = 0
+        self._incoming_refused = 0
         self.partition_history: list[tuple[int, int]] = []  # (step, point)
 
     # ------------------------------------------------------------------ entry
     def handle(self, frame: object, *, recv_ns: int = 0) -> list[object]:
         """Apply one decoded frame; return the frames to send back, in order.
 
-        Protocol errors become an ``Error`` frame (the session stays usable where
-        that is safe); they never raise out of here.
+        A refused frame (``WireError``: validated before any state changed)
+        becomes an ``Error`` frame and the session stays usable. Anything else
+        is a bug or a case validation missed: the peer gets ``INTERNAL`` (no
+        details), the server log gets one line, and the session closes, since
+        its state may be half-changed. Nothing raises out of here.
         """
+        step = getattr(frame, "step", -1)
+        step = step if isinstance(step, int) else -1
         try:
             return self._dispatch(frame, recv_ns)
         except WireError as exc:
-            return [Error(code=exc.code, message=exc.message, step=getattr(frame, "step", -1))]
-        except (ValueError, RuntimeError) as exc:  # bad shapes from a peer, model errors
-            return [Error(code=ErrorCode.BAD_TENSOR, message=str(exc)[:500], step=getattr(frame, "step", -1))]
+            return [Error(code=exc.code, message=exc.message, step=step)]
+        except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a frame
+            log.error("session %d: internal error on %s (step %d), session closed: %s: %s",
+                      self.session_id, type(frame).__name__, step, type(exc).__name__, str(exc)[:300])
+            log.debug("session %d traceback", self.session_id, exc_info=True)
+            self.phase = Phase.CLOSED
+            return [Error(code=ErrorCode.INTERNAL, message=f"internal error in session {self.session_id}; the session is closed", step=step)]
 
     def _dispatch(self, frame: object, recv_ns: int) -> list[object]:
         if self.phase is Phase.CLOSED:
@@ -128,39 +157,48 @@ class CloudSession:
         raise WireError(ErrorCode.PROTOCOL, f"unexpected frame {type(frame).__name__} in phase {self.phase.value}")
 
     # ------------------------------------------------------------------ hello
-    def _on_hello(self, hello: Hello) -> list[object]:
-        if self.phase is not Phase.AWAIT_HELLO:
-            raise WireError(ErrorCode.PROTOCOL, "Hello sent twice on one session")
+    def authenticate(self, hello: Hello) -> None:
+        """Refuse a Hello without the server's token (constant-time compare)."""
         if self.config.token is not None and not hmac.compare_digest(
             hello.token.encode("utf-8"), self.config.token.encode("utf-8")
         ):
             raise WireError(ErrorCode.UNAUTHORIZED, "missing or wrong token")
+
+    def _on_hello(self, hello: Hello) -> list[object]:
+        """Check everything the Hello claims, cheapest first; build the model last."""
+        if self.phase is not Phase.AWAIT_HELLO:
+            raise WireError(ErrorCode.PROTOCOL, "Hello sent twice on one session")
+        self.authenticate(hello)
+        check_hello_fields(hello, max_batch=self.config.max_batch)
+        opt_cfg = parse_optimizer(hello.optimizer_json)
         try:
             kwargs = json.loads(hello.config_json) if hello.config_json else {}
             if not isinstance(kwargs, dict):
                 raise ValueError("config_json must be a JSON object")
-            spec = zoo.build(hello.model, seed=hello.seed, **kwargs)
-        except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise WireError(ErrorCode.UNKNOWN_MODEL, f"cannot build model {hello.model!r}: {exc}") from None
-        if hello.model_hash != spec.config_hash:
+            # Shapes, hash and memory from a meta-device build: nothing allocated yet.
+            plan = ModelPlan.build(hello.model, hello.seed, kwargs)
+        except (ValueError, TypeError, RuntimeError, OverflowError, RecursionError, json.JSONDecodeError) as exc:
+            raise WireError(ErrorCode.UNKNOWN_MODEL, f"cannot build model {hello.model!r}: {str(exc)[:300]}") from None
+        meta = plan.spec
+        if hello.model_hash != meta.config_hash:
             raise WireError(
                 ErrorCode.MODEL_MISMATCH,
-                f"model {hello.model!r} config hash differs (device {hello.model_hash[:12]}, cloud {spec.config_hash[:12]}): "
+                f"model {hello.model!r} config hash differs (device {hello.model_hash[:12]}, cloud {meta.config_hash[:12]}): "
                 "device and cloud run different model versions",
             )
-        if hello.runtime != "eager" and hello.program_hash and hello.program_hash != spec.config_hash:
+        if hello.runtime != "eager" and hello.program_hash and hello.program_hash != meta.config_hash:
             raise WireError(
                 ErrorCode.MODEL_MISMATCH,
                 f"the device's {hello.runtime} programs were exported from another model config "
-                f"({hello.program_hash[:12]}, cloud {spec.config_hash[:12]}); export them again",
+                f"({hello.program_hash[:12]}, cloud {meta.config_hash[:12]}); export them again",
             )
-        if hello.num_blocks != spec.model.num_blocks:
-            raise WireError(ErrorCode.MODEL_MISMATCH, f"device says {hello.num_blocks} blocks, cloud has {spec.model.num_blocks}")
-        try:
-            opt_cfg = OptimizerConfig.from_json(hello.optimizer_json)
-        except (ValueError, TypeError) as exc:
-            raise WireError(ErrorCode.MALFORMED, f"bad optimizer config: {exc}") from None
-        self.spec = spec
+        if hello.num_blocks != meta.model.num_blocks:
+            raise WireError(ErrorCode.MODEL_MISMATCH, f"device says {hello.num_blocks} blocks, cloud has {meta.model.num_blocks}")
+        self._check_cut(meta.model, hello.point)
+        self._check_memory(plan, hello.point, hello.batch_size, opt_cfg)
+        self.spec = zoo.build(hello.model, seed=hello.seed, **kwargs)
+        self.plan = plan
+        self.batch_size = hello.batch_size
         self.optimizer_config = opt_cfg
         self._set_point(hello.point)
         self.phase = Phase.TRAINING
@@ -171,38 +209,44 @@ class CloudSession:
                 point=self.point,
                 codec=hello.codec,
                 staleness=hello.staleness,
-                message=f"tail blocks [{self.point}, {spec.model.num_blocks}) of {spec.name}",
+                message=f"tail blocks [{self.point}, {self.spec.model.num_blocks}) of {self.spec.name}",
             )
         ]
 
+    def _check_cut(self, model: torch.nn.Module, point: int) -> None:
+        valid = [p for p in model.cut_points if p < model.num_blocks]
+        if point not in valid:
+            raise WireError(ErrorCode.PROTOCOL, f"partition point {point} is not a valid cut for the cloud (valid: {valid})")
+
+    def _check_memory(self, plan: ModelPlan, point: int, batch: int, opt_cfg: OptimizerConfig, extra: int = 0) -> None:
+        need = plan.memory_bytes(point, batch, opt_cfg) + extra
+        if need > self.config.max_session_bytes:
+            raise WireError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"this session would need about {need / 2**20:.0f} MiB at point {point} (batch {batch}); "
+                f"the server allows {self.config.max_session_bytes / 2**20:.0f} MiB per session",
+            )
+
     def _set_point(self, point: int) -> None:
         assert self.spec is not None and self.optimizer_config is not None
-        model = self.spec.model
-        if point not in model.cut_points or point == model.num_blocks:
-            raise WireError(
-                ErrorCode.PROTOCOL,
-                f"partition point {point} is not a valid cut for the cloud (valid: {[p for p in model.cut_points if p < model.num_blocks]})",
-            )
         self.point = point
-        self.blocks = list(model.blocks[point:])
+        self.blocks = list(self.spec.model.blocks[point:])
         params = [p for b in self.blocks for p in b.parameters()]
         self.optimizer = build_optimizer(params, self.optimizer_config) if params else None
         self.block_ms = [ComputeEstimator() for _ in self.blocks]
 
     # ------------------------------------------------------------------ train
-    def _check_point(self, frame: Features) -> None:
+    def _inputs(self, frame: Features, *, max_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated, decoded features and labels; refused before decoding if the claims are wrong."""
+        assert self.spec is not None and self.plan is not None
         if frame.point != self.point:
             raise WireError(ErrorCode.PROTOCOL, f"features cut at point {frame.point}, session is at point {self.point}")
-
-    def _inputs(self, frame: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        target = self.spec.target
+        check_features_claim(frame, self.plan.features[self.point], target, max_batch=max_batch)
+        assert frame.labels is not None
         feats = codecs.decode_tensor(frame.tensor)
-        if frame.labels is None:
-            raise WireError(ErrorCode.MALFORMED, f"step {frame.step}: features without labels")
         labels = codecs.decode_tensor(frame.labels)
-        if feats.dim() == 0 or feats.shape[0] != labels.shape[0]:
-            raise WireError(ErrorCode.BAD_TENSOR, f"step {frame.step}: batch of {tuple(feats.shape)} features vs {tuple(labels.shape)} labels")
-        if feats.shape[0] > self.config.max_batch:
-            raise WireError(ErrorCode.LIMIT_EXCEEDED, f"batch {feats.shape[0]} > limit {self.config.max_batch}")
+        check_features_values(frame, feats, labels, target)
         return feats, labels
 
     def _forward(self, x: torch.Tensor, *, timed: bool) -> torch.Tensor:
@@ -221,23 +265,42 @@ class CloudSession:
             return [cached]
         if frame.step <= self.last_step:
             raise WireError(ErrorCode.DUPLICATE_STEP, f"step {frame.step} was applied long ago and is no longer cached")
-        self._check_point(frame)
         assert self.spec is not None and self.optimizer_config is not None
         t0 = time.perf_counter()
-        feats, labels = self._inputs(frame)
-        feats.requires_grad_(True)
+        # Every check before any state changes: a refused step changes nothing.
+        feats, labels = self._inputs(frame, max_batch=self.batch_size)
+        grad_codec = parse_grad_codec(frame.grad_codec)
+        try:
+            lr = self.optimizer_config.lr_at(frame.epoch)
+        except ValueError as exc:
+            raise WireError(ErrorCode.MALFORMED, f"step {frame.step}: {exc}") from None
+        params = [p for b in self.blocks for p in b.parameters()]
+        buffers = [t for b in self.blocks for t in b.buffers()]
+        saved_buffers = [t.clone() for t in buffers]  # batch-norm statistics move in forward
+        feats = feats.detach().requires_grad_(True) if feats.is_floating_point() else feats
         for b in self.blocks:
             b.train(True)
-        out = self._forward(feats, timed=True)
-        loss, correct = self.spec.loss(out, labels)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
+        out = self._forward(feats, timed=True)
+        loss, correct = self.spec.loss(out, labels)
         loss.backward()
+        grad = feats.grad if feats.grad is not None else torch.zeros_like(feats, dtype=torch.float32)
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all()) and (
+            not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        )
+        if not finite:
+            with torch.no_grad():
+                for t, saved in zip(buffers, saved_buffers):
+                    t.copy_(saved)
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            raise WireError(ErrorCode.BAD_TENSOR, f"step {frame.step}: loss or gradients are not finite (training diverged?); step not applied")
         if self.optimizer is not None:
-            set_lr(self.optimizer, self.optimizer_config.lr_at(frame.epoch))
+            set_lr(self.optimizer, lr)
             self.optimizer.step()
-        grad = feats.grad if feats.grad is not None else torch.zeros_like(feats)
-        grad_frame, _ = codecs.encode_tensor(grad, codecs.Codec.parse(frame.grad_codec or "fp32"))
+        grad_frame, _ = codecs.encode_tensor(grad, grad_codec)
         cloud_ms = (time.perf_counter() - t0) * 1e3
         self.step_ms.observe(cloud_ms)
         reply = Gradients(
@@ -265,9 +328,8 @@ class CloudSession:
 
     # ------------------------------------------------------------------- eval
     def _on_eval(self, frame: Features) -> list[object]:
-        self._check_point(frame)
         assert self.spec is not None
-        feats, labels = self._inputs(frame)
+        feats, labels = self._inputs(frame, max_batch=self.config.max_batch)
         for b in self.blocks:
             b.train(False)
         with torch.no_grad():
@@ -299,29 +361,66 @@ class CloudSession:
         return named_tensors(self.spec.model, range(self.point, self.spec.model.num_blocks))[0]
 
     def _on_weights(self, frame: Weights) -> list[object]:
+        """Buffer one chunk of state moving up for the next repartition.
+
+        Only entries the device can hold at this cut are accepted, each with its
+        exact shape, so what is buffered is bounded by the head's size; it also
+        counts against the session's memory budget.
+        """
+        assert self.plan is not None and self.optimizer_config is not None
+        if self._incoming_plan is None:
+            self._incoming_plan = WeightsPlan(self.plan, self.point, self.optimizer_config)
+        try:
+            nbytes = self._incoming_plan.check(frame)
+            self._check_memory(self.plan, self.point, self.batch_size, self.optimizer_config, extra=self._incoming_bytes + nbytes)
+        except WireError:
+            self._incoming_refused += 1  # the repartition these belong to is refused too
+            raise
         if self._incoming is None:
             self._incoming = StateAssembler()
         self._incoming.add(frame)
+        self._incoming_bytes += nbytes
         return []
 
+    def _take_incoming(self) -> StateAssembler | None:
+        incoming, self._incoming = self._incoming, None
+        refused, self._incoming_refused = self._incoming_refused, 0
+        self._incoming_plan, self._incoming_bytes = None, 0
+        if refused:
+            raise WireError(ErrorCode.PROTOCOL, f"{refused} weights frame(s) of this repartition were refused; the cut stays")
+        return incoming
+
     def _on_repartition(self, frame: Repartition) -> list[object]:
-        """Move the cut. The device has drained its in-flight steps before asking."""
-        assert self.spec is not None
+        """Move the cut. The device has drained its in-flight steps before asking.
+
+        Everything that arrived is checked (complete chunks, every parameter of
+        the moving blocks, whole optimizer state per parameter, the new cut's
+        memory) before the model or the optimizer is touched.
+        """
+        assert self.spec is not None and self.plan is not None and self.optimizer_config is not None
         model = self.spec.model
         new, old = frame.point, self.point
-        if new not in model.cut_points or not (0 <= new < model.num_blocks):
-            raise WireError(ErrorCode.PROTOCOL, f"cannot move the cut to {new}; valid: {[p for p in model.cut_points if p < model.num_blocks]}")
+        incoming = self._take_incoming()
+        self._check_cut(model, new)
+        self._check_memory(self.plan, new, self.batch_size, self.optimizer_config)
         state = optimizer_state_by_name(self.optimizer, self._tail_params())
         out: list[object] = []
         if new > old:  # blocks [old, new) go to the device
             out += export_state(model, range(old, new), state, step=frame.step)
         elif new < old:  # blocks [new, old) arrive from the device
-            incoming, self._incoming = self._incoming, None
-            expected = set(named_tensors(model, range(new, old))[0])
-            tensors = incoming.tensors() if incoming is not None else {}
+            moving = set(range(new, old))
+            received = incoming.tensors() if incoming is not None else {}
+            tensors = {key: t for key, t in received.items() if self.plan.block_of(key[1].split("/")[0]) in moving}
+            expected = set(named_tensors(model, moving)[0])
             missing = expected - {name for kind, name in tensors if kind == "param"}
             if missing:
                 raise WireError(ErrorCode.MALFORMED, f"repartition to {new}: weights missing for {sorted(missing)[:5]}")
+            keys: dict[str, set[str]] = {}
+            for kind, name in tensors:
+                if kind == "optim":
+                    pname, _, key = name.rpartition("/")
+                    keys.setdefault(pname, set()).add(key)
+            check_optimizer_entries(keys, self.optimizer_config.state_keys)
             state.update(import_state(model, tensors))
         self._set_point(new)
         if self.optimizer is not None:

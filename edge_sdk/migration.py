@@ -40,15 +40,28 @@ def named_tensors(model: BlockModel, blocks: Iterable[int]) -> tuple[dict[str, t
     return params, buffers
 
 
+def chunk_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shapes of the chunks a tensor of ``shape`` travels in.
+
+    Split along the first dimension so every chunk is a real slice with its own
+    shape (reassembly is a concatenation, no side channel for the full shape).
+    The receiver uses the same rule to know exactly which chunks to expect.
+    """
+    shape = tuple(int(d) for d in shape)
+    n = 1
+    for d in shape:
+        n *= d
+    if not shape or n <= CHUNK_ELEMENTS or shape[0] == 0:
+        return [shape]
+    row = n // shape[0]
+    rows = max(1, CHUNK_ELEMENTS // max(1, row))
+    return [(min(rows, shape[0] - start), *shape[1:]) for start in range(0, shape[0], rows)]
+
+
 def _chunks(step: int, name: str, kind: str, tensor: torch.Tensor) -> list[Weights]:
-    """Split along the first dimension so every chunk is a real slice with its own
-    shape (reassembly is a concatenation, no side channel for the full shape)."""
     t = tensor.detach().contiguous()
-    if t.dim() == 0 or t.numel() <= CHUNK_ELEMENTS:
-        pieces = [t]
-    else:
-        rows = max(1, CHUNK_ELEMENTS // max(1, t[0].numel()))
-        pieces = list(torch.split(t, rows, dim=0))
+    sizes = [s[0] for s in chunk_shapes(tuple(t.shape))] if t.dim() else [None]
+    pieces = [t] if len(sizes) == 1 else list(torch.split(t, sizes, dim=0))
     return [
         Weights(step=step, name=name, kind=kind, tensor=codecs.tensor_frame_from_tensor(piece),
                 chunk=i, chunks=len(pieces), last=False)

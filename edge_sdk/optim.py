@@ -19,6 +19,22 @@ import torch
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
+#: Bounds on what a peer may ask for; far beyond any real recipe.
+MAX_EPOCHS = 1_000_000
+MAX_LR = 100.0
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -35,14 +51,28 @@ class OptimizerConfig:
     step_every: int = 30
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"learning rate must be a positive number, got {self.lr}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        # The cloud builds this from a peer's JSON, so every field is checked for
+        # type and range here: a bad value must be refused at Hello, not surface
+        # later as a TypeError inside torch.optim or a ZeroDivisionError at step 1.
+        _expect(isinstance(self.name, str) and self.name in OPTIMIZERS,
+                f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        _expect(isinstance(self.schedule, str) and self.schedule in SCHEDULES,
+                f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        _expect(_is_real(self.lr) and 0 < self.lr <= MAX_LR, f"learning rate must be a number in (0, {MAX_LR}], got {self.lr!r}")
+        _expect(_is_real(self.momentum) and 0 <= self.momentum < 1, f"momentum must be a number in [0, 1), got {self.momentum!r}")
+        _expect(_is_real(self.weight_decay) and 0 <= self.weight_decay <= 1,
+                f"weight decay must be a number in [0, 1], got {self.weight_decay!r}")
+        _expect(_is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS, f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}")
+        _expect(_is_real(self.step_gamma) and 0 < self.step_gamma <= 1, f"step_gamma must be a number in (0, 1], got {self.step_gamma!r}")
+        _expect(_is_int(self.step_every) and 1 <= self.step_every <= MAX_EPOCHS,
+                f"step_every must be an integer in [1, {MAX_EPOCHS}], got {self.step_every!r}")
+
+    @property
+    def state_keys(self) -> frozenset[str]:
+        """The per-parameter optimizer state torch keeps once a parameter has stepped."""
+        if self.name == "sgd":
+            return frozenset({"momentum_buffer"}) if self.momentum > 0 else frozenset()
+        return frozenset({"step", "exp_avg", "exp_avg_sq"})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -62,7 +92,12 @@ class OptimizerConfig:
         return cls(**data)
 
     def lr_at(self, epoch: int) -> float:
-        """Learning rate for every step of ``epoch`` (0-based)."""
+        """Learning rate for every step of ``epoch`` (0-based).
+
+        Raises ``ValueError`` for an epoch outside ``[0, MAX_EPOCHS]`` (a peer's
+        claim; the "step" schedule would otherwise underflow or overflow)."""
+        if not (_is_int(epoch) and 0 <= epoch <= MAX_EPOCHS):
+            raise ValueError(f"epoch must be an integer in [0, {MAX_EPOCHS}], got {epoch!r}")
         if self.schedule == "constant":
             return self.lr
         if self.schedule == "step":

@@ -20,8 +20,9 @@ from torch import nn
 
 from edge_sdk.blocks import BlockModel
 from edge_sdk.zoo import generator, recsys, resnet, small, text, vision
+from edge_sdk.zoo.targets import TargetSpec
 
-__all__ = ["ModelSpec", "WeightsError", "build", "names", "load_weights", "save_weights", "classification_loss"]
+__all__ = ["ModelSpec", "TargetSpec", "WeightsError", "build", "names", "load_weights", "save_weights", "classification_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
 
@@ -47,6 +48,7 @@ class ModelSpec:
     config_hash: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    target: TargetSpec = TargetSpec("class")  # what a valid training target of ``loss`` looks like
 
     def example_input(self, batch_size: int = 2) -> torch.Tensor:
         """A valid input batch (ids in range for int64 inputs), for tracing and tests."""
@@ -175,7 +177,17 @@ def build(name: str, seed: int = 0, **kw: Any) -> ModelSpec:
     h = config_hash(name, kw, model, input_shape, dtype)
     return ModelSpec(name=name, model=model, input_shape=tuple(input_shape), input_dtype=dtype,
                      num_classes=num_classes, output_shape=tuple(out_shape), loss=loss, config_hash=h,
-                     kwargs=dict(kw), seed=seed)
+                     kwargs=dict(kw), seed=seed, target=_target(loss, num_classes, tuple(out_shape)))
+
+
+def _target(loss: LossFn, num_classes: int, output_shape: tuple[int, ...]) -> TargetSpec:
+    if loss is classification_loss:
+        return TargetSpec("class", num_classes=num_classes)
+    if loss is recsys.din_loss:
+        return TargetSpec("binary")
+    if loss is generator.generator_loss:
+        return TargetSpec("dense", shape=output_shape)
+    raise ValueError(f"no target description for loss {loss!r}; add one to zoo._target")
 
 
 # ------------------------------------------------------------------ weights
