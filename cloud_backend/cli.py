@@ -9,7 +9,10 @@ import os
 import signal
 import sys
 
+from pathlib import Path
+
 from cloud_backend.server import DEFAULT_MAX_FRAME_BYTES, CloudServer, ServerConfig
+from cloud_backend.session import DEFAULT_SESSION_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve devices over WebSockets", description="Serve devices over WebSockets (ws:// or, with --tls-cert/--tls-key, wss://).")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s; use 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8765, help="TCP port (default: %(default)s; 0 picks a free port)")
-    s.add_argument("--token", default=os.environ.get("SPLITREPLAY_TOKEN"), help="shared secret devices must present in Hello (default: $SPLITREPLAY_TOKEN, else no auth)")
+    auth = s.add_mutually_exclusive_group()
+    auth.add_argument("--token", default=None, help="shared secret devices must present in Hello (default: $SPLITREPLAY_TOKEN, else no auth); "
+                      "prefer --token-file, since a command line is visible to other users")
+    auth.add_argument("--token-file", type=Path, help="read the shared secret from this file (first line)")
     s.add_argument("--tls-cert", help="PEM certificate chain for wss://")
     s.add_argument("--tls-key", help="PEM private key for wss://")
     s.add_argument("--max-sessions", type=int, default=64, help="concurrent device sessions before new ones are refused (default: %(default)s)")
+    s.add_argument("--max-unauthenticated", type=int, default=256,
+                   help="connections that have not yet had a Hello accepted; counted apart from sessions (default: %(default)s)")
+    s.add_argument("--hello-timeout", type=float, default=10.0, help="seconds from connect to an accepted Hello (default: %(default)s)")
+    s.add_argument("--idle-timeout", type=float, default=300.0, help="close a session that sends nothing for this many seconds (default: %(default)s)")
+    s.add_argument("--max-session-memory", type=int, default=DEFAULT_SESSION_BYTES >> 20, metavar="MIB",
+                   help="memory budget of one session in MiB: model, optimizer, reply cache, activations, migrating weights; "
+                   "a Hello that would exceed it is refused (default: %(default)s)")
     s.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES, help="largest accepted frame (default: %(default)s = 64 MiB)")
     s.add_argument("--context-every", type=int, default=10, help="send a Context report every N train steps (default: %(default)s)")
     s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
@@ -52,17 +65,37 @@ async def serve_forever(config: ServerConfig) -> None:
         print("shutting down", flush=True)
 
 
+def read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The shared secret from --token, --token-file or $SPLITREPLAY_TOKEN; an empty one is an error."""
+    if args.token_file is not None:
+        try:
+            lines = args.token_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"cannot read --token-file {args.token_file}: {getattr(exc, 'strerror', None) or exc}")
+        token, source = (lines[0].strip() if lines else ""), f"--token-file {args.token_file}"
+    elif args.token is not None:
+        token, source = args.token, "--token"
+    elif "SPLITREPLAY_TOKEN" in os.environ:
+        token, source = os.environ["SPLITREPLAY_TOKEN"], "$SPLITREPLAY_TOKEN"
+    else:
+        return None
+    if not token:
+        parser.error(f"{source} is empty; an empty token would mean no authentication (omit it to serve without one)")
+    return token
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "serve":
         parser.print_help(sys.stderr)
         return 2
-    for name in ("max_sessions", "max_frame_bytes"):
-        if getattr(args, name) <= 0:
+    for name in ("max_sessions", "max_frame_bytes", "max_unauthenticated", "hello_timeout", "idle_timeout", "max_session_memory"):
+        if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("TLS needs both --tls-cert and --tls-key")
+    token = read_token(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         import torch
@@ -71,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        token=args.token,
+        token=token,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         max_sessions=args.max_sessions,
+        max_unauthenticated=args.max_unauthenticated,
+        hello_timeout_s=args.hello_timeout,
+        idle_timeout_s=args.idle_timeout,
+        max_session_bytes=args.max_session_memory << 20,
         max_frame_bytes=args.max_frame_bytes,
         context_every=args.context_every,
     )

@@ -2,18 +2,29 @@
 
 All protocol logic lives in `cloud_backend.session` (sans-I/O). This layer only
 
-* accepts connections (optionally TLS, capped at ``max_sessions``),
+* accepts connections (optionally TLS) and admits them in two stages: a
+  connection is *unauthenticated* until its ``Hello`` is accepted, and those are
+  capped separately (``max_unauthenticated``), held to a deadline
+  (``hello_timeout_s``) and to small frames (``max_hello_bytes``); a session slot
+  (``max_sessions``) is taken only by a Hello that carries the right token, so
+  idle or hostile connections cannot lock devices out;
 * decodes frames with limits, answering a malformed frame with an ``Error`` frame
-  and carrying on (other sessions never notice),
+  and carrying on (other sessions never notice);
 * runs each session's compute in a worker thread so the event loop keeps reading
   the next step's features while the current step computes (that overlap is what
-  the pipeline is for), and
+  the pipeline is for), through a *bounded* inbox: when it is full the server
+  stops reading that socket and TCP pushes back on the sender, so a device that
+  floods frames cannot grow the server's memory;
+* closes sessions that stop talking (``idle_timeout_s``) or whose peer is gone
+  (WebSocket pings), drops a closed session's pending work, and frees its slot
+  on every path out (``try/finally``);
 * stamps outgoing envelopes with the send time for the device's bandwidth estimate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import ssl
@@ -23,13 +34,16 @@ from dataclasses import dataclass, field
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from cloud_backend.session import CloudSession, Phase, SessionConfig
+from cloud_backend.session import DEFAULT_SESSION_BYTES, CloudSession, Phase, SessionConfig
 from schemas.errors import ErrorCode, WireError
-from schemas.frames import Envelope, Error, Limits, decode, encode
+from schemas.frames import Envelope, Error, Hello, HelloAck, Limits, decode, encode
+from schemas.transport import is_loopback
 
 log = logging.getLogger("cloud_backend")
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: Frames before authentication: a Hello is a few hundred bytes.
+DEFAULT_MAX_HELLO_BYTES = 64 * 1024
 
 
 @dataclass
@@ -40,24 +54,60 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     max_sessions: int = 64
+    #: connections still without an accepted Hello; counted apart from sessions
+    max_unauthenticated: int = 256
+    #: from TCP accept to an accepted Hello (the WebSocket handshake included)
+    hello_timeout_s: float = 10.0
+    #: an authenticated session that sends nothing for this long is closed
+    idle_timeout_s: float = 300.0
+    #: WebSocket keepalive: a peer that does not answer a ping in time is gone
+    #: (this also ends a frame trickled byte by byte: its pong cannot arrive)
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_hello_bytes: int = DEFAULT_MAX_HELLO_BYTES
+    #: decoded frames waiting for a session's worker; beyond that, reading stops
+    inbox_frames: int = 8
+    max_session_bytes: int = DEFAULT_SESSION_BYTES
     context_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not self.token:
+            raise ValueError("an empty token would mean no authentication; omit the token to serve without one")
+        for name in ("max_sessions", "max_unauthenticated", "max_frame_bytes", "max_hello_bytes", "inbox_frames",
+                     "max_session_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("hello_timeout_s", "idle_timeout_s", "ping_interval_s", "ping_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def token_in_clear(self) -> bool:
+        """True when a token would cross a non-loopback network without TLS."""
+        return bool(self.token) and not self.tls_cert and not is_loopback(self.host)
 
 
 @dataclass
 class ServerStats:
     sessions_total: int = 0
     sessions_active: int = 0
+    #: connections that have not (yet) had a Hello accepted
+    unauthenticated: int = 0
     frames_in: int = 0
     frames_out: int = 0
     bad_frames: int = 0
     sessions: dict[int, CloudSession] = field(default_factory=dict)
-    #: one summary per ended session: id, train steps applied, last step id
-    closed: list[dict[str, int]] = field(default_factory=list)
+    #: one summary per ended session (the latest 1024): id, train steps applied, last step id
+    closed: collections.deque[dict[str, int]] = field(default_factory=lambda: collections.deque(maxlen=1024))
+
+
+class _Refused(Exception):
+    """A connection ends before it became a session (the peer was told why)."""
 
 
 class CloudServer:
-    """Owns the listening socket and one `CloudSession` per connection."""
+    """Owns the listening socket and one `CloudSession` per authenticated connection."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -81,17 +131,24 @@ class CloudServer:
         return ctx
 
     async def start(self) -> None:
+        if self.config.token_in_clear:
+            log.warning("the token crosses the network in clear over ws:// on %s; serve with --tls-cert/--tls-key",
+                        self.config.host)
+        cfg = self.config
         self._server = await serve(
             self._handle,
-            self.config.host,
-            self.config.port,
+            cfg.host,
+            cfg.port,
             ssl=self._ssl_context(),
             # Features are already compressed; deflate costs 15x throughput (see issue 4).
             compression=None,
-            max_size=self.config.max_frame_bytes,
-            max_queue=64,
-            ping_interval=20,
-            ping_timeout=60,
+            max_size=cfg.max_frame_bytes,
+            # Frames the library buffers before it stops reading the socket; with
+            # the inbox this bounds what one connection holds in memory.
+            max_queue=4,
+            open_timeout=cfg.hello_timeout_s,
+            ping_interval=cfg.ping_interval_s,
+            ping_timeout=cfg.ping_timeout_s,
         )
 
     async def close(self) -> None:
@@ -112,49 +169,134 @@ class CloudServer:
         await ws.send(data)
         self.stats.frames_out += 1
 
+    async def _refuse(self, ws: ServerConnection, session_id: int, seq: itertools.count, code: ErrorCode,
+                      message: str, close_code: int) -> None:
+        try:
+            await self._send(ws, session_id, seq, Error(code=code, message=message, step=-1))
+            await ws.close(close_code, message[:120])
+        except ConnectionClosed:
+            pass
+
+    async def _decode(self, ws: ServerConnection, session_id: int, seq: itertools.count, message: str | bytes) -> Envelope | None:
+        """The decoded envelope, or None after answering an undecodable message with ``Error``."""
+        self.stats.frames_in += 1
+        if isinstance(message, str):
+            self.stats.bad_frames += 1
+            await self._send(ws, session_id, seq, Error(code=ErrorCode.MALFORMED, message="text messages are not part of the protocol; send binary frames", step=-1))
+            return None
+        try:
+            return decode(message, self._limits)
+        except WireError as exc:
+            self.stats.bad_frames += 1
+            await self._send(ws, session_id, seq, Error(code=exc.code, message=exc.message, step=-1))
+            return None
+
     async def _handle(self, ws: ServerConnection) -> None:
         session_id = next(self._ids)
         seq = itertools.count()
-        if self.stats.sessions_active >= self.config.max_sessions:
-            await self._send(ws, session_id, seq, Error(code=ErrorCode.SERVER_BUSY, message=f"server is at its limit of {self.config.max_sessions} sessions", step=-1))
-            await ws.close(1013, "server busy")
-            return
-        session = CloudSession(session_id, SessionConfig(token=self.config.token, context_every=self.config.context_every))
-        self.stats.sessions_total += 1
-        self.stats.sessions_active += 1
-        self.stats.sessions[session_id] = session
-        inbox: asyncio.Queue[tuple[Envelope, int] | None] = asyncio.Queue()
-        worker = asyncio.create_task(self._work(ws, session, inbox, seq))
-        log.info("session %d opened from %s", session_id, ws.remote_address)
         try:
-            async for message in ws:
-                recv_ns = time.monotonic_ns()
-                self.stats.frames_in += 1
-                if isinstance(message, str):
-                    self.stats.bad_frames += 1
-                    await self._send(ws, session_id, seq, Error(code=ErrorCode.MALFORMED, message="text messages are not part of the protocol; send binary frames", step=-1))
-                    continue
-                try:
-                    envelope = decode(message, self._limits)
-                except WireError as exc:
-                    self.stats.bad_frames += 1
-                    await self._send(ws, session_id, seq, Error(code=exc.code, message=exc.message, step=-1))
-                    continue
-                await inbox.put((envelope, recv_ns))
-                if session.phase is Phase.CLOSED:
-                    break
-        except ConnectionClosed:
-            pass
+            session = await self._admit(ws, session_id, seq)
+        except (_Refused, ConnectionClosed):
+            return
+        try:
+            await self._serve_session(ws, session, seq)
         finally:
-            await inbox.put(None)
-            try:
-                await worker
-            except ConnectionClosed:
-                pass
             self.stats.sessions_active -= 1
             self.stats.sessions.pop(session_id, None)
             self.stats.closed.append({"session": session_id, "steps": session.applied_steps, "last_step": session.last_step})
             log.info("session %d closed after %d train steps", session_id, session.applied_steps)
+
+    async def _admit(self, ws: ServerConnection, session_id: int, seq: itertools.count) -> CloudSession:
+        """Wait for an acceptable Hello; return the session holding a slot, or raise `_Refused`."""
+        cfg = self.config
+        if self.stats.unauthenticated >= cfg.max_unauthenticated:
+            await self._refuse(ws, session_id, seq, ErrorCode.SERVER_BUSY,
+                               f"server has {cfg.max_unauthenticated} connections waiting to say Hello", 1013)
+            raise _Refused
+        self.stats.unauthenticated += 1
+        try:
+            ws.protocol.max_message_size = cfg.max_hello_bytes
+            try:
+                hello = await asyncio.wait_for(self._await_hello(ws, session_id, seq), cfg.hello_timeout_s)
+            except TimeoutError:
+                await self._refuse(ws, session_id, seq, ErrorCode.PROTOCOL, f"no Hello within {cfg.hello_timeout_s:g} s", 1008)
+                raise _Refused from None
+            session = CloudSession(session_id, SessionConfig(token=cfg.token, context_every=cfg.context_every,
+                                                             max_session_bytes=cfg.max_session_bytes))
+            try:
+                session.authenticate(hello)
+            except WireError as exc:
+                await self._refuse(ws, session_id, seq, exc.code, exc.message, 1008)
+                raise _Refused from None
+            if self.stats.sessions_active >= cfg.max_sessions:
+                await self._refuse(ws, session_id, seq, ErrorCode.SERVER_BUSY,
+                                   f"server is at its limit of {cfg.max_sessions} sessions", 1013)
+                raise _Refused
+            self.stats.sessions_active += 1  # reserved while the model is built
+        finally:
+            self.stats.unauthenticated -= 1
+        try:
+            replies = await asyncio.to_thread(session.handle, hello)
+            (reply,) = replies
+            if not isinstance(reply, HelloAck):
+                err = reply if isinstance(reply, Error) else Error(code=ErrorCode.INTERNAL, message="Hello not accepted", step=-1)
+                await self._refuse(ws, session_id, seq, err.code, err.message, 1008)
+                raise _Refused
+            await self._send(ws, session_id, seq, reply)
+        except BaseException:
+            self.stats.sessions_active -= 1
+            raise
+        ws.protocol.max_message_size = cfg.max_frame_bytes
+        self.stats.sessions_total += 1
+        self.stats.sessions[session_id] = session
+        log.info("session %d opened from %s: %s", session_id, ws.remote_address, reply.message)
+        return session
+
+    async def _await_hello(self, ws: ServerConnection, session_id: int, seq: itertools.count) -> Hello:
+        """Answer whatever comes before a Hello with ``Error``; return the Hello."""
+        while True:
+            envelope = await self._decode(ws, session_id, seq, await ws.recv())
+            if envelope is None:
+                continue
+            if isinstance(envelope.frame, Hello):
+                return envelope.frame
+            await self._send(ws, session_id, seq, Error(code=ErrorCode.PROTOCOL, message=f"expected Hello first, got {type(envelope.frame).__name__}", step=-1))
+
+    async def _serve_session(self, ws: ServerConnection, session: CloudSession, seq: itertools.count) -> None:
+        inbox: asyncio.Queue[tuple[Envelope, int] | None] = asyncio.Queue(maxsize=self.config.inbox_frames)
+        worker = asyncio.create_task(self._work(ws, session, inbox, seq))
+        try:
+            while session.phase is not Phase.CLOSED and not worker.done():
+                try:
+                    message = await asyncio.wait_for(ws.recv(), self.config.idle_timeout_s)
+                except TimeoutError:
+                    log.info("session %d idle for %g s; closing", session.session_id, self.config.idle_timeout_s)
+                    await self._refuse(ws, session.session_id, seq, ErrorCode.PROTOCOL,
+                                       f"no frame for {self.config.idle_timeout_s:g} s; session closed", 1001)
+                    break
+                recv_ns = time.monotonic_ns()
+                envelope = await self._decode(ws, session.session_id, seq, message)
+                if envelope is not None:
+                    # Blocks while the inbox is full: the socket is not read meanwhile.
+                    await self._put_unless_done(inbox, (envelope, recv_ns), worker)
+        except ConnectionClosed:
+            pass
+        finally:
+            # Work queued by a peer that is gone is dropped, not computed.
+            while not inbox.empty():
+                inbox.get_nowait()
+            inbox.put_nowait(None)
+            try:
+                await worker
+            except Exception:  # noqa: BLE001 - a dying worker must not skip the slot's release
+                log.exception("session %d: worker failed", session.session_id)
+
+    @staticmethod
+    async def _put_unless_done(inbox: asyncio.Queue, item: object, worker: asyncio.Task) -> None:
+        put = asyncio.ensure_future(inbox.put(item))
+        await asyncio.wait({put, worker}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
 
     async def _work(self, ws: ServerConnection, session: CloudSession, inbox: asyncio.Queue, seq: itertools.count) -> None:
         """Apply frames in arrival order, one at a time, off the event loop."""
@@ -165,9 +307,12 @@ class CloudServer:
             envelope, recv_ns = item
             session.queue_depth = inbox.qsize()
             replies = await asyncio.to_thread(session.handle, envelope.frame, recv_ns=recv_ns)
-            for reply in replies:
-                await self._send(ws, session.session_id, seq, reply)
-                if isinstance(reply, Error) and session.phase is Phase.AWAIT_HELLO:
-                    # A refused Hello ends the session: say why, then close.
-                    await ws.close(1008, reply.message[:120])
+            try:
+                for reply in replies:
+                    await self._send(ws, session.session_id, seq, reply)
+                if session.phase is Phase.CLOSED:
+                    internal = any(isinstance(r, Error) and r.code == ErrorCode.INTERNAL for r in replies)
+                    await ws.close(1011 if internal else 1000, "internal error" if internal else "bye")
                     return
+            except ConnectionClosed:
+                return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from edge_sdk.training import LocalSetup, TrainConfig, TrainResult, build_local
 from schemas import frames as fr
 from schemas.codecs import Codec
 from schemas.errors import WireError
+from schemas.transport import clear_text_token_warning
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
@@ -476,6 +478,8 @@ class EdgeClient:
             error_feedback=cfg.error_feedback,
         )
         t0 = self._t_run = time.perf_counter()
+        if cfg.token and (warning := clear_text_token_warning(self.url)):
+            logging.getLogger("edge_sdk").warning("warning: %s", warning)
         tls = None
         if self.url.startswith("wss://"):
             try:
