@@ -115,6 +115,24 @@ class CloudServer:
         self._ids = itertools.count(1)
         self._server: Server | None = None
         self._limits = Limits(max_frame_bytes=config.max_frame_bytes)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _count(self, *, sessions: int = 0, unauthenticated: int = 0) -> None:
+        self.stats.sessions_active += sessions
+        self.stats.unauthenticated += unauthenticated
+        if self.stats.sessions_active == 0 and self.stats.unauthenticated == 0:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Return once no session and no unauthenticated connection is open.
+
+        For a graceful drain before shutdown, and for tests that check a slot
+        was released without polling. Raises ``TimeoutError`` after ``timeout``.
+        """
+        await asyncio.wait_for(self._idle.wait(), timeout)
 
     @property
     def port(self) -> int:
@@ -201,10 +219,10 @@ class CloudServer:
         try:
             await self._serve_session(ws, session, seq)
         finally:
-            self.stats.sessions_active -= 1
             self.stats.sessions.pop(session_id, None)
             self.stats.closed.append({"session": session_id, "steps": session.applied_steps, "last_step": session.last_step})
             log.info("session %d closed after %d train steps", session_id, session.applied_steps)
+            self._count(sessions=-1)
 
     async def _admit(self, ws: ServerConnection, session_id: int, seq: itertools.count) -> CloudSession:
         """Wait for an acceptable Hello; return the session holding a slot, or raise `_Refused`."""
@@ -213,7 +231,7 @@ class CloudServer:
             await self._refuse(ws, session_id, seq, ErrorCode.SERVER_BUSY,
                                f"server has {cfg.max_unauthenticated} connections waiting to say Hello", 1013)
             raise _Refused
-        self.stats.unauthenticated += 1
+        self._count(unauthenticated=1)
         try:
             ws.protocol.max_message_size = cfg.max_hello_bytes
             try:
@@ -232,9 +250,9 @@ class CloudServer:
                 await self._refuse(ws, session_id, seq, ErrorCode.SERVER_BUSY,
                                    f"server is at its limit of {cfg.max_sessions} sessions", 1013)
                 raise _Refused
-            self.stats.sessions_active += 1  # reserved while the model is built
+            self._count(sessions=1)  # reserved while the model is built
         finally:
-            self.stats.unauthenticated -= 1
+            self._count(unauthenticated=-1)
         try:
             replies = await asyncio.to_thread(session.handle, hello)
             (reply,) = replies
@@ -244,7 +262,7 @@ class CloudServer:
                 raise _Refused
             await self._send(ws, session_id, seq, reply)
         except BaseException:
-            self.stats.sessions_active -= 1
+            self._count(sessions=-1)
             raise
         ws.protocol.max_message_size = cfg.max_frame_bytes
         self.stats.sessions_total += 1

@@ -33,23 +33,15 @@ def wire(frame):
     return fr.decode(fr.encode(fr.Envelope(frame=frame))).frame
 
 
-def hello_for(spec: zoo.ModelSpec, **over) -> fr.Hello:
-    fields = dict(model=spec.name, model_hash=spec.config_hash, num_blocks=spec.model.num_blocks, point=POINT,
-                  codec="int8", staleness=2, optimizer_json=OptimizerConfig().to_json(), token="", batch_size=BATCH,
-                  seed=0, config_json="{}", runtime="eager", program_hash="")
-    fields.update(over)
-    return fr.Hello(**fields)
+@pytest.fixture
+def spec(digits_spec) -> zoo.ModelSpec:
+    return digits_spec
 
 
 @pytest.fixture
-def spec() -> zoo.ModelSpec:
-    return zoo.build("digits_cnn", seed=0)
-
-
-@pytest.fixture
-def cloud(spec) -> CloudSession:
+def cloud(spec, hello_frame) -> CloudSession:
     s = CloudSession(7)
-    (ack,) = s.handle(wire(hello_for(spec)))
+    (ack,) = s.handle(wire(hello_frame(spec)))
     assert isinstance(ack, fr.HelloAck), ack
     return s
 
@@ -190,18 +182,18 @@ def test_an_unexpected_exception_becomes_internal_and_closes_the_session(spec, c
     {"momentum": "x"}, {"weight_decay": None}, {"schedule": "step", "step_every": 0}, {"lr": -1}, {"lr": float("inf")},
     {"epochs": True}, {"step_gamma": 10.0, "schedule": "step"}, {"name": "lbfgs"}, {"nope": 1}, [1, 2],
 ])
-def test_bad_optimizer_configs_are_refused_at_hello(spec, opt_json):
+def test_bad_optimizer_configs_are_refused_at_hello(spec, hello_frame, opt_json):
     text = json.dumps(opt_json)
-    err = refused(CloudSession(1).handle(wire(hello_for(spec, optimizer_json=text))), ErrorCode.MALFORMED)
+    err = refused(CloudSession(1).handle(wire(hello_frame(spec, optimizer_json=text))), ErrorCode.MALFORMED)
     assert "optimizer" in err.message
 
 
 @pytest.mark.parametrize("field, value", [
     ("codec", "bogus"), ("staleness", -1), ("staleness", 10_000), ("batch_size", 0), ("batch_size", 10**6), ("runtime", "wasm"),
 ])
-def test_bad_hello_fields_are_refused(spec, field, value):
+def test_bad_hello_fields_are_refused(spec, hello_frame, field, value):
     s = CloudSession(1)
-    refused(s.handle(wire(hello_for(spec, **{field: value}))), ErrorCode.MALFORMED)
+    refused(s.handle(wire(hello_frame(spec, **{field: value}))), ErrorCode.MALFORMED)
     assert s.phase is Phase.AWAIT_HELLO and s.spec is None
 
 
@@ -218,18 +210,18 @@ def _record_real_builds(monkeypatch) -> list[str]:
     return real
 
 
-def test_a_wrong_hash_is_refused_before_the_model_is_built(spec, monkeypatch):
+def test_a_wrong_hash_is_refused_before_the_model_is_built(spec, hello_frame, monkeypatch):
     real = _record_real_builds(monkeypatch)
-    wide = hello_for(spec, config_json=json.dumps({"width": 2048}), model_hash="0" * 64)
+    wide = hello_frame(spec, config_json=json.dumps({"width": 2048}), model_hash="0" * 64)
     refused(CloudSession(1).handle(wire(wide)), ErrorCode.MODEL_MISMATCH)
     assert real == []
 
 
-def test_a_model_over_the_memory_budget_is_refused_before_it_is_built(spec, monkeypatch):
+def test_a_model_over_the_memory_budget_is_refused_before_it_is_built(spec, hello_frame, monkeypatch):
     real = _record_real_builds(monkeypatch)
     kwargs = {"width": 2048}
     plan = ModelPlan.build("digits_cnn", 0, kwargs)
-    wide = hello_for(spec, config_json=json.dumps(kwargs), model_hash=plan.spec.config_hash)
+    wide = hello_frame(spec, config_json=json.dumps(kwargs), model_hash=plan.spec.config_hash)
     err = refused(CloudSession(1, SessionConfig(max_session_bytes=256 << 20)).handle(wire(wide)), ErrorCode.LIMIT_EXCEEDED)
     assert "MiB" in err.message and real == []
     # the same session shape fits a bigger budget, and then the model is built once
@@ -285,11 +277,11 @@ def test_wrong_shaped_optimizer_state_is_refused_and_the_cut_stays(spec, cloud):
     assert isinstance(cloud.handle(wire(features(spec, 1)))[-1], fr.Gradients)  # still trains at the old cut
 
 
-def test_partial_optimizer_state_per_parameter_is_refused(spec, monkeypatch):
+def test_partial_optimizer_state_per_parameter_is_refused(spec, hello_frame, monkeypatch):
     # Adam keeps step, exp_avg and exp_avg_sq: dropping one would break the next step
     adam = OptimizerConfig(name="adam", lr=1e-3)
     s = CloudSession(1)
-    assert isinstance(s.handle(wire(hello_for(spec, optimizer_json=adam.to_json())))[0], fr.HelloAck)
+    assert isinstance(s.handle(wire(hello_frame(spec, optimizer_json=adam.to_json())))[0], fr.HelloAck)
     device = zoo.build("digits_cnn", seed=0)
     pipe = EdgePipeline(EagerRuntime(device.model.head(POINT)), point=POINT, optimizer=adam, codec="int8", staleness=0)
     (g,) = [r for r in s.handle(wire(pipe.start_step(torch.randn(BATCH, 1, 8, 8), torch.zeros(BATCH, dtype=torch.long), epoch=0)))
