@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_sdk import zoo  # noqa: E402
-from edge_sdk.client import EdgeClient  # noqa: E402
+from edge_sdk.client import EdgeClient, run_training  # noqa: E402
 from edge_sdk.optim import OptimizerConfig  # noqa: E402
-from edge_sdk.training import TrainConfig, run_training  # noqa: E402
+from edge_sdk.training import TrainConfig  # noqa: E402
 from schemas import codecs  # noqa: E402
 from schemas import frames as fr  # noqa: E402
 from schemas.errors import ErrorCode  # noqa: E402
@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh_server.stop()
 
     crashes = int(not (alive_after_campaign and alive)) + log.count("Traceback")
+    internal_lines = [line for line in log.splitlines() if "internal error" in line]
     result = {
         "frames": sum(tally.sent.values()),
         "connections": args.connections,
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "crashes": crashes,
         "unanswered": tally.unanswered,
         "internal_errors": tally.internal,
+        "internal_error_log": internal_lines[:20],
         "leaked_slots": 8 - sum(1 for s in fleet if s == 5),
         "rss_before_mib": round(rss_before / 2**20, 1),
         "rss_after_mib": round(rss_after / 2**20, 1),
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_equal": fuzzed["test_accuracy"] == fresh["test_accuracy"],
         "warm_up_steps": normal_run_warm,
     }
-    result["goals_met"] = (result["frames"] >= 100_000 and crashes == 0 and tally.unanswered == 0
+    result["goals_met"] = (result["frames"] >= 100_000 and crashes == 0 and tally.unanswered == 0 and tally.internal == 0
                            and result["leaked_slots"] == 0 and result["rss_ratio"] <= 1.2 and result["accuracy_equal"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

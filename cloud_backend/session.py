@@ -24,6 +24,7 @@ import torch
 
 from edge_sdk import zoo
 from edge_sdk.context import ComputeEstimator
+from cloud_backend.model_lock import MODEL_LOCK
 from cloud_backend.validation import (
     REPLY_CACHE_SIZE,
     ModelPlan,
@@ -124,7 +125,10 @@ class CloudSession:
         step = getattr(frame, "step", -1)
         step = step if isinstance(step, int) else -1
         try:
-            return self._dispatch(frame, recv_ns)
+            if isinstance(frame, Hello):
+                return self._dispatch(frame, recv_ns)  # takes the model lock itself, only to build
+            with MODEL_LOCK.shared():
+                return self._dispatch(frame, recv_ns)
         except WireError as exc:
             return [Error(code=exc.code, message=exc.message, step=step)]
         except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a frame
@@ -176,7 +180,8 @@ class CloudSession:
             if not isinstance(kwargs, dict):
                 raise ValueError("config_json must be a JSON object")
             # Shapes, hash and memory from a meta-device build: nothing allocated yet.
-            plan = ModelPlan.build(hello.model, hello.seed, kwargs)
+            with MODEL_LOCK.exclusive():
+                plan = ModelPlan.build(hello.model, hello.seed, kwargs)
         except (ValueError, TypeError, RuntimeError, OverflowError, RecursionError, json.JSONDecodeError) as exc:
             raise WireError(ErrorCode.UNKNOWN_MODEL, f"cannot build model {hello.model!r}: {str(exc)[:300]}") from None
         meta = plan.spec
@@ -196,7 +201,8 @@ class CloudSession:
             raise WireError(ErrorCode.MODEL_MISMATCH, f"device says {hello.num_blocks} blocks, cloud has {meta.model.num_blocks}")
         self._check_cut(meta.model, hello.point)
         self._check_memory(plan, hello.point, hello.batch_size, opt_cfg)
-        self.spec = zoo.build(hello.model, seed=hello.seed, **kwargs)
+        with MODEL_LOCK.exclusive():
+            self.spec = zoo.build(hello.model, seed=hello.seed, **kwargs)
         self.plan = plan
         self.batch_size = hello.batch_size
         self.optimizer_config = opt_cfg
