@@ -32,9 +32,11 @@ from cloud_backend.validation import (
     check_features_claim,
     check_features_values,
     check_optimizer_entries,
+    eval_batch_limit,
     check_hello_fields,
     parse_grad_codec,
     parse_optimizer,
+    reply_cache_bytes,
 )
 from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
 from schemas import codecs
@@ -83,6 +85,12 @@ class SessionConfig:
     context_every: int = 10  # send a Context frame every N train steps
     max_batch: int = 4096
     max_session_bytes: int = DEFAULT_SESSION_BYTES
+    #: byte bound of the reply cache; None: a quarter of ``max_session_bytes``
+    reply_cache_bytes: int | None = None
+
+    @property
+    def reply_cache_cap(self) -> int:
+        return self.reply_cache_bytes if self.reply_cache_bytes is not None else reply_cache_bytes(self.max_session_bytes)
 
 
 class CloudSession:
@@ -100,6 +108,7 @@ class CloudSession:
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_config: OptimizerConfig | None = None
         self.replies: OrderedDict[int, Gradients] = OrderedDict()
+        self._reply_bytes = 0
         self.applied_steps = 0
         self.last_step = -1
         self.step_ms = ComputeEstimator()
@@ -225,7 +234,7 @@ class CloudSession:
             raise WireError(ErrorCode.PROTOCOL, f"partition point {point} is not a valid cut for the cloud (valid: {valid})")
 
     def _check_memory(self, plan: ModelPlan, point: int, batch: int, opt_cfg: OptimizerConfig, extra: int = 0) -> None:
-        need = plan.memory_bytes(point, batch, opt_cfg) + extra
+        need = plan.memory_bytes(point, batch, opt_cfg, reply_cache_cap=self.config.reply_cache_cap) + extra
         if need > self.config.max_session_bytes:
             raise WireError(
                 ErrorCode.LIMIT_EXCEEDED,
@@ -319,9 +328,7 @@ class CloudSession:
             features_recv_ns=recv_ns,
             queue_depth=self.queue_depth,
         )
-        self.replies[frame.step] = reply
-        while len(self.replies) > REPLY_CACHE_SIZE:
-            self.replies.popitem(last=False)
+        self._cache(reply)
         self.last_step = frame.step
         self.applied_steps += 1
         out_frames: list[object] = []
@@ -332,10 +339,24 @@ class CloudSession:
         out_frames.append(reply)
         return out_frames
 
+    def _cache(self, reply: Gradients) -> None:
+        """Keep the reply for re-delivery, within the cache's count and byte bounds.
+
+        A re-sent step older than what is kept is refused with DUPLICATE_STEP
+        (a clear error, never a second application)."""
+        assert reply.tensor is not None
+        self.replies[reply.step] = reply
+        self._reply_bytes += reply.tensor.nbytes
+        cap = self.config.reply_cache_cap
+        while len(self.replies) > 1 and (len(self.replies) > REPLY_CACHE_SIZE or self._reply_bytes > cap):
+            _, old = self.replies.popitem(last=False)
+            assert old.tensor is not None
+            self._reply_bytes -= old.tensor.nbytes
+
     # ------------------------------------------------------------------- eval
     def _on_eval(self, frame: Features) -> list[object]:
         assert self.spec is not None
-        feats, labels = self._inputs(frame, max_batch=self.config.max_batch)
+        feats, labels = self._inputs(frame, max_batch=eval_batch_limit(self.batch_size))
         for b in self.blocks:
             b.train(False)
         with torch.no_grad():

@@ -31,14 +31,21 @@ from edge_sdk.migration import chunk_shapes
 from edge_sdk.optim import OptimizerConfig
 from schemas.codecs import Codec, DType, TensorFrame
 from schemas.errors import ErrorCode, WireError
-from schemas.frames import Features, Hello, Weights
+from schemas.frames import MAX_EVAL_BATCH, Features, Hello, Weights
 
 #: The largest feature-replay window a device may declare. Far above what pays
 #: on any link (the decision engine tries up to 8 by default).
 MAX_STALENESS = 64
 #: Train replies kept for idempotent re-delivery: a device never has more than
-#: K+1 steps in flight, so twice the largest window is always enough.
+#: K+1 steps in flight, so twice the largest window is always enough. The cache
+#: is also bounded in bytes (`reply_cache_bytes`): with big cut features a deep
+#: window of fp32 gradients would otherwise dominate the session's memory.
 REPLY_CACHE_SIZE = 2 * (MAX_STALENESS + 1)
+
+
+def reply_cache_bytes(session_bytes: int) -> int:
+    """The reply cache's share of a session's memory budget."""
+    return session_bytes // 4
 #: Runtimes a device may run its head in.
 RUNTIMES = ("eager", "executorch", "torchscript")
 
@@ -120,20 +127,28 @@ class ModelPlan:
     def block_of(self, name: str) -> int:
         return int(name.split(".")[1])
 
-    def memory_bytes(self, point: int, batch: int, optimizer: OptimizerConfig) -> int:
-        """Estimated steady memory of a session at ``point``.
+    def memory_bytes(self, point: int, batch: int, optimizer: OptimizerConfig, *, reply_cache_cap: int) -> int:
+        """Estimated peak memory of a session at ``point``.
 
         The whole model (the cloud builds it all from the seed), the tail's
-        gradients and optimizer slots, the reply cache of fp32 feature
-        gradients, and one step's activations (twice the tail's feature maps:
-        forward outputs kept for the backward, plus their gradients).
+        gradients and optimizer slots, the reply cache (fp32 feature gradients,
+        up to its byte cap), and the larger of one train step's activations
+        (twice the tail's feature maps: forward outputs kept for the backward,
+        plus their gradients) and one eval batch (the largest feature map, in
+        and out).
         """
         model = sum(t.nbytes for t in self.params.values()) + sum(t.nbytes for t in self.buffers.values())
         tail = sum(t.nbytes for n, t in self.params.items() if self.block_of(n) >= point)
         slots = len(optimizer.state_keys - {"step"})
-        reply = REPLY_CACHE_SIZE * batch * self.features[point].nbytes
-        activations = 2 * batch * sum(f.nbytes for f in self.features[point:])
-        return model + tail * (1 + slots) + reply + activations
+        reply = min(REPLY_CACHE_SIZE * batch * self.features[point].nbytes, reply_cache_cap)
+        train = 2 * batch * sum(f.nbytes for f in self.features[point:])
+        evaluation = 2 * eval_batch_limit(batch) * max(f.nbytes for f in self.features[point:])
+        return model + tail * (1 + slots) + reply + max(train, evaluation)
+
+
+def eval_batch_limit(batch_size: int) -> int:
+    """The most samples one evaluation frame may carry (see `schemas.frames.MAX_EVAL_BATCH`)."""
+    return max(batch_size, MAX_EVAL_BATCH)
 
 
 # ------------------------------------------------------------------ features
@@ -227,6 +242,6 @@ def check_optimizer_entries(keys_by_param: dict[str, set[str]], state_keys: froz
 
 
 __all__ = [
-    "MAX_STALENESS", "REPLY_CACHE_SIZE", "ModelPlan", "TensorSpec", "WeightsPlan", "check_features_claim", "check_optimizer_entries",
+    "MAX_STALENESS", "REPLY_CACHE_SIZE", "ModelPlan", "TensorSpec", "WeightsPlan", "check_features_claim", "check_optimizer_entries", "eval_batch_limit", "reply_cache_bytes",
     "check_features_values", "check_hello_fields", "parse_grad_codec", "parse_optimizer",
 ]

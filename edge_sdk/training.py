@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from edge_sdk import data as datasets
 from edge_sdk import zoo
 from edge_sdk.optim import OptimizerConfig, warm_up
+from schemas.frames import MAX_EVAL_BATCH
 
 #: Which model trains which bundled/local dataset by default.
 DEFAULT_MODEL_FOR_DATASET = {"digits": "digits_cnn", "mnist1d": "mnist1d_cnn"}
@@ -55,7 +56,7 @@ class TrainConfig:
     token: str = ""
     tls_ca: str | None = None  # CA bundle to trust for wss:// (e.g. a self-signed server certificate)
     max_steps_per_epoch: int | None = None  # for quick tests
-    eval_batch_size: int = 256
+    eval_batch_size: int = MAX_EVAL_BATCH  # the cloud refuses larger eval batches (unless batch_size is larger)
     evaluate: bool = True  # run the test split through the link after every epoch
     topk_ratio: float = 0.1
 

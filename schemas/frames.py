@@ -49,6 +49,11 @@ TENSOR_OVERHEAD_BYTES = 256
 WEIGHT_KINDS = ("param", "buffer", "optim")
 
 
+#: Protocol rule: an evaluation ``Features`` frame carries at most
+#: ``max(Hello.batch_size, MAX_EVAL_BATCH)`` samples (the device's default eval batch).
+MAX_EVAL_BATCH = 256
+
+
 @dataclass(frozen=True)
 class Limits:
     """Decoder limits; everything a peer claims is checked against these first."""

@@ -292,3 +292,33 @@ def test_partial_optimizer_state_per_parameter_is_refused(spec, hello_frame, mon
     replies = [r for f in frames for r in s.handle(wire(f))]
     err = refused(replies, ErrorCode.MALFORMED)
     assert "exp_avg_sq" in err.message and s.point == POINT
+
+
+def test_eval_batches_are_bounded_by_the_protocol_limit(spec, hello_frame):
+    s = CloudSession(1)
+    assert isinstance(s.handle(wire(hello_frame(spec)))[0], fr.HelloAck)
+    n = fr.MAX_EVAL_BATCH
+    with torch.no_grad():
+        f = spec.model.head(POINT)(torch.zeros(n + 1, 1, 8, 8))
+    tf, _ = codecs.encode_tensor(f, codecs.Codec.INT8_TENSOR)
+    too_big = fr.Features(step=0, epoch=0, point=POINT, tensor=tf, train=False,
+                          labels=codecs.tensor_frame_from_tensor(torch.zeros(n + 1, dtype=torch.long)))
+    refused(s.handle(wire(too_big)), ErrorCode.LIMIT_EXCEEDED)
+    tf, _ = codecs.encode_tensor(f[:n], codecs.Codec.INT8_TENSOR)
+    ok = fr.Features(step=0, epoch=0, point=POINT, tensor=tf, train=False,
+                     labels=codecs.tensor_frame_from_tensor(torch.zeros(n, dtype=torch.long)))
+    assert s.handle(wire(ok)) == []
+
+
+def test_the_reply_cache_is_bounded_in_bytes_and_old_steps_are_refused_not_reapplied(spec, hello_frame):
+    reply_bytes = BATCH * 32 * 4 * 4 * 4  # fp32 gradient of the (8, 32, 4, 4) cut
+    cap = 5 * reply_bytes
+    s = CloudSession(1, SessionConfig(reply_cache_bytes=cap))
+    assert isinstance(s.handle(wire(hello_frame(spec)))[0], fr.HelloAck)
+    for step in range(40):
+        assert isinstance(s.handle(wire(features(spec, step)))[-1], fr.Gradients)
+    kept = sum(r.tensor.nbytes for r in s.replies.values())
+    assert kept <= cap and len(s.replies) == cap // reply_bytes
+    assert isinstance(s.handle(wire(features(spec, 39)))[-1], fr.Gradients)  # recent: re-delivered
+    refused(s.handle(wire(features(spec, 0))), ErrorCode.DUPLICATE_STEP)  # evicted: refused
+    assert s.applied_steps == 40
