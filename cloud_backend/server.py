@@ -63,7 +63,7 @@ class ServerConfig:
     #: WebSocket keepalive: a peer that does not answer a ping in time is gone
     #: (this also ends a frame trickled byte by byte: its pong cannot arrive)
     ping_interval_s: float = 20.0
-    ping_timeout_s: float = 20.0
+    ping_timeout_s: float = 60.0  # a pong can wait behind a large frame on a slow uplink
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_hello_bytes: int = DEFAULT_MAX_HELLO_BYTES
     #: decoded frames waiting for a session's worker; beyond that, reading stops
