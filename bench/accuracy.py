@@ -29,11 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_sdk.emulation.cli import cloud_process, run_through_proxy  # noqa: E402
-from edge_sdk.local import train_locally  # noqa: E402
-from edge_sdk import zoo  # noqa: E402
-from edge_sdk.training import DEFAULT_MODEL_FOR_DATASET, TrainConfig, build_local, default_point  # noqa: E402
-from edge_sdk.zoo.recipes import RECIPES  # noqa: E402
+from edge_sdk import zoo
+from edge_sdk.emulation.cli import cloud_process, run_through_proxy
+from edge_sdk.local import train_locally
+from edge_sdk.training import DEFAULT_MODEL_FOR_DATASET, TrainConfig, build_local, default_point
+from edge_sdk.zoo.recipes import RECIPES
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -42,8 +42,19 @@ def config_for(dataset: str, seed: int, **overrides) -> TrainConfig:
     model = DEFAULT_MODEL_FOR_DATASET[dataset]
     r = RECIPES[model]
     # a fixed cut (the model's default): this bench measures accuracy, not the engine
-    base = dict(model=model, dataset=dataset, point=default_point(zoo.build(model)), epochs=r.epochs, batch_size=r.batch_size, optimizer=r.optimizer, lr=r.lr,
-                momentum=r.momentum, weight_decay=r.weight_decay, schedule="constant", seed=seed)
+    base = dict(
+        model=model,
+        dataset=dataset,
+        point=default_point(zoo.build(model)),
+        epochs=r.epochs,
+        batch_size=r.batch_size,
+        optimizer=r.optimizer,
+        lr=r.lr,
+        momentum=r.momentum,
+        weight_decay=r.weight_decay,
+        schedule="constant",
+        seed=seed,
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -71,26 +82,32 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = config_for(dataset, seed, staleness=args.staleness, codec=args.codec, error_feedback=ef, **extra)
                     res = asyncio.run(run_through_proxy(cfg, "none", port, None, build_local(cfg)))
                     runs[key].append(res.test_accuracy)
-                print(f"{dataset} seed {seed}: centralized {central.test_accuracy:.4f}  split+EF {runs['split_ef'][-1]:.4f}  "
-                      f"split no-EF {runs['split_no_ef'][-1]:.4f}", flush=True)
+                print(
+                    f"{dataset} seed {seed}: centralized {central.test_accuracy:.4f}  split+EF {runs['split_ef'][-1]:.4f}  "
+                    f"split no-EF {runs['split_no_ef'][-1]:.4f}",
+                    flush=True,
+                )
             means = {k: statistics.mean(v) for k, v in runs.items()}
             report[dataset] = dict(
                 runs=runs,
                 mean=means,
                 gap_pp_ef=100 * (means["centralized"] - means["split_ef"]),
                 gap_pp_no_ef=100 * (means["centralized"] - means["split_no_ef"]),
-                goal_within_1pp=abs(means["centralized"] - means["split_ef"]) <= 0.01 or means["split_ef"] >= means["centralized"],
+                goal_within_1pp=abs(means["centralized"] - means["split_ef"]) <= 0.01
+                or means["split_ef"] >= means["centralized"],
                 config=config_for(dataset, seeds[0], staleness=args.staleness, codec=args.codec, **extra).__dict__,
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print("| dataset | centralized | split K=%d %s + EF | gap (pp) | without EF | gap (pp) | goal |" % (args.staleness, args.codec))
+    print(f"| dataset | centralized | split K={args.staleness} {args.codec} + EF | gap (pp) | without EF | gap (pp) | goal |")
     print("|---|---|---|---|---|---|---|")
     for d, r in report.items():
         m = r["mean"]
-        print(f"| {d} | {100 * m['centralized']:.2f} | {100 * m['split_ef']:.2f} | {r['gap_pp_ef']:+.2f} | "
-              f"{100 * m['split_no_ef']:.2f} | {r['gap_pp_no_ef']:+.2f} | {'ok' if r['goal_within_1pp'] else 'MISS'} |")
+        print(
+            f"| {d} | {100 * m['centralized']:.2f} | {100 * m['split_ef']:.2f} | {r['gap_pp_ef']:+.2f} | "
+            f"{100 * m['split_no_ef']:.2f} | {r['gap_pp_no_ef']:+.2f} | {'ok' if r['goal_within_1pp'] else 'MISS'} |"
+        )
     _plot(report, out.with_suffix(".png"))
     print(f"wrote {out}")
     return 0

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge_sdk import data, zoo  # noqa: E402
-from edge_sdk.zoo.recipes import RECIPES, train_centralized  # noqa: E402
+from edge_sdk import data, zoo
+from edge_sdk.zoo.recipes import RECIPES, train_centralized
 
 TARGETS = {"digits_cnn": 0.97, "mnist1d_cnn": 0.90}
 
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(RECIPES), choices=sorted(RECIPES))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "centralized.json")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 1 is fastest for these tiny models and robust on a busy machine")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 is fastest for these tiny models and robust on a busy machine"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
@@ -59,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             "passed": passed,
             "config_hash": spec.config_hash,
         }
-        print(f"{name}: test accuracy {res.final_test_accuracy:.4f} after {recipe.epochs} epochs "
-              f"({res.steps} steps, {res.seconds:.1f} s) target {TARGETS[name]} {'OK' if passed else 'FAIL'}")
+        print(
+            f"{name}: test accuracy {res.final_test_accuracy:.4f} after {recipe.epochs} epochs "
+            f"({res.steps} steps, {res.seconds:.1f} s) target {TARGETS[name]} {'OK' if passed else 'FAIL'}"
+        )
     doc = {
         "benchmark": "centralized",
         "torch": torch.__version__,

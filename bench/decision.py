@@ -38,12 +38,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_sdk.context import ContextSnapshot  # noqa: E402
-from edge_sdk.decision.cost_model import Choice, LinkEstimate, apply_context  # noqa: E402
-from edge_sdk.decision.setup import build_controller  # noqa: E402
-from edge_sdk.emulation.cli import cloud_process, run_through_proxy  # noqa: E402
-from edge_sdk.emulation.network import PROFILES  # noqa: E402
-from edge_sdk.training import TrainConfig, build_local  # noqa: E402
+from edge_sdk.context import ContextSnapshot
+from edge_sdk.decision.cost_model import Choice, LinkEstimate, apply_context
+from edge_sdk.decision.setup import build_controller
+from edge_sdk.emulation.cli import cloud_process, run_through_proxy
+from edge_sdk.emulation.network import PROFILES
+from edge_sdk.training import TrainConfig, build_local
 
 RESULTS = ROOT / "bench" / "results"
 CODECS = ("fp32", "int8", "int4")
@@ -65,7 +65,8 @@ def a_priori_inputs(base: dict, profile: str):
     controller = build_controller(cfg, setup, Choice(setup.point, "int8", 2))
     link = PROFILES[profile]
     return controller, controller.base_inputs.with_link(
-        LinkEstimate(uplink_bps=link.uplink_bps, downlink_bps=link.downlink_bps, rtt_s=link.rtt_s))
+        LinkEstimate(uplink_bps=link.uplink_bps, downlink_bps=link.downlink_bps, rtt_s=link.rtt_s)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,23 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    base = dict(model="digits_cnn", dataset="digits", epochs=1, batch_size=32, device_slowdown=args.slowdown,
-                evaluate=False, seed=0)
+    base = dict(
+        model="digits_cnn", dataset="digits", epochs=1, batch_size=32, device_slowdown=args.slowdown, evaluate=False, seed=0
+    )
     report: dict = {"config": dict(base), "sweep": [], "regret": [], "adaptation": {}}
     with cloud_process(["--threads", "1"]) as (_proc, port):
         # ---------------------------------------------------------------- sweep
         if args.sweep_from:
             earlier = json.loads(Path(args.sweep_from).read_text())
             report["sweep"], report["regret"] = earlier["sweep"], earlier["regret"]
-        for profile in ([] if args.sweep_from else args.profiles.split(",")):
+        for profile in [] if args.sweep_from else args.profiles.split(","):
             steps = args.iot_steps if profile == "iot" else args.steps
             controller, inputs = a_priori_inputs({**base, "max_steps_per_epoch": steps}, profile)
             policy = controller.policy
             # Calibrate once, as the engine does at run time: measure one reference
             # configuration, then predict every *other* one from that context.
             ref = Choice(controller.current.point, "int8", 2)
-            ref_run = run(TrainConfig(**base, max_steps_per_epoch=steps, point=ref.point, codec=ref.codec, staleness=ref.staleness),
-                          profile, port)
+            ref_run = run(
+                TrainConfig(**base, max_steps_per_epoch=steps, point=ref.point, codec=ref.codec, staleness=ref.staleness),
+                profile,
+                port,
+            )
             calibrated = apply_context(inputs, _snapshot(ref_run.context), ref)
             rows = []
             for point in inputs.cut_points:
@@ -107,26 +112,52 @@ def main(argv: list[str] | None = None) -> int:
                     pred, _ = policy.best_for(calibrated, point, codec)
                     cfg = TrainConfig(**base, max_steps_per_epoch=steps, point=point, codec=codec, staleness=pred.K)
                     measured = step_ms(run(cfg, profile, port))
-                    row = dict(profile=profile, point=point, codec=codec, staleness=pred.K,
-                               predicted_ms=1e3 * pred.step_time_s, measured_ms=measured,
-                               rel_error=(1e3 * pred.step_time_s - measured) / measured)
+                    row = dict(
+                        profile=profile,
+                        point=point,
+                        codec=codec,
+                        staleness=pred.K,
+                        predicted_ms=1e3 * pred.step_time_s,
+                        measured_ms=measured,
+                        rel_error=(1e3 * pred.step_time_s - measured) / measured,
+                    )
                     rows.append(row)
-                    print(f"{profile:5s} p={point} {codec:5s} K={pred.K}: predicted {row['predicted_ms']:8.1f} ms, "
-                          f"measured {measured:8.1f} ms ({100 * row['rel_error']:+.0f} %)", flush=True)
+                    print(
+                        f"{profile:5s} p={point} {codec:5s} K={pred.K}: predicted {row['predicted_ms']:8.1f} ms, "
+                        f"measured {measured:8.1f} ms ({100 * row['rel_error']:+.0f} %)",
+                        flush=True,
+                    )
             report["sweep"] += rows
             decision = policy.decide(calibrated, None, calibrated.remaining_steps)
             choice = decision.choice
-            chosen = next((r for r in rows if (r["point"], r["codec"], r["staleness"]) == (choice.point, choice.codec, choice.staleness)), None)
+            chosen = next(
+                (r for r in rows if (r["point"], r["codec"], r["staleness"]) == (choice.point, choice.codec, choice.staleness)),
+                None,
+            )
             if chosen is None:
-                cfg = TrainConfig(**base, max_steps_per_epoch=steps, point=choice.point, codec=choice.codec, staleness=choice.staleness)
-                chosen = dict(point=choice.point, codec=choice.codec, staleness=choice.staleness, measured_ms=step_ms(run(cfg, profile, port)))
+                cfg = TrainConfig(
+                    **base, max_steps_per_epoch=steps, point=choice.point, codec=choice.codec, staleness=choice.staleness
+                )
+                chosen = dict(
+                    point=choice.point,
+                    codec=choice.codec,
+                    staleness=choice.staleness,
+                    measured_ms=step_ms(run(cfg, profile, port)),
+                )
             best = min(rows, key=lambda r: r["measured_ms"])
-            report["regret"].append(dict(profile=profile, engine=dict(point=choice.point, codec=choice.codec, staleness=choice.staleness,
-                                                                      measured_ms=chosen["measured_ms"]),
-                                         best=dict(point=best["point"], codec=best["codec"], staleness=best["staleness"],
-                                                   measured_ms=best["measured_ms"]),
-                                         throughput_ratio=best["measured_ms"] / chosen["measured_ms"],
-                                         reason=decision.reason))
+            report["regret"].append(
+                dict(
+                    profile=profile,
+                    engine=dict(
+                        point=choice.point, codec=choice.codec, staleness=choice.staleness, measured_ms=chosen["measured_ms"]
+                    ),
+                    best=dict(
+                        point=best["point"], codec=best["codec"], staleness=best["staleness"], measured_ms=best["measured_ms"]
+                    ),
+                    throughput_ratio=best["measured_ms"] / chosen["measured_ms"],
+                    reason=decision.reason,
+                )
+            )
 
         # ----------------------------------------------------------- adaptation
         if not args.skip_adaptation:
@@ -177,19 +208,30 @@ def _adaptation(args, base: dict, report: dict, port: int) -> dict:
     for s in statics[: args.real_statics]:
         cfg = TrainConfig(**trace_base, point=s["point"], codec=s["codec"], staleness=s["staleness"])
         s["measured_s"] = run(cfg, f"trace:{trace}", port).train_s
-        print(f"static p={s['point']} {s['codec']} K={s['staleness']} on the trace: {s['measured_s']:.1f} s "
-              f"(composed {s['composed_s']:.1f} s)", flush=True)
+        print(
+            f"static p={s['point']} {s['codec']} K={s['staleness']} on the trace: {s['measured_s']:.1f} s "
+            f"(composed {s['composed_s']:.1f} s)",
+            flush=True,
+        )
     best_static = min((s.get("measured_s", s["composed_s"]) for s in statics), default=None)
     adaptation = dict(
-        trace=f"wifi {args.wifi_seconds:g} s then iot", steps=trace_steps, drop_step=drop_step,
-        first_switch_after_drop=switches[0] if switches else None, steps_to_react=react,
-        adaptive_s=adaptive.train_s, best_static_s=best_static, statics=statics,
+        trace=f"wifi {args.wifi_seconds:g} s then iot",
+        steps=trace_steps,
+        drop_step=drop_step,
+        first_switch_after_drop=switches[0] if switches else None,
+        steps_to_react=react,
+        adaptive_s=adaptive.train_s,
+        best_static_s=best_static,
+        statics=statics,
         partition_history=adaptive.partition_history,
         goal_react_within_30=react is not None and react <= 30,
         goal_beats_every_static=best_static is not None and adaptive.train_s < best_static,
     )
-    print(f"adaptive on the trace: {adaptive.train_s:.1f} s, drop at step {drop_step}, reacted after {react} steps; "
-          f"best static {_fmt(best_static)} s", flush=True)
+    print(
+        f"adaptive on the trace: {adaptive.train_s:.1f} s, drop at step {drop_step}, reacted after {react} steps; "
+        f"best static {_fmt(best_static)} s",
+        flush=True,
+    )
     return adaptation
 
 
@@ -217,12 +259,16 @@ def _print_tables(report: dict) -> None:
     print("|---|---|---|---|---|---|")
     for r in report["regret"]:
         e, b = r["engine"], r["best"]
-        print(f"| {r['profile']} | p={e['point']} {e['codec']} K={e['staleness']} | {e['measured_ms']:.1f} | "
-              f"p={b['point']} {b['codec']} K={b['staleness']} | {b['measured_ms']:.1f} | {r['throughput_ratio']:.2f} |")
+        print(
+            f"| {r['profile']} | p={e['point']} {e['codec']} K={e['staleness']} | {e['measured_ms']:.1f} | "
+            f"p={b['point']} {b['codec']} K={b['staleness']} | {b['measured_ms']:.1f} | {r['throughput_ratio']:.2f} |"
+        )
     a = report["adaptation"]
     if a:
-        print(f"adaptation: drop at step {a['drop_step']}, first switch {a['steps_to_react']} steps later, "
-              f"adaptive {a['adaptive_s']:.1f} s vs best static {_fmt(a['best_static_s'])} s")
+        print(
+            f"adaptation: drop at step {a['drop_step']}, first switch {a['steps_to_react']} steps later, "
+            f"adaptive {a['adaptive_s']:.1f} s vs best static {_fmt(a['best_static_s'])} s"
+        )
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -235,8 +281,10 @@ def _plot(report: dict, path: Path) -> None:
     colors = {"wifi": "tab:blue", "4g": "tab:orange", "iot": "tab:red", "5g": "tab:green"}
     for r in report["sweep"]:
         ax1.scatter(r["measured_ms"], r["predicted_ms"], color=colors.get(r["profile"], "k"), s=18)
-    lim = [min(min(r["measured_ms"], r["predicted_ms"]) for r in report["sweep"]) * 0.8,
-           max(max(r["measured_ms"], r["predicted_ms"]) for r in report["sweep"]) * 1.2]
+    lim = [
+        min(min(r["measured_ms"], r["predicted_ms"]) for r in report["sweep"]) * 0.8,
+        max(max(r["measured_ms"], r["predicted_ms"]) for r in report["sweep"]) * 1.2,
+    ]
     ax1.plot(lim, lim, "k--", lw=1)
     ax1.set_xscale("log")
     ax1.set_yscale("log")

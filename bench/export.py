@@ -49,8 +49,16 @@ class _EagerNoStatsRestore(EagerRuntime):
 
 def _export(spec, points, fmt, batch, out, optimize=True) -> list[dict]:
     entries = [
-        export_head(spec.model.head(p), spec.input_shape, point=p, batch_size=batch, out_dir=out, fmt=fmt,
-                    name_map=spec.model.head_name_map(p), optimize=optimize)
+        export_head(
+            spec.model.head(p),
+            spec.input_shape,
+            point=p,
+            batch_size=batch,
+            out_dir=out,
+            fmt=fmt,
+            name_map=spec.model.head_name_map(p),
+            optimize=optimize,
+        )
         for p in points
     ]
     write_manifest(out, entries, model=spec.name, config_hash=spec.config_hash, fmt=fmt, batch_size=batch)
@@ -66,13 +74,19 @@ def bench_model(name: str, points: list[int], timed: int, batch: int, repeats: i
     ts = _export(spec, [timed], "torchscript", batch, root / f"{name}-ts")
     for e in et:
         result["points"][str(e["point"])] = {
-            "executorch_bytes": e["size_bytes"], "executorch_export_s": e["export_seconds"],
+            "executorch_bytes": e["size_bytes"],
+            "executorch_export_s": e["export_seconds"],
             "features_shape": e["features"]["shape"],
         }
-    result["points"][str(timed)].update({"torchscript_bytes": ts[0]["size_bytes"], "torchscript_export_s": ts[0]["export_seconds"]})
+    result["points"][str(timed)].update(
+        {"torchscript_bytes": ts[0]["size_bytes"], "torchscript_export_s": ts[0]["export_seconds"]}
+    )
     x = torch.randn(batch, *spec.input_shape)
-    g = torch.randn(et[-1]["features"]["shape"] if et[-1]["point"] == timed else
-                    next(e for e in et if e["point"] == timed)["features"]["shape"])
+    g = torch.randn(
+        et[-1]["features"]["shape"]
+        if et[-1]["point"] == timed
+        else next(e for e in et if e["point"] == timed)["features"]["shape"]
+    )
     runtimes = {
         "eager": _EagerNoStatsRestore(spec.model.head(timed)),
         "executorch": load_runtime("executorch", root / f"{name}-et", timed, weights),
@@ -99,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(DEFAULT), help="comma-separated subset of " + ", ".join(DEFAULT))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=9, help="timed steps per runtime, taken round-robin (median)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for eager/TorchScript (default 1, like the ExecuTorch portable kernels)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for eager/TorchScript (default 1, like the ExecuTorch portable kernels)",
+    )
     p.add_argument("--out", default="bench/results/export.json")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")

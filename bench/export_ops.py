@@ -49,15 +49,25 @@ def profile_ops(model: str, point: int, batch: int, top: int) -> None:
 
     spec = zoo.build(model)
     out = Path(tempfile.mkdtemp())
-    entry = export_head(spec.model.head(point), spec.input_shape, point=point, batch_size=batch, out_dir=out,
-                        fmt="executorch", name_map=spec.model.head_name_map(point))
+    entry = export_head(
+        spec.model.head(point),
+        spec.input_shape,
+        point=point,
+        batch_size=batch,
+        out_dir=out,
+        fmt="executorch",
+        name_map=spec.model.head_name_map(point),
+    )
     write_manifest(out, [entry], model=spec.name, config_hash=spec.config_hash, fmt="executorch", batch_size=batch)
     pte = out / f"head_p{point}.pte"
     program = _load(pte, enable_etdump=True)
     method = program.load_method("forward_backward")
     buffers = init_buffers(entry, spec.model.state_dict())
-    args = [torch.randn(entry["input"]["shape"]), torch.randn(entry["features"]["shape"]),
-            *[buffers[b["name"]] for b in entry["buffers"]]]
+    args = [
+        torch.randn(entry["input"]["shape"]),
+        torch.randn(entry["features"]["shape"]),
+        *[buffers[b["name"]] for b in entry["buffers"]],
+    ]
     method.execute(args)  # warm-up
     t0 = time.perf_counter()
     method.execute(args)
@@ -73,9 +83,13 @@ def profile_ops(model: str, point: int, batch: int, top: int) -> None:
         if type(a).__name__ == "KernelCall":
             shapes = [tuple(plan.values[i].val.sizes) for i in a.args if type(plan.values[i].val).__name__ == "Tensor"]
             calls.append((plan.operators[a.op_index].name.split("::")[-1], shapes))
-    events = [ev for blk in Inspector(etdump_path=str(out / "etdump.etdp")).event_blocks for ev in blk.events
-              if ev.name.startswith("native_call") and ev.perf_data is not None]
-    events = events[-len(calls):]  # the last execution
+    events = [
+        ev
+        for blk in Inspector(etdump_path=str(out / "etdump.etdp")).event_blocks
+        for ev in blk.events
+        if ev.name.startswith("native_call") and ev.perf_data is not None
+    ]
+    events = events[-len(calls) :]  # the last execution
     rows = [(statistics.mean(ev.perf_data.raw), name, shapes) for (name, shapes), ev in zip(calls, events)]
     per_op: dict[str, list[float]] = collections.defaultdict(list)
     for ms, name, _ in rows:
@@ -90,9 +104,8 @@ def profile_ops(model: str, point: int, batch: int, top: int) -> None:
 
 def _lowered(fn, args, keep=()):
     """``fn`` as a one-method ExecuTorch program, ``keep`` ops preserved."""
-    from torch.export import default_decompositions
-
     from executorch.exir import EdgeCompileConfig, to_edge
+    from torch.export import default_decompositions
 
     class M(torch.nn.Module):
         def forward(self, *a):
@@ -122,10 +135,11 @@ def compare_kernels(repeats: int) -> dict:
     def taps(strided: bool):
         def f(x, w):
             if strided:  # one strided slice per tap
-                t = [x[:, :, i:i + 31:2, j:j + 31:2] for i in range(3) for j in range(3)]
+                t = [x[:, :, i : i + 31 : 2, j : j + 31 : 2] for i in range(3) for j in range(3)]
             else:
                 t = _tap_slices(x, (3, 3), (2, 2), (1, 1), (16, 16))
             return torch.bmm(w, torch.stack(t, 1).reshape(64, 9, -1))
+
         return f
 
     def stacks(a, b, c, d):
@@ -140,11 +154,13 @@ def compare_kernels(repeats: int) -> dict:
     pairs = {
         "a @ b.T: linear vs permute_copy + mm": (
             (lambda a, b: torch.nn.functional.linear(a, b), (dy, x), (aten.linear.default,)),
-            (lambda a, b: a @ b.t(), (dy, x), ())),
-        "stride-2 3x3 taps + bmm: by phase vs strided slices": (
-            (taps(False), (xp, w9), ()), (taps(True), (xp, w9), ())),
+            (lambda a, b: a @ b.t(), (dy, x), ()),
+        ),
+        "stride-2 3x3 taps + bmm: by phase vs strided slices": ((taps(False), (xp, w9), ()), (taps(True), (xp, w9), ())),
         "interleave 4 phases: pixel_shuffle vs stacks": (
-            (shuffle, tuple(phases), (aten.pixel_shuffle.default,)), (stacks, tuple(phases), ())),
+            (shuffle, tuple(phases), (aten.pixel_shuffle.default,)),
+            (stacks, tuple(phases), ()),
+        ),
     }
     report = {}
     for name, ((f_new, a_new, k_new), (f_old, a_old, k_old)) in pairs.items():

@@ -44,13 +44,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_sdk import zoo  # noqa: E402
-from edge_sdk.client import EdgeClient, run_training  # noqa: E402
-from edge_sdk.optim import OptimizerConfig  # noqa: E402
-from edge_sdk.training import TrainConfig  # noqa: E402
-from schemas import codecs  # noqa: E402
-from schemas import frames as fr  # noqa: E402
-from schemas.errors import ErrorCode  # noqa: E402
+from edge_sdk import zoo
+from edge_sdk.client import EdgeClient, run_training
+from edge_sdk.optim import OptimizerConfig
+from edge_sdk.training import TrainConfig
+from schemas import codecs
+from schemas import frames as fr
+from schemas.errors import ErrorCode
 
 MAX_FRAME = 1 << 20  # the server runs with --max-frame-bytes 1 MiB so oversize frames stay cheap
 PRE_AUTH_MAX = 64 * 1024
@@ -64,11 +64,27 @@ class Server:
     """``python -m cloud_backend serve`` on a free loopback port, stderr to a file."""
 
     def __init__(self, extra: list[str]) -> None:
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "cloud_backend", "serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1",
-               "--max-sessions", "8", "--max-frame-bytes", str(MAX_FRAME), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - lives as long as the server
+        cmd = [
+            sys.executable,
+            "-m",
+            "cloud_backend",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--max-sessions",
+            "8",
+            "--max-frame-bytes",
+            str(MAX_FRAME),
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1")
+        )
         line = self.proc.stdout.readline()
         m = re.search(r":(\d+)\s*$", line)
         if not m:
@@ -113,16 +129,35 @@ class Fuzzer:
         return fr.encode(fr.Envelope(frame=frame))
 
     def hello(self, point: int, **over) -> fr.Hello:
-        fields = dict(model=self.spec.name, model_hash=self.spec.config_hash, num_blocks=self.model.num_blocks, point=point,
-                      codec="int8", staleness=2, optimizer_json=OptimizerConfig().to_json(), token="", batch_size=BATCH,
-                      seed=0, config_json="{}", runtime="eager", program_hash="")
+        fields = dict(
+            model=self.spec.name,
+            model_hash=self.spec.config_hash,
+            num_blocks=self.model.num_blocks,
+            point=point,
+            codec="int8",
+            staleness=2,
+            optimizer_json=OptimizerConfig().to_json(),
+            token="",
+            batch_size=BATCH,
+            seed=0,
+            config_json="{}",
+            runtime="eager",
+            program_hash="",
+        )
         fields.update(over)
         return fr.Hello(**fields)
 
     def features(self, point: int, step: int, *, train: bool = True, codec=codecs.Codec.INT8_TENSOR, **over) -> fr.Features:
         tf, _ = codecs.encode_tensor(self.feats[point], codec)
-        frame = fr.Features(step=step, epoch=0, point=point, tensor=tf, labels=codecs.tensor_frame_from_tensor(self.y),
-                            train=train, grad_codec="int8")
+        frame = fr.Features(
+            step=step,
+            epoch=0,
+            point=point,
+            tensor=tf,
+            labels=codecs.tensor_frame_from_tensor(self.y),
+            train=train,
+            grad_codec="int8",
+        )
         return dataclasses.replace(frame, **over)
 
     def _absurd_int(self) -> int:
@@ -132,8 +167,14 @@ class Fuzzer:
         r = self.rng.random()
         if r < 0.2:  # a top-k frame claiming a huge tensor
             n = self.rng.choice([1 << 20, 1 << 24, 1 << 26])
-            return codecs.TensorFrame(dtype=codecs.DType.F32, shape=(n,), codec=codecs.Codec.TOPK,
-                                      payload=np.ones(1, np.float32), k=1, indices=np.zeros(1, np.uint32))
+            return codecs.TensorFrame(
+                dtype=codecs.DType.F32,
+                shape=(n,),
+                codec=codecs.Codec.TOPK,
+                payload=np.ones(1, np.float32),
+                k=1,
+                indices=np.zeros(1, np.uint32),
+            )
         shape = tuple(self.rng.randrange(0, 9) for _ in range(self.rng.randrange(0, 5)))
         t = torch.randn(shape) * 10 ** self.rng.uniform(-3, 38)
         if r < 0.4 and t.numel():
@@ -147,12 +188,16 @@ class Fuzzer:
         return tf
 
     def _labels(self) -> codecs.TensorFrame | None:
-        return self.rng.choice([
-            None, codecs.tensor_frame_from_tensor(torch.full((BATCH,), self.rng.choice([-1, 10, 2**40]))),
-            codecs.tensor_frame_from_tensor(torch.tensor(3)), codecs.tensor_frame_from_tensor(torch.zeros(BATCH)),
-            codecs.tensor_frame_from_tensor(torch.zeros(BATCH - 1, dtype=torch.long)),
-            codecs.tensor_frame_from_tensor(self.y),
-        ])
+        return self.rng.choice(
+            [
+                None,
+                codecs.tensor_frame_from_tensor(torch.full((BATCH,), self.rng.choice([-1, 10, 2**40]))),
+                codecs.tensor_frame_from_tensor(torch.tensor(3)),
+                codecs.tensor_frame_from_tensor(torch.zeros(BATCH)),
+                codecs.tensor_frame_from_tensor(torch.zeros(BATCH - 1, dtype=torch.long)),
+                codecs.tensor_frame_from_tensor(self.y),
+            ]
+        )
 
     def absurd(self, point: int, step: int) -> object:
         rng = self.rng
@@ -162,33 +207,71 @@ class Fuzzer:
         if kind == 1:
             return self.features(point, step, tensor=self._random_tensor())
         if kind == 2:
-            return self.features(point, rng.choice([step, self._absurd_int()]), epoch=self._absurd_int(),
-                                 point=rng.choice([point, self._absurd_int()]), grad_codec=rng.choice(["", "bogus", "topk", "int4", "\0"]),
-                                 train=rng.random() < 0.5)
+            return self.features(
+                point,
+                rng.choice([step, self._absurd_int()]),
+                epoch=self._absurd_int(),
+                point=rng.choice([point, self._absurd_int()]),
+                grad_codec=rng.choice(["", "bogus", "topk", "int4", "\0"]),
+                train=rng.random() < 0.5,
+            )
         if kind == 3:
             name = rng.choice(self.names + ["blocks.99.x", "", "blocks.0", "../etc/passwd", "blocks.0.0.weight/exp_avg"])
-            return fr.Weights(step=step, name=name, kind=rng.choice(["param", "buffer", "optim"]), tensor=self._random_tensor(),
-                              chunk=self._absurd_int(), chunks=self._absurd_int(), last=rng.random() < 0.5)
+            return fr.Weights(
+                step=step,
+                name=name,
+                kind=rng.choice(["param", "buffer", "optim"]),
+                tensor=self._random_tensor(),
+                chunk=self._absurd_int(),
+                chunks=self._absurd_int(),
+                last=rng.random() < 0.5,
+            )
         if kind == 4:
-            return fr.Repartition(step=step, point=rng.choice(self.points + [0, self.model.num_blocks, self._absurd_int()]),
-                                  codec=rng.choice(["int8", "bogus"]), staleness=self._absurd_int())
+            return fr.Repartition(
+                step=step,
+                point=rng.choice(self.points + [0, self.model.num_blocks, self._absurd_int()]),
+                codec=rng.choice(["int8", "bogus"]),
+                staleness=self._absurd_int(),
+            )
         if kind == 5:
             return fr.EpochEnd(epoch=self._absurd_int(), step=self._absurd_int(), train=rng.random() < 0.5)
         if kind == 6:
-            return fr.Context(step=self._absurd_int(), uplink_bps=rng.choice([float("nan"), 1e300, -1.0]),
-                              cloud_block_ms=[rng.random()] * rng.randrange(0, 50), request=rng.random() < 0.5)
+            return fr.Context(
+                step=self._absurd_int(),
+                uplink_bps=rng.choice([float("nan"), 1e300, -1.0]),
+                cloud_block_ms=[rng.random()] * rng.randrange(0, 50),
+                request=rng.random() < 0.5,
+            )
         if kind == 7:  # frames that only the cloud sends
-            return rng.choice([
-                fr.HelloAck(session=1, accepted=True), fr.Gradients(step=step, tensor=self._random_tensor()),
-                fr.RepartitionAck(step=step, point=1, accepted=True), fr.EvalResult(epoch=0, count=-5),
-                fr.Error(code=ErrorCode.INTERNAL, message="x" * rng.randrange(0, 5000)),
-            ])
+            return rng.choice(
+                [
+                    fr.HelloAck(session=1, accepted=True),
+                    fr.Gradients(step=step, tensor=self._random_tensor()),
+                    fr.RepartitionAck(step=step, point=1, accepted=True),
+                    fr.EvalResult(epoch=0, count=-5),
+                    fr.Error(code=ErrorCode.INTERNAL, message="x" * rng.randrange(0, 5000)),
+                ]
+            )
         if kind == 8:
-            return self.hello(point, **rng.choice([
-                {"model_hash": "0" * 64}, {"optimizer_json": '{"momentum": "x"}'}, {"optimizer_json": '{"schedule": "step", "step_every": 0}'},
-                {"config_json": '{"width": 100000}'}, {"config_json": "[1]"}, {"model": "resnet50"}, {"batch_size": 10**9},
-                {"staleness": -3}, {"codec": "bogus"}, {"runtime": "x"}, {"point": self._absurd_int()}, {"seed": -1},
-            ]))
+            return self.hello(
+                point,
+                **rng.choice(
+                    [
+                        {"model_hash": "0" * 64},
+                        {"optimizer_json": '{"momentum": "x"}'},
+                        {"optimizer_json": '{"schedule": "step", "step_every": 0}'},
+                        {"config_json": '{"width": 100000}'},
+                        {"config_json": "[1]"},
+                        {"model": "resnet50"},
+                        {"batch_size": 10**9},
+                        {"staleness": -3},
+                        {"codec": "bogus"},
+                        {"runtime": "x"},
+                        {"point": self._absurd_int()},
+                        {"seed": -1},
+                    ]
+                ),
+            )
         return self.features(point, step, train=False, labels=self._labels())
 
     def mutate(self, data: bytes) -> bytes:
@@ -202,7 +285,7 @@ class Fuzzer:
             b = b[: self.rng.randrange(len(b))]
         else:
             i = self.rng.randrange(len(b))
-            b[i:i + 4] = self.rng.randbytes(4)
+            b[i : i + 4] = self.rng.randbytes(4)
         return bytes(b)
 
     def next(self, authed: bool, point: int, step: int) -> tuple[str, bytes | str]:
@@ -246,7 +329,7 @@ async def _read_until(ws, done, tally: Tally, state: dict) -> None:
             tally.internal += 1
         if isinstance(frame, fr.RepartitionAck):
             state["point"] = frame.point
-        if done(frame):
+        if done(frame) is not False:
             return
 
 
@@ -282,9 +365,9 @@ async def fuzz_connection(port: int, quota: int, seed: int, tally: Tally, bar: t
                         await ws.send(fuzzer.encode(fr.Context(step=marker, request=True)))
                         await _read_until(ws, lambda f, m=marker: isinstance(f, fr.Context) and f.step == m, tally, state)
                     else:
-                        reply: list[object] = []
-                        await _read_until(ws, lambda f: reply.append(f) or True, tally, state)
-                        authed = isinstance(reply[0], fr.HelloAck)
+                        first: list[object] = []
+                        await _read_until(ws, first.append, tally, state)  # any one reply answers it
+                        authed = isinstance(first[0], fr.HelloAck)
                 except TimeoutError:
                     tally.unanswered += 1
                     break
@@ -369,14 +452,25 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_equal": fuzzed["test_accuracy"] == fresh["test_accuracy"],
         "warm_up_steps": normal_run_warm,
     }
-    result["goals_met"] = (result["frames"] >= 100_000 and crashes == 0 and tally.unanswered == 0 and tally.internal == 0
-                           and result["leaked_slots"] == 0 and result["rss_ratio"] <= 1.2 and result["accuracy_equal"])
+    result["goals_met"] = (
+        result["frames"] >= 100_000
+        and crashes == 0
+        and tally.unanswered == 0
+        and tally.internal == 0
+        and result["leaked_slots"] == 0
+        and result["rss_ratio"] <= 1.2
+        and result["accuracy_equal"]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['frames']} frames over {args.connections} connections ({tally.connections} opened) in {campaign_s:.0f} s: "
-          f"crashes {crashes}, unanswered {tally.unanswered}, INTERNAL {tally.internal}, leaked slots {result['leaked_slots']}")
-    print(f"server RSS {result['rss_before_mib']} -> {result['rss_after_mib']} MiB ({result['rss_ratio']}x); "
-          f"accuracy after fuzzing {fuzzed['test_accuracy']:.4f} vs fresh server {fresh['test_accuracy']:.4f}")
+    print(
+        f"{result['frames']} frames over {args.connections} connections ({tally.connections} opened) in {campaign_s:.0f} s: "
+        f"crashes {crashes}, unanswered {tally.unanswered}, INTERNAL {tally.internal}, leaked slots {result['leaked_slots']}"
+    )
+    print(
+        f"server RSS {result['rss_before_mib']} -> {result['rss_after_mib']} MiB ({result['rss_ratio']}x); "
+        f"accuracy after fuzzing {fuzzed['test_accuracy']:.4f} vs fresh server {fresh['test_accuracy']:.4f}"
+    )
     print(f"goals met: {result['goals_met']}; wrote {args.out}")
     return 0 if result["goals_met"] else 1
 

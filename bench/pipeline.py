@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_sdk.emulation.cli import cloud_process, run_through_proxy  # noqa: E402
-from edge_sdk.local import train_locally  # noqa: E402
-from edge_sdk.training import TrainConfig, build_local  # noqa: E402
+from edge_sdk.emulation.cli import cloud_process, run_through_proxy
+from edge_sdk.local import train_locally
+from edge_sdk.training import TrainConfig, build_local
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -72,8 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    base = dict(model=args.model, dataset=args.dataset, epochs=1, batch_size=32, point=args.point, codec=args.codec,
-                grad_codec=args.grad_codec, max_steps_per_epoch=args.steps, device_slowdown=args.slowdown, seed=0)
+    base = dict(
+        model=args.model,
+        dataset=args.dataset,
+        epochs=1,
+        batch_size=32,
+        point=args.point,
+        codec=args.codec,
+        grad_codec=args.grad_codec,
+        max_steps_per_epoch=args.steps,
+        device_slowdown=args.slowdown,
+        seed=0,
+    )
     rows = []
     with cloud_process(["--threads", "1"]) as (_proc, port):
         device_only = train_locally(TrainConfig(**base), slowdown=args.slowdown)
@@ -102,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                 speedup_over_sequential=seq_step / pipe_step,
                 ideal_speedup=t_sum / t_max,
                 speedup_over_device_only=dev_step / pipe_step,
-                epoch_s={k_: v * math.ceil(1437 / 32) / 1e3 for k_, v in
-                         (("sequential", seq_step), ("pipelined", pipe_step), ("device_only", dev_step))},
+                epoch_s={
+                    k_: v * math.ceil(1437 / 32) / 1e3
+                    for k_, v in (("sequential", seq_step), ("pipelined", pipe_step), ("device_only", dev_step))
+                },
                 goal_bottleneck=pipe_step <= 1.2 * own_max,
                 goal_speedup=seq_step / pipe_step >= 0.8 * t_sum / t_max,
             )
@@ -121,13 +133,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _line(r: dict) -> str:
     s = r["stages_ms"]
-    return (f"{r['profile']}: T1..T4 = {s['T1']:.1f} {s['T2']:.1f} {s['T3']:.1f} {s['T4']:.1f} ms, K={r['staleness_filled']}, "
-            f"seq {r['sequential_step_ms']:.1f} ms, pipe {r['pipelined_step_ms']:.1f} ms, device-only {r['device_only_step_ms']:.1f} ms")
+    return (
+        f"{r['profile']}: T1..T4 = {s['T1']:.1f} {s['T2']:.1f} {s['T3']:.1f} {s['T4']:.1f} ms, K={r['staleness_filled']}, "
+        f"seq {r['sequential_step_ms']:.1f} ms, pipe {r['pipelined_step_ms']:.1f} ms, device-only {r['device_only_step_ms']:.1f} ms"
+    )
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("| profile | T1 | T2 | T3 | T4 (K=0 run) | K | K=0 step | pipelined step | max T (pipelined run) | "
-            "pipe / max T | device-only step | speed-up over K=0 (0.8 x ideal) | goals |")
+    head = (
+        "| profile | T1 | T2 | T3 | T4 (K=0 run) | K | K=0 step | pipelined step | max T (pipelined run) | "
+        "pipe / max T | device-only step | speed-up over K=0 (0.8 x ideal) | goals |"
+    )
     sep = "|" + "---|" * 13
     lines = [head, sep]
     for r in rows:
@@ -152,8 +168,14 @@ def _plot(rows: list[dict], path: Path) -> None:
     names = [r["profile"] for r in rows]
     width = 0.2
     xs = range(len(rows))
-    for i, (key, label) in enumerate((("sequential_step_ms", "split, K=0"), ("pipelined_step_ms", "split, pipelined"),
-                                      ("device_only_step_ms", "device only"), ("bottleneck_ms", "bound max(T)"))):
+    for i, (key, label) in enumerate(
+        (
+            ("sequential_step_ms", "split, K=0"),
+            ("pipelined_step_ms", "split, pipelined"),
+            ("device_only_step_ms", "device only"),
+            ("bottleneck_ms", "bound max(T)"),
+        )
+    ):
         ax.bar([x + (i - 1.5) * width for x in xs], [r[key] for r in rows], width, label=label)
     ax.set_xticks(list(xs), names)
     ax.set_yscale("log")

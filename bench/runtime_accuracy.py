@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_sdk.emulation.cli import cloud_process, run_through_proxy  # noqa: E402
-from edge_sdk.training import TrainConfig, build_local  # noqa: E402
-from edge_sdk.zoo.recipes import RECIPES  # noqa: E402
+from edge_sdk.emulation.cli import cloud_process, run_through_proxy
+from edge_sdk.training import TrainConfig, build_local
+from edge_sdk.zoo.recipes import RECIPES
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -49,27 +49,71 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "eager":
             continue
         out = tmp / kind
-        subprocess.run([sys.executable, "-m", "export", "--model", "digits_cnn", "--points", str(args.point),
-                        "--format", kind, "--batch-size", str(r.batch_size), "--out", str(out)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "--model",
+                "digits_cnn",
+                "--points",
+                str(args.point),
+                "--format",
+                kind,
+                "--batch-size",
+                str(r.batch_size),
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
         programs[kind] = str(out)
     results: dict[str, list[dict]] = {k: [] for k in args.runtimes.split(",")}
     with cloud_process(["--threads", "1"]) as (_proc, port):
         for seed in (int(s) for s in args.seeds.split(",")):
             for kind in results:
-                cfg = TrainConfig(model="digits_cnn", dataset="digits", epochs=args.epochs, batch_size=r.batch_size,
-                                  optimizer=r.optimizer, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                                  schedule="constant", seed=seed, point=args.point, codec="int8", staleness=2,
-                                  runtime=kind, programs=programs.get(kind))
+                cfg = TrainConfig(
+                    model="digits_cnn",
+                    dataset="digits",
+                    epochs=args.epochs,
+                    batch_size=r.batch_size,
+                    optimizer=r.optimizer,
+                    lr=r.lr,
+                    momentum=r.momentum,
+                    weight_decay=r.weight_decay,
+                    schedule="constant",
+                    seed=seed,
+                    point=args.point,
+                    codec="int8",
+                    staleness=2,
+                    runtime=kind,
+                    programs=programs.get(kind),
+                )
                 res = asyncio.run(run_through_proxy(cfg, "none", port, None, build_local(cfg)))
-                results[kind].append(dict(seed=seed, test_accuracy=res.test_accuracy, steps=res.steps,
-                                          train_s=res.train_s, edge_ms=res.stage_ms.get("edge")))
-                print(f"seed {seed} {kind:11s}: test accuracy {100 * res.test_accuracy:.2f} %, {res.steps} steps, "
-                      f"device {res.stage_ms.get('edge', 0):.1f} ms/step", flush=True)
+                results[kind].append(
+                    dict(
+                        seed=seed,
+                        test_accuracy=res.test_accuracy,
+                        steps=res.steps,
+                        train_s=res.train_s,
+                        edge_ms=res.stage_ms.get("edge"),
+                    )
+                )
+                print(
+                    f"seed {seed} {kind:11s}: test accuracy {100 * res.test_accuracy:.2f} %, {res.steps} steps, "
+                    f"device {res.stage_ms.get('edge', 0):.1f} ms/step",
+                    flush=True,
+                )
     mean = {k: statistics.mean(x["test_accuracy"] for x in v) for k, v in results.items()}
-    report = dict(results=results, mean=mean, point=args.point, epochs=args.epochs,
-                  gap_pp={k: 100 * (mean["eager"] - v) for k, v in mean.items() if "eager" in mean},
-                  note="program runtimes drop the short last batch of each epoch (fixed program batch size); eager keeps it")
+    report = dict(
+        results=results,
+        mean=mean,
+        point=args.point,
+        epochs=args.epochs,
+        gap_pp={k: 100 * (mean["eager"] - v) for k, v in mean.items() if "eager" in mean},
+        note="program runtimes drop the short last batch of each epoch (fixed program batch size); eager keeps it",
+    )
     if "executorch" in mean and "eager" in mean:
         report["goal_executorch_within_0_5pp"] = abs(mean["eager"] - mean["executorch"]) <= 0.005
     out = Path(args.out)
@@ -78,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| runtime | test accuracy (mean) | gap to eager (pp) | device ms/step |")
     print("|---|---|---|---|")
     for k, v in results.items():
-        print(f"| {k} | {100 * mean[k]:.2f} | {report['gap_pp'].get(k, 0):+.2f} | "
-              f"{statistics.mean(x['edge_ms'] for x in v):.1f} |")
+        print(
+            f"| {k} | {100 * mean[k]:.2f} | {report['gap_pp'].get(k, 0):+.2f} | {statistics.mean(x['edge_ms'] for x in v):.1f} |"
+        )
     print(f"wrote {out}")
     return 0
 

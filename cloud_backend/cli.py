@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-
 from pathlib import Path
 
 from cloud_backend.server import DEFAULT_MAX_FRAME_BYTES, CloudServer, ServerConfig
@@ -22,25 +21,61 @@ def build_parser() -> argparse.ArgumentParser:
         "with feature replay on the device and compressed features/gradients on the wire.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    s = sub.add_parser("serve", help="serve devices over WebSockets", description="Serve devices over WebSockets (ws:// or, with --tls-cert/--tls-key, wss://).")
+    s = sub.add_parser(
+        "serve",
+        help="serve devices over WebSockets",
+        description="Serve devices over WebSockets (ws:// or, with --tls-cert/--tls-key, wss://).",
+    )
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s; use 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8765, help="TCP port (default: %(default)s; 0 picks a free port)")
     auth = s.add_mutually_exclusive_group()
-    auth.add_argument("--token", default=None, help="shared secret devices must present in Hello (default: $SPLITREPLAY_TOKEN, else no auth); "
-                      "prefer --token-file, since a command line is visible to other users")
+    auth.add_argument(
+        "--token",
+        default=None,
+        help="shared secret devices must present in Hello (default: $SPLITREPLAY_TOKEN, else no auth); "
+        "prefer --token-file, since a command line is visible to other users",
+    )
     auth.add_argument("--token-file", type=Path, help="read the shared secret from this file (first line)")
     s.add_argument("--tls-cert", help="PEM certificate chain for wss://")
     s.add_argument("--tls-key", help="PEM private key for wss://")
-    s.add_argument("--max-sessions", type=int, default=64, help="concurrent device sessions before new ones are refused (default: %(default)s)")
-    s.add_argument("--max-unauthenticated", type=int, default=256,
-                   help="connections that have not yet had a Hello accepted; counted apart from sessions (default: %(default)s)")
-    s.add_argument("--hello-timeout", type=float, default=10.0, help="seconds from connect to an accepted Hello (default: %(default)s)")
-    s.add_argument("--idle-timeout", type=float, default=300.0, help="close a session that sends nothing for this many seconds (default: %(default)s)")
-    s.add_argument("--max-session-memory", type=int, default=DEFAULT_SESSION_BYTES >> 20, metavar="MIB",
-                   help="memory budget of one session in MiB: model, optimizer, reply cache, activations, migrating weights; "
-                   "a Hello that would exceed it is refused (default: %(default)s)")
-    s.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES, help="largest accepted frame (default: %(default)s = 64 MiB)")
-    s.add_argument("--context-every", type=int, default=10, help="send a Context report every N train steps (default: %(default)s)")
+    s.add_argument(
+        "--max-sessions",
+        type=int,
+        default=64,
+        help="concurrent device sessions before new ones are refused (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=256,
+        help="connections that have not yet had a Hello accepted; counted apart from sessions (default: %(default)s)",
+    )
+    s.add_argument(
+        "--hello-timeout", type=float, default=10.0, help="seconds from connect to an accepted Hello (default: %(default)s)"
+    )
+    s.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        help="close a session that sends nothing for this many seconds (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-session-memory",
+        type=int,
+        default=DEFAULT_SESSION_BYTES >> 20,
+        metavar="MIB",
+        help="memory budget of one session in MiB: model, optimizer, reply cache, activations, migrating weights; "
+        "a Hello that would exceed it is refused (default: %(default)s)",
+    )
+    s.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=DEFAULT_MAX_FRAME_BYTES,
+        help="largest accepted frame (default: %(default)s = 64 MiB)",
+    )
+    s.add_argument(
+        "--context-every", type=int, default=10, help="send a Context report every N train steps (default: %(default)s)"
+    )
     s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     s.add_argument("-v", "--verbose", action="store_true", help="log every session open/close")
     return parser

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["SharedExclusiveLock", "MODEL_LOCK"]
+__all__ = ["MODEL_LOCK", "SharedExclusiveLock"]
 
 
 class SharedExclusiveLock:

@@ -74,8 +74,14 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
             raise ValueError("an empty token would mean no authentication; omit the token to serve without one")
-        for name in ("max_sessions", "max_unauthenticated", "max_frame_bytes", "max_hello_bytes", "inbox_frames",
-                     "max_session_bytes"):
+        for name in (
+            "max_sessions",
+            "max_unauthenticated",
+            "max_frame_bytes",
+            "max_hello_bytes",
+            "inbox_frames",
+            "max_session_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("hello_timeout_s", "idle_timeout_s", "ping_interval_s", "ping_timeout_s"):
@@ -150,8 +156,9 @@ class CloudServer:
 
     async def start(self) -> None:
         if self.config.token_in_clear:
-            log.warning("the token crosses the network in clear over ws:// on %s; serve with --tls-cert/--tls-key",
-                        self.config.host)
+            log.warning(
+                "the token crosses the network in clear over ws:// on %s; serve with --tls-cert/--tls-key", self.config.host
+            )
         cfg = self.config
         self._server = await serve(
             self._handle,
@@ -174,7 +181,7 @@ class CloudServer:
             self._server.close()
             await self._server.wait_closed()
 
-    async def __aenter__(self) -> "CloudServer":
+    async def __aenter__(self) -> CloudServer:
         await self.start()
         return self
 
@@ -187,8 +194,9 @@ class CloudServer:
         await ws.send(data)
         self.stats.frames_out += 1
 
-    async def _refuse(self, ws: ServerConnection, session_id: int, seq: itertools.count, code: ErrorCode,
-                      message: str, close_code: int) -> None:
+    async def _refuse(
+        self, ws: ServerConnection, session_id: int, seq: itertools.count, code: ErrorCode, message: str, close_code: int
+    ) -> None:
         try:
             await self._send(ws, session_id, seq, Error(code=code, message=message, step=-1))
             await ws.close(close_code, message[:120])
@@ -200,7 +208,14 @@ class CloudServer:
         self.stats.frames_in += 1
         if isinstance(message, str):
             self.stats.bad_frames += 1
-            await self._send(ws, session_id, seq, Error(code=ErrorCode.MALFORMED, message="text messages are not part of the protocol; send binary frames", step=-1))
+            await self._send(
+                ws,
+                session_id,
+                seq,
+                Error(
+                    code=ErrorCode.MALFORMED, message="text messages are not part of the protocol; send binary frames", step=-1
+                ),
+            )
             return None
         try:
             return decode(message, self._limits)
@@ -228,8 +243,14 @@ class CloudServer:
         """Wait for an acceptable Hello; return the session holding a slot, or raise `_Refused`."""
         cfg = self.config
         if self.stats.unauthenticated >= cfg.max_unauthenticated:
-            await self._refuse(ws, session_id, seq, ErrorCode.SERVER_BUSY,
-                               f"server has {cfg.max_unauthenticated} connections waiting to say Hello", 1013)
+            await self._refuse(
+                ws,
+                session_id,
+                seq,
+                ErrorCode.SERVER_BUSY,
+                f"server has {cfg.max_unauthenticated} connections waiting to say Hello",
+                1013,
+            )
             raise _Refused
         self._count(unauthenticated=1)
         try:
@@ -239,16 +260,19 @@ class CloudServer:
             except TimeoutError:
                 await self._refuse(ws, session_id, seq, ErrorCode.PROTOCOL, f"no Hello within {cfg.hello_timeout_s:g} s", 1008)
                 raise _Refused from None
-            session = CloudSession(session_id, SessionConfig(token=cfg.token, context_every=cfg.context_every,
-                                                             max_session_bytes=cfg.max_session_bytes))
+            session = CloudSession(
+                session_id,
+                SessionConfig(token=cfg.token, context_every=cfg.context_every, max_session_bytes=cfg.max_session_bytes),
+            )
             try:
                 session.authenticate(hello)
             except WireError as exc:
                 await self._refuse(ws, session_id, seq, exc.code, exc.message, 1008)
                 raise _Refused from None
             if self.stats.sessions_active >= cfg.max_sessions:
-                await self._refuse(ws, session_id, seq, ErrorCode.SERVER_BUSY,
-                                   f"server is at its limit of {cfg.max_sessions} sessions", 1013)
+                await self._refuse(
+                    ws, session_id, seq, ErrorCode.SERVER_BUSY, f"server is at its limit of {cfg.max_sessions} sessions", 1013
+                )
                 raise _Refused
             self._count(sessions=1)  # reserved while the model is built
         finally:
@@ -278,7 +302,12 @@ class CloudServer:
                 continue
             if isinstance(envelope.frame, Hello):
                 return envelope.frame
-            await self._send(ws, session_id, seq, Error(code=ErrorCode.PROTOCOL, message=f"expected Hello first, got {type(envelope.frame).__name__}", step=-1))
+            await self._send(
+                ws,
+                session_id,
+                seq,
+                Error(code=ErrorCode.PROTOCOL, message=f"expected Hello first, got {type(envelope.frame).__name__}", step=-1),
+            )
 
     async def _serve_session(self, ws: ServerConnection, session: CloudSession, seq: itertools.count) -> None:
         inbox: asyncio.Queue[tuple[Envelope, int] | None] = asyncio.Queue(maxsize=self.config.inbox_frames)
@@ -289,8 +318,14 @@ class CloudServer:
                     message = await asyncio.wait_for(ws.recv(), self.config.idle_timeout_s)
                 except TimeoutError:
                     log.info("session %d idle for %g s; closing", session.session_id, self.config.idle_timeout_s)
-                    await self._refuse(ws, session.session_id, seq, ErrorCode.PROTOCOL,
-                                       f"no frame for {self.config.idle_timeout_s:g} s; session closed", 1001)
+                    await self._refuse(
+                        ws,
+                        session.session_id,
+                        seq,
+                        ErrorCode.PROTOCOL,
+                        f"no frame for {self.config.idle_timeout_s:g} s; session closed",
+                        1001,
+                    )
                     break
                 recv_ns = time.monotonic_ns()
                 envelope = await self._decode(ws, session.session_id, seq, message)
@@ -306,7 +341,7 @@ class CloudServer:
             inbox.put_nowait(None)
             try:
                 await worker
-            except Exception:  # noqa: BLE001 - a dying worker must not skip the slot's release
+            except Exception:
                 log.exception("session %d: worker failed", session.session_id)
 
     @staticmethod

@@ -22,8 +22,6 @@ from enum import Enum
 
 import torch
 
-from edge_sdk import zoo
-from edge_sdk.context import ComputeEstimator
 from cloud_backend.model_lock import MODEL_LOCK
 from cloud_backend.validation import (
     REPLY_CACHE_SIZE,
@@ -31,12 +29,23 @@ from cloud_backend.validation import (
     WeightsPlan,
     check_features_claim,
     check_features_values,
+    check_hello_fields,
     check_optimizer_entries,
     eval_batch_limit,
-    check_hello_fields,
     parse_grad_codec,
     parse_optimizer,
     reply_cache_bytes,
+)
+from edge_sdk import zoo
+from edge_sdk.blocks import BlockModel
+from edge_sdk.context import ComputeEstimator
+from edge_sdk.migration import (
+    StateAssembler,
+    export_state,
+    import_state,
+    install_optimizer_state,
+    named_tensors,
+    optimizer_state_by_name,
 )
 from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
 from schemas import codecs
@@ -54,14 +63,6 @@ from schemas.frames import (
     Repartition,
     RepartitionAck,
     Weights,
-)
-from edge_sdk.migration import (
-    StateAssembler,
-    export_state,
-    import_state,
-    install_optimizer_state,
-    named_tensors,
-    optimizer_state_by_name,
 )
 
 log = logging.getLogger("cloud_backend")
@@ -140,12 +141,24 @@ class CloudSession:
                 return self._dispatch(frame, recv_ns)
         except WireError as exc:
             return [Error(code=exc.code, message=exc.message, step=step)]
-        except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a frame
-            log.error("session %d: internal error on %s (step %d), session closed: %s: %s",
-                      self.session_id, type(frame).__name__, step, type(exc).__name__, str(exc)[:300])
+        except Exception as exc:
+            log.error(
+                "session %d: internal error on %s (step %d), session closed: %s: %s",
+                self.session_id,
+                type(frame).__name__,
+                step,
+                type(exc).__name__,
+                str(exc)[:300],
+            )
             log.debug("session %d traceback", self.session_id, exc_info=True)
             self.phase = Phase.CLOSED
-            return [Error(code=ErrorCode.INTERNAL, message=f"internal error in session {self.session_id}; the session is closed", step=step)]
+            return [
+                Error(
+                    code=ErrorCode.INTERNAL,
+                    message=f"internal error in session {self.session_id}; the session is closed",
+                    step=step,
+                )
+            ]
 
     def _dispatch(self, frame: object, recv_ns: int) -> list[object]:
         if self.phase is Phase.CLOSED:
@@ -228,7 +241,7 @@ class CloudSession:
             )
         ]
 
-    def _check_cut(self, model: torch.nn.Module, point: int) -> None:
+    def _check_cut(self, model: BlockModel, point: int) -> None:
         valid = [p for p in model.cut_points if p < model.num_blocks]
         if point not in valid:
             raise WireError(ErrorCode.PROTOCOL, f"partition point {point} is not a valid cut for the cloud (valid: {valid})")
@@ -302,8 +315,10 @@ class CloudSession:
         loss.backward()
         grad = feats.grad if feats.grad is not None else torch.zeros_like(feats, dtype=torch.float32)
         grads = [p.grad for p in params if p.grad is not None]
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all()) and (
-            not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        finite = (
+            bool(torch.isfinite(loss))
+            and bool(torch.isfinite(grad).all())
+            and (not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))))
         )
         if not finite:
             with torch.no_grad():
@@ -311,7 +326,10 @@ class CloudSession:
                     t.copy_(saved)
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
-            raise WireError(ErrorCode.BAD_TENSOR, f"step {frame.step}: loss or gradients are not finite (training diverged?); step not applied")
+            raise WireError(
+                ErrorCode.BAD_TENSOR,
+                f"step {frame.step}: loss or gradients are not finite (training diverged?); step not applied",
+            )
         if self.optimizer is not None:
             set_lr(self.optimizer, lr)
             self.optimizer.step()

@@ -46,6 +46,8 @@ REPLY_CACHE_SIZE = 2 * (MAX_STALENESS + 1)
 def reply_cache_bytes(session_bytes: int) -> int:
     """The reply cache's share of a session's memory budget."""
     return session_bytes // 4
+
+
 #: Runtimes a device may run its head in.
 RUNTIMES = ("eager", "executorch", "torchscript")
 
@@ -109,7 +111,7 @@ class ModelPlan:
     buffers: dict[str, TensorSpec]
 
     @classmethod
-    def build(cls, name: str, seed: int, kwargs: dict) -> "ModelPlan":
+    def build(cls, name: str, seed: int, kwargs: dict) -> ModelPlan:
         with torch.device("meta"):
             spec = zoo.build(name, seed=seed, **kwargs)
             model = spec.model
@@ -161,23 +163,29 @@ def check_features_claim(frame: Features, expected: TensorSpec, target: zoo.Targ
     tf = frame.tensor
     shape = tuple(tf.shape)
     if not shape or tuple(shape[1:]) != expected.shape:
-        raise WireError(ErrorCode.BAD_TENSOR,
-                     f"step {frame.step}: features of shape {shape}; the cut at point {frame.point} carries (B, {', '.join(map(str, expected.shape))})")
+        raise WireError(
+            ErrorCode.BAD_TENSOR,
+            f"step {frame.step}: features of shape {shape}; the cut at point {frame.point} carries (B, {', '.join(map(str, expected.shape))})",
+        )
     batch = shape[0]
     if not 1 <= batch <= max_batch:
         raise WireError(ErrorCode.LIMIT_EXCEEDED, f"step {frame.step}: batch {batch} outside [1, {max_batch}]")
     if _decoded_dtype(tf).torch != expected.dtype:
-        raise WireError(ErrorCode.BAD_TENSOR,
-                     f"step {frame.step}: features decode to {_decoded_dtype(tf).name}, the cut carries {expected.dtype}")
+        raise WireError(
+            ErrorCode.BAD_TENSOR,
+            f"step {frame.step}: features decode to {_decoded_dtype(tf).name}, the cut carries {expected.dtype}",
+        )
     labels = frame.labels
     if labels is None:
         raise WireError(ErrorCode.MALFORMED, f"step {frame.step}: features without labels")
     if labels.codec is not Codec.NONE:
-        raise WireError(ErrorCode.BAD_TENSOR, f"step {frame.step}: labels must travel uncompressed, got codec {labels.codec.label}")
+        raise WireError(
+            ErrorCode.BAD_TENSOR, f"step {frame.step}: labels must travel uncompressed, got codec {labels.codec.label}"
+        )
     why = target.check_claim(tuple(labels.shape), labels.dtype.is_float, batch)
     if why:
         raise WireError(ErrorCode.BAD_TENSOR, f"step {frame.step}: {why}")
-    if not 0 <= frame.step:
+    if not frame.step >= 0:
         raise WireError(ErrorCode.MALFORMED, f"step id {frame.step} is negative")
 
 
@@ -215,21 +223,27 @@ class WeightsPlan:
         """Refuse a frame that does not belong to the plan; return its decoded size in bytes."""
         spec = self._entries.get((frame.kind, frame.name))
         if spec is None:
-            raise WireError(ErrorCode.MODEL_MISMATCH,
-                         f"weights {frame.kind} {frame.name!r} cannot come from the device at this cut")
+            raise WireError(
+                ErrorCode.MODEL_MISMATCH, f"weights {frame.kind} {frame.name!r} cannot come from the device at this cut"
+            )
         tf = frame.tensor
         if tf.codec is not Codec.NONE:
-            raise WireError(ErrorCode.BAD_TENSOR, f"weights {frame.name}: migrated state travels uncompressed, got codec {tf.codec.label}")
+            raise WireError(
+                ErrorCode.BAD_TENSOR, f"weights {frame.name}: migrated state travels uncompressed, got codec {tf.codec.label}"
+            )
         if tf.dtype.torch != spec.dtype:
             raise WireError(ErrorCode.BAD_TENSOR, f"weights {frame.name}: dtype {tf.dtype.name}, the model has {spec.dtype}")
         pieces = chunk_shapes(spec.shape)
         if frame.chunks != len(pieces) or not 0 <= frame.chunk < len(pieces):
-            raise WireError(ErrorCode.MALFORMED, f"weights {frame.name}: chunk {frame.chunk} of {frame.chunks}, expected {len(pieces)} chunks")
+            raise WireError(
+                ErrorCode.MALFORMED, f"weights {frame.name}: chunk {frame.chunk} of {frame.chunks}, expected {len(pieces)} chunks"
+            )
         if tuple(tf.shape) != pieces[frame.chunk]:
-            raise WireError(ErrorCode.MODEL_MISMATCH,
-                         f"weights {frame.name} chunk {frame.chunk}: shape {tuple(tf.shape)}, expected {pieces[frame.chunk]}")
+            raise WireError(
+                ErrorCode.MODEL_MISMATCH,
+                f"weights {frame.name} chunk {frame.chunk}: shape {tuple(tf.shape)}, expected {pieces[frame.chunk]}",
+            )
         return tf.numel * tf.dtype.torch.itemsize
-
 
 
 def check_optimizer_entries(keys_by_param: dict[str, set[str]], state_keys: frozenset[str]) -> None:
@@ -237,11 +251,23 @@ def check_optimizer_entries(keys_by_param: dict[str, set[str]], state_keys: froz
     state would break the optimizer's next step, long after the repartition."""
     for pname, keys in keys_by_param.items():
         if keys != set(state_keys):
-            raise WireError(ErrorCode.MALFORMED,
-                            f"optimizer state for {pname}: got {sorted(keys)}, expected {sorted(state_keys)}")
+            raise WireError(
+                ErrorCode.MALFORMED, f"optimizer state for {pname}: got {sorted(keys)}, expected {sorted(state_keys)}"
+            )
 
 
 __all__ = [
-    "MAX_STALENESS", "REPLY_CACHE_SIZE", "ModelPlan", "TensorSpec", "WeightsPlan", "check_features_claim", "check_optimizer_entries", "eval_batch_limit", "reply_cache_bytes",
-    "check_features_values", "check_hello_fields", "parse_grad_codec", "parse_optimizer",
+    "MAX_STALENESS",
+    "REPLY_CACHE_SIZE",
+    "ModelPlan",
+    "TensorSpec",
+    "WeightsPlan",
+    "check_features_claim",
+    "check_features_values",
+    "check_hello_fields",
+    "check_optimizer_entries",
+    "eval_batch_limit",
+    "parse_grad_codec",
+    "parse_optimizer",
+    "reply_cache_bytes",
 ]

@@ -84,9 +84,7 @@ class BlockModel(nn.Module):
         self._cut_points = sorted(points | {0, n})
         if block_names is not None and len(block_names) != n:
             raise ValueError(f"got {len(block_names)} block names for {n} blocks")
-        self.block_names = list(block_names) if block_names is not None else [
-            type(b).__name__ for b in self.blocks
-        ]
+        self.block_names = list(block_names) if block_names is not None else [type(b).__name__ for b in self.blocks]
 
     # ------------------------------------------------------------------ basics
     @property
@@ -108,13 +106,10 @@ class BlockModel(nn.Module):
         if isinstance(p, bool) or not isinstance(p, int):
             raise ValueError(f"partition point must be an int, got {p!r}; valid points: {self._cut_points}")
         if not 0 <= p <= self.num_blocks:
-            raise ValueError(
-                f"partition point {p} is out of range 0..{self.num_blocks}; valid points: {self._cut_points}"
-            )
+            raise ValueError(f"partition point {p} is out of range 0..{self.num_blocks}; valid points: {self._cut_points}")
         if p not in self._cut_points:
             raise ValueError(
-                f"partition point {p} is not a cut point (more than one tensor crosses it); "
-                f"valid points: {self._cut_points}"
+                f"partition point {p} is not a cut point (more than one tensor crosses it); valid points: {self._cut_points}"
             )
         return p
 
@@ -173,7 +168,7 @@ class BlockModel(nn.Module):
 
     # ---------------------------------------------------------- constructors
     @classmethod
-    def from_sequential(cls, seq: nn.Sequential, cut_points: Iterable[int] | None = None) -> "BlockModel":
+    def from_sequential(cls, seq: nn.Sequential, cut_points: Iterable[int] | None = None) -> BlockModel:
         """Each child of ``seq`` becomes one block (same module objects)."""
         if not isinstance(seq, nn.Sequential):
             raise TypeError(f"from_sequential needs an nn.Sequential, got {type(seq).__name__}")
@@ -188,7 +183,7 @@ class BlockModel(nn.Module):
         *,
         merge_parameter_free: bool = True,
         leaf_modules: tuple[type[nn.Module], ...] = (),
-    ) -> "BlockModel":
+    ) -> BlockModel:
         """Trace an arbitrary single-input ``nn.Module`` and split it at every point
         where exactly one tensor crosses.
 
@@ -287,9 +282,7 @@ def find_fx_cut_points(gm: fx.GraphModule) -> list[int]:
             continue  # tuple or non-tensor value crosses
         if any(first_res[r] <= i < last_res[r] for r in first_res):
             continue  # a weight is used on both sides
-        if any(
-            n.op == "get_attr" and index[n] <= i and last_use[n] > i for n in nodes
-        ):
+        if any(n.op == "get_attr" and index[n] <= i and last_use[n] > i for n in nodes):
             continue
         gaps.append(i)
     # the last gap must be the one before the output node (the full model)
@@ -351,7 +344,7 @@ def _segment_module(root: nn.Module, gm: fx.GraphModule, seg: list[fx.Node]) -> 
 
 
 def _segment_name(mods: list[str], seg: list[fx.Node]) -> str:
-    """"layer1.0" for a segment whose modules all live under layer1.0, else
+    """ "layer1.0" for a segment whose modules all live under layer1.0, else
     "first..last" module, else the first node's name."""
     if not mods:
         return str(seg[0].name)

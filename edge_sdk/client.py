@@ -115,7 +115,6 @@ class EdgeClient:
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._seq = 0
         self.session = 0
-        spec = self.setup.spec
         self.choice = initial_choice(cfg, self.setup)
         self.runtime = self.make_runtime(self.choice.point)
         self.pipeline = EdgePipeline(
@@ -190,7 +189,9 @@ class EdgeClient:
                 except WireError as exc:
                     await self._inbox.put(_Closed(f"cloud sent a malformed frame: {exc}"))
                     return
-            await self._inbox.put(_Closed(f"cloud closed the connection (code {ws.close_code}{': ' + ws.close_reason if ws.close_reason else ''})"))
+            await self._inbox.put(
+                _Closed(f"cloud closed the connection (code {ws.close_code}{': ' + ws.close_reason if ws.close_reason else ''})")
+            )
         except ConnectionClosed as exc:
             await self._inbox.put(_Closed(f"connection to the cloud was lost ({exc})"))
 
@@ -259,7 +260,9 @@ class EdgeClient:
             raise TrainingError(f"cloud did not accept the session: {getattr(frame, 'message', type(frame).__name__)}")
         self.session = frame.session
 
-    async def _apply(self, frame: object, means: _RunningMeans, epoch: int, t_start: float, *, adapt: bool = True) -> StepResult | None:
+    async def _apply(
+        self, frame: object, means: _RunningMeans, epoch: int, t_start: float, *, adapt: bool = True
+    ) -> StepResult | None:
         if isinstance(frame, fr.Context):
             self._observe_context(frame)
             return None
@@ -341,8 +344,19 @@ class EdgeClient:
 
     async def _request_context(self) -> None:
         step = self.pipeline.next_step
-        nbytes = await self._send(fr.Context(step=step, uplink_bps=0.0, downlink_bps=0.0, rtt_ms=0.0, cloud_step_ms=0.0,
-                                             cloud_block_ms=[], queue_depth=0, request=True, recv_ns=0))
+        nbytes = await self._send(
+            fr.Context(
+                step=step,
+                uplink_bps=0.0,
+                downlink_bps=0.0,
+                rtt_ms=0.0,
+                cloud_step_ms=0.0,
+                cloud_block_ms=[],
+                queue_depth=0,
+                request=True,
+                recv_ns=0,
+            )
+        )
         self._context_requests[step] = (time.monotonic_ns(), nbytes)
 
     # --------------------------------------------------------------- decisions
@@ -374,7 +388,9 @@ class EdgeClient:
     async def _repartition(self, choice) -> None:
         model = self.setup.spec.model
         self.sync_head_to_model()
-        for frame in repartition.request_frames(self.pipeline, model, choice.point, codec=choice.codec, staleness=choice.staleness):
+        for frame in repartition.request_frames(
+            self.pipeline, model, choice.point, codec=choice.codec, staleness=choice.staleness
+        ):
             await self._send(frame)
         received: list[fr.Weights] = []
         while True:
@@ -385,8 +401,16 @@ class EdgeClient:
                 break
             elif isinstance(frame, fr.Context):
                 self._observe_context(frame)
-        await asyncio.to_thread(repartition.complete, self.pipeline, model, frame, received, self.make_runtime,
-                                codec=choice.codec, staleness=choice.staleness)
+        await asyncio.to_thread(
+            repartition.complete,
+            self.pipeline,
+            model,
+            frame,
+            received,
+            self.make_runtime,
+            codec=choice.codec,
+            staleness=choice.staleness,
+        )
         self.runtime = self.pipeline.runtime
         self.repartitions += 1
 
@@ -487,8 +511,9 @@ class EdgeClient:
             except (OSError, ssl.SSLError) as exc:
                 raise TrainingError(f"cannot read the CA certificate {cfg.tls_ca}: {exc}") from None
         try:
-            ws = await connect(self.url, compression=None, max_size=MAX_FRAME_BYTES, open_timeout=15, ping_interval=20,
-                               ping_timeout=60, ssl=tls)
+            ws = await connect(
+                self.url, compression=None, max_size=MAX_FRAME_BYTES, open_timeout=15, ping_interval=20, ping_timeout=60, ssl=tls
+            )
         except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
             raise TrainingError(f"cannot connect to the cloud at {self.url}: {exc}") from None
         reader = asyncio.create_task(self._reader(ws))
@@ -514,9 +539,17 @@ class EdgeClient:
         if self.controller is not None:
             result.partition_history = self.controller.history
         else:
-            result.partition_history = [dict(step=0, point=self.choice.point, codec=self.choice.codec,
-                                             staleness=self.choice.staleness, predicted_step_ms=None, switch=False,
-                                             reason="fixed by the user")]
+            result.partition_history = [
+                dict(
+                    step=0,
+                    point=self.choice.point,
+                    codec=self.choice.codec,
+                    staleness=self.choice.staleness,
+                    predicted_step_ms=None,
+                    switch=False,
+                    reason="fixed by the user",
+                )
+            ]
         result.context = self.tracker.snapshot().to_dict()
         result.step_times = self.step_times
         return result

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 NS = 1_000_000_000
 
@@ -139,9 +140,18 @@ class BandwidthEstimator:
     Context *before* its Gradients) so the fit has honest small frames.
     """
 
-    def __init__(self, window: int = 48, bucket_ratio: float = 1.5, min_size_ratio: float = 4.0,
-                 train_window: int = 24, min_train_frames: int = 4, train_min_bytes: int = 2048,
-                 guard_ns: int = 500_000, gap_tol_ns: int = 5_000_000, squeeze_ns: int = 300_000) -> None:
+    def __init__(
+        self,
+        window: int = 48,
+        bucket_ratio: float = 1.5,
+        min_size_ratio: float = 4.0,
+        train_window: int = 24,
+        min_train_frames: int = 4,
+        train_min_bytes: int = 2048,
+        guard_ns: int = 500_000,
+        gap_tol_ns: int = 5_000_000,
+        squeeze_ns: int = 300_000,
+    ) -> None:
         #: (observation, certainly queued, gap since the previous arrival or None)
         self._obs: deque[tuple[FrameObservation, bool, int | None]] = deque(maxlen=window)
         self.window = window
@@ -185,7 +195,7 @@ class BandwidthEstimator:
 
     def train_bps(self) -> float | None:
         """Packet-train estimate (bits/s); None unless the link looks saturated."""
-        recent = list(self._obs)[-self.train_window:]
+        recent = list(self._obs)[-self.train_window :]
         large = [q for o, q, _ in recent if o.nbytes >= self.train_min_bytes]
         n_queued = sum(large)
         if n_queued < self.min_train_frames or 2 * n_queued < len(large):
@@ -310,8 +320,9 @@ class ComputeEstimator:
     so a slow first step does not anchor it.
     """
 
-    def __init__(self, alpha: float = 0.2, window: int = 15, reject_factor: float = 3.0,
-                 shift_after: int = 3, warmup: int = 3) -> None:
+    def __init__(
+        self, alpha: float = 0.2, window: int = 15, reject_factor: float = 3.0, shift_after: int = 3, warmup: int = 3
+    ) -> None:
         self.alpha = alpha
         self.reject_factor = reject_factor
         self.shift_after = shift_after
@@ -430,8 +441,14 @@ class ContextTracker:
     :meth:`observe_remote`. Local estimates win over reported ones.
     """
 
-    def __init__(self, *, rtt: RttEstimator | None = None, uplink: BandwidthEstimator | None = None,
-                 downlink: BandwidthEstimator | None = None, compute: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        rtt: RttEstimator | None = None,
+        uplink: BandwidthEstimator | None = None,
+        downlink: BandwidthEstimator | None = None,
+        compute: dict[str, Any] | None = None,
+    ) -> None:
         self.rtt = rtt or RttEstimator()
         self.uplink = uplink or BandwidthEstimator()
         self.downlink = downlink or BandwidthEstimator()
@@ -475,13 +492,23 @@ class ContextTracker:
     def observe_queue_depth(self, depth: int) -> None:
         self.queue_depth = int(depth)
 
-    def observe_remote(self, *, uplink_bps: float | None = None, downlink_bps: float | None = None,
-                       rtt_s: float | None = None, cloud_step_ms: float | None = None,
-                       cloud_block_ms: Mapping[int, float] | list[float] | None = None,
-                       queue_depth: int | None = None) -> None:
+    def observe_remote(
+        self,
+        *,
+        uplink_bps: float | None = None,
+        downlink_bps: float | None = None,
+        rtt_s: float | None = None,
+        cloud_step_ms: float | None = None,
+        cloud_block_ms: Mapping[int, float] | list[float] | None = None,
+        queue_depth: int | None = None,
+    ) -> None:
         """Merge what the peer reported (a ``Context`` frame). Zero/None = not known."""
-        for k, v in (("uplink_bps", uplink_bps), ("downlink_bps", downlink_bps), ("rtt_s", rtt_s),
-                     ("cloud_step_ms", cloud_step_ms)):
+        for k, v in (
+            ("uplink_bps", uplink_bps),
+            ("downlink_bps", downlink_bps),
+            ("rtt_s", rtt_s),
+            ("cloud_step_ms", cloud_step_ms),
+        ):
             if v:
                 self._remote[k] = float(v)
         if cloud_block_ms:
@@ -526,7 +553,12 @@ class ContextTracker:
             cloud_block_ms=cloud_blocks,
             edge_block_ms={i: e.value_ms for i, e in self.edge_blocks.items() if e.value_ms is not None},
             queue_depth=self.queue_depth,
-            samples={"rtt": self.rtt.count, "uplink": self.uplink.count, "downlink": self.downlink.count,
-                     "edge_step": self.edge_step.count, "cloud_step": self.cloud_step.count},
+            samples={
+                "rtt": self.rtt.count,
+                "uplink": self.uplink.count,
+                "downlink": self.downlink.count,
+                "edge_step": self.edge_step.count,
+                "cloud_step": self.cloud_step.count,
+            },
             methods={"uplink": up_m, "downlink": down_m},
         )

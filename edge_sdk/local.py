@@ -37,8 +37,17 @@ def train_locally(cfg: TrainConfig, *, setup: LocalSetup | None = None, slowdown
     model = setup.spec.model
     opt_cfg = cfg.optimizer_config()
     optimizer = build_optimizer(model.parameters(), opt_cfg)
-    result = TrainResult(point=model.num_blocks, codec="none", staleness=0, network="none", device_slowdown=slowdown,
-                         model=cfg.model, dataset=cfg.dataset, runtime="eager", error_feedback=False)
+    result = TrainResult(
+        point=model.num_blocks,
+        codec="none",
+        staleness=0,
+        network="none",
+        device_slowdown=slowdown,
+        model=cfg.model,
+        dataset=cfg.dataset,
+        runtime="eager",
+        error_feedback=False,
+    )
     t_start = time.perf_counter()
     busy = 0.0
     steps = 0
@@ -64,8 +73,17 @@ def train_locally(cfg: TrainConfig, *, setup: LocalSetup | None = None, slowdown
             count += len(y)
         result.train_s += time.perf_counter() - t_epoch
         test_loss, test_acc = evaluate(setup, cfg)
-        result.history.append(dict(epoch=epoch, train_loss=loss_sum / count, train_accuracy=correct / count,
-                                   test_loss=test_loss, test_accuracy=test_acc, wall_s=time.perf_counter() - t_start, steps=steps))
+        result.history.append(
+            dict(
+                epoch=epoch,
+                train_loss=loss_sum / count,
+                train_accuracy=correct / count,
+                test_loss=test_loss,
+                test_accuracy=test_acc,
+                wall_s=time.perf_counter() - t_start,
+                steps=steps,
+            )
+        )
         result.train_loss, result.train_accuracy = loss_sum / count, correct / count
         result.test_loss, result.test_accuracy = test_loss, test_acc
     result.wall_s = time.perf_counter() - t_start

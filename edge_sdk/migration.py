@@ -35,8 +35,8 @@ def _block_index(name: str) -> int:
 
 def named_tensors(model: BlockModel, blocks: Iterable[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     wanted = set(blocks)
-    params = {n: p for n, p in model.named_parameters() if _block_index(n) in wanted}
-    buffers = {n: b for n, b in model.named_buffers() if _block_index(n) in wanted}
+    params: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if _block_index(n) in wanted}
+    buffers: dict[str, torch.Tensor] = {n: b for n, b in model.named_buffers() if _block_index(n) in wanted}
     return params, buffers
 
 
@@ -60,11 +60,18 @@ def chunk_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 def _chunks(step: int, name: str, kind: str, tensor: torch.Tensor) -> list[Weights]:
     t = tensor.detach().contiguous()
-    sizes = [s[0] for s in chunk_shapes(tuple(t.shape))] if t.dim() else [None]
+    sizes = [s[0] for s in chunk_shapes(tuple(t.shape))] if t.dim() else [1]
     pieces = [t] if len(sizes) == 1 else list(torch.split(t, sizes, dim=0))
     return [
-        Weights(step=step, name=name, kind=kind, tensor=codecs.tensor_frame_from_tensor(piece),
-                chunk=i, chunks=len(pieces), last=False)
+        Weights(
+            step=step,
+            name=name,
+            kind=kind,
+            tensor=codecs.tensor_frame_from_tensor(piece),
+            chunk=i,
+            chunks=len(pieces),
+            last=False,
+        )
         for i, piece in enumerate(pieces)
     ]
 
@@ -128,6 +135,7 @@ def import_state(model: BlockModel, tensors: dict[tuple[str, str], torch.Tensor]
     """Copy received parameters and buffers into ``model``; return optimizer state by parameter name."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    target: torch.Tensor | None
     optim: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     with torch.no_grad():
         for (kind, name), value in tensors.items():
@@ -151,7 +159,9 @@ def import_state(model: BlockModel, tensors: dict[tuple[str, str], torch.Tensor]
     return dict(optim)
 
 
-def install_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]) -> None:
+def install_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]]
+) -> None:
     """Install per-parameter state (kept or migrated) into a freshly built optimizer."""
     for pname, entries in state.items():
         p = params.get(pname)
@@ -160,7 +170,9 @@ def install_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, 
         optimizer.state[p] = {k: (v.reshape(()) if k == "step" else v.to(p.dtype).clone()) for k, v in entries.items()}
 
 
-def optimizer_state_by_name(optimizer: torch.optim.Optimizer | None, params: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def optimizer_state_by_name(
+    optimizer: torch.optim.Optimizer | None, params: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
     """The optimizer state of ``params`` keyed by full parameter name."""
     if optimizer is None:
         return {}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 
@@ -54,18 +54,32 @@ class OptimizerConfig:
         # The cloud builds this from a peer's JSON, so every field is checked for
         # type and range here: a bad value must be refused at Hello, not surface
         # later as a TypeError inside torch.optim or a ZeroDivisionError at step 1.
-        _expect(isinstance(self.name, str) and self.name in OPTIMIZERS,
-                f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
-        _expect(isinstance(self.schedule, str) and self.schedule in SCHEDULES,
-                f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        _expect(
+            isinstance(self.name, str) and self.name in OPTIMIZERS,
+            f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}",
+        )
+        _expect(
+            isinstance(self.schedule, str) and self.schedule in SCHEDULES,
+            f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}",
+        )
         _expect(_is_real(self.lr) and 0 < self.lr <= MAX_LR, f"learning rate must be a number in (0, {MAX_LR}], got {self.lr!r}")
         _expect(_is_real(self.momentum) and 0 <= self.momentum < 1, f"momentum must be a number in [0, 1), got {self.momentum!r}")
-        _expect(_is_real(self.weight_decay) and 0 <= self.weight_decay <= 1,
-                f"weight decay must be a number in [0, 1], got {self.weight_decay!r}")
-        _expect(_is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS, f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}")
-        _expect(_is_real(self.step_gamma) and 0 < self.step_gamma <= 1, f"step_gamma must be a number in (0, 1], got {self.step_gamma!r}")
-        _expect(_is_int(self.step_every) and 1 <= self.step_every <= MAX_EPOCHS,
-                f"step_every must be an integer in [1, {MAX_EPOCHS}], got {self.step_every!r}")
+        _expect(
+            _is_real(self.weight_decay) and 0 <= self.weight_decay <= 1,
+            f"weight decay must be a number in [0, 1], got {self.weight_decay!r}",
+        )
+        _expect(
+            _is_int(self.epochs) and 1 <= self.epochs <= MAX_EPOCHS,
+            f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}",
+        )
+        _expect(
+            _is_real(self.step_gamma) and 0 < self.step_gamma <= 1,
+            f"step_gamma must be a number in (0, 1], got {self.step_gamma!r}",
+        )
+        _expect(
+            _is_int(self.step_every) and 1 <= self.step_every <= MAX_EPOCHS,
+            f"step_every must be an integer in [1, {MAX_EPOCHS}], got {self.step_every!r}",
+        )
 
     @property
     def state_keys(self) -> frozenset[str]:
@@ -78,7 +92,7 @@ class OptimizerConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "OptimizerConfig":
+    def from_json(cls, text: str) -> OptimizerConfig:
         try:
             data = json.loads(text) if text else {}
         except json.JSONDecodeError as exc:

@@ -191,8 +191,8 @@ class EdgePipeline:
         self.window = ReplayWindow(staleness)
         self.guard = StalenessGuard() if staleness_guard else None
         params = runtime.parameters()
-        self.optimizer = torch_optimizer if torch_optimizer is not None else (
-            build_optimizer(params, optimizer) if params else None
+        self.optimizer = (
+            torch_optimizer if torch_optimizer is not None else (build_optimizer(params, optimizer) if params else None)
         )
         self.updates = 0  # head optimizer steps taken so far
         self._updates_at_start: dict[int, int] = {}
@@ -218,9 +218,7 @@ class EdgePipeline:
     def start_step(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int) -> Features:
         """First forward of a new step: returns the ``Features`` frame to upload."""
         if not self.window.has_room():
-            raise RuntimeError(
-                f"{self.in_flight} steps already in flight (K={self.staleness}); apply a gradient first"
-            )
+            raise RuntimeError(f"{self.in_flight} steps already in flight (K={self.staleness}); apply a gradient first")
         rng_state = torch.get_rng_state()
         feats = self.runtime.forward(x, train=True)
         frame, error = codecs.encode_tensor(feats, self.codec, topk_ratio=self.topk_ratio)
@@ -240,8 +238,15 @@ class EdgePipeline:
         return self._features(step, epoch, frame, y, train=True)
 
     def _features(self, step: int, epoch: int, frame: codecs.TensorFrame, y: torch.Tensor, *, train: bool) -> Features:
-        return Features(step=step, epoch=epoch, point=self.point, tensor=frame,
-                        labels=codecs.tensor_frame_from_tensor(y), train=train, grad_codec=self.grad_codec.label)
+        return Features(
+            step=step,
+            epoch=epoch,
+            point=self.point,
+            tensor=frame,
+            labels=codecs.tensor_frame_from_tensor(y),
+            train=train,
+            grad_codec=self.grad_codec.label,
+        )
 
     def on_gradients(self, frame: Gradients) -> StepResult:
         """Replay the head on the stored input and apply the returned gradient."""

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,10 +54,10 @@ class BlockProfile:
     param_bytes: int
     buffer_bytes: int
     optimizer_state_bytes: int
-    output_shape: list[int]            # including the batch dimension
-    output_bytes: dict[str, int]       # codec -> bytes of the cut at p = index + 1
-    activation_bytes: int              # saved for backward by this block (parameters excluded)
-    peak_activation_bytes: int         # activation_bytes + output bytes (fp32)
+    output_shape: list[int]  # including the batch dimension
+    output_bytes: dict[str, int]  # codec -> bytes of the cut at p = index + 1
+    activation_bytes: int  # saved for backward by this block (parameters excluded)
+    peak_activation_bytes: int  # activation_bytes + output bytes (fp32)
 
 
 @dataclass
@@ -69,9 +69,9 @@ class ModelProfile:
     runtime: str
     threads: int
     torch_version: str
-    input_shape: list[int]             # including the batch dimension
+    input_shape: list[int]  # including the batch dimension
     input_dtype: str
-    input_bytes: dict[str, int]        # codec -> bytes of the cut at p = 0 (raw input)
+    input_bytes: dict[str, int]  # codec -> bytes of the cut at p = 0 (raw input)
     cut_points: list[int]
     repeats: int
     blocks: list[BlockProfile] = field(default_factory=list)
@@ -86,17 +86,19 @@ class ModelProfile:
         out = []
         for p in self.cut_points:
             head, tail = self.blocks[:p], self.blocks[p:]
-            out.append({
-                "p": p,
-                "head_forward_ms": sum(b.forward_ms for b in head),
-                "head_backward_ms": sum(b.backward_ms for b in head),
-                "tail_forward_ms": sum(b.forward_ms for b in tail),
-                "tail_backward_ms": sum(b.backward_ms for b in tail),
-                "head_param_bytes": sum(b.param_bytes for b in head),
-                "head_optimizer_state_bytes": sum(b.optimizer_state_bytes for b in head),
-                "head_activation_bytes": sum(b.activation_bytes for b in head),
-                "cut_bytes": {c: self.cut_bytes(p, c) for c in self.input_bytes},
-            })
+            out.append(
+                {
+                    "p": p,
+                    "head_forward_ms": sum(b.forward_ms for b in head),
+                    "head_backward_ms": sum(b.backward_ms for b in head),
+                    "tail_forward_ms": sum(b.forward_ms for b in tail),
+                    "tail_backward_ms": sum(b.backward_ms for b in tail),
+                    "head_param_bytes": sum(b.param_bytes for b in head),
+                    "head_optimizer_state_bytes": sum(b.optimizer_state_bytes for b in head),
+                    "head_activation_bytes": sum(b.activation_bytes for b in head),
+                    "cut_bytes": {c: self.cut_bytes(p, c) for c in self.input_bytes},
+                }
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +107,7 @@ class ModelProfile:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelProfile":
+    def from_dict(cls, d: dict[str, Any]) -> ModelProfile:
         d = {k: v for k, v in d.items() if k != "cuts"}
         blocks = [BlockProfile(**b) for b in d.pop("blocks")]
         return cls(**d, blocks=blocks)
@@ -131,8 +133,9 @@ def _example_batch(spec, batch_size: int) -> torch.Tensor:
     return torch.ones(shape, dtype=spec.input_dtype)  # id 1 is valid for every id input
 
 
-def _profile_block(i: int, name: str, block: nn.Module, x: torch.Tensor, optimizer: str, repeats: int,
-                   warmup: int, codecs: tuple[str, ...]) -> tuple[BlockProfile, torch.Tensor]:
+def _profile_block(
+    i: int, name: str, block: nn.Module, x: torch.Tensor, optimizer: str, repeats: int, warmup: int, codecs: tuple[str, ...]
+) -> tuple[BlockProfile, torch.Tensor]:
     params = [p for p in block.parameters() if p.requires_grad]
     needs_input_grad = i > 0 and x.dtype.is_floating_point
     x_in = x.detach().requires_grad_(needs_input_grad)
@@ -181,10 +184,13 @@ def _profile_block(i: int, name: str, block: nn.Module, x: torch.Tensor, optimiz
     out = out.detach()
     shape = tuple(out.shape)
     prof = BlockProfile(
-        index=i, name=name,
-        forward_ms=statistics.median(fwd), backward_ms=statistics.median(bwd),
+        index=i,
+        name=name,
+        forward_ms=statistics.median(fwd),
+        backward_ms=statistics.median(bwd),
         param_count=sum(p.numel() for p in block.parameters()),
-        param_bytes=_nbytes(block.parameters()), buffer_bytes=_nbytes(block.buffers()),
+        param_bytes=_nbytes(block.parameters()),
+        buffer_bytes=_nbytes(block.buffers()),
         optimizer_state_bytes=opt_bytes,
         output_shape=list(shape),
         output_bytes={c: encoded_nbytes(shape, c, out.dtype) for c in codecs},
@@ -194,8 +200,15 @@ def _profile_block(i: int, name: str, block: nn.Module, x: torch.Tensor, optimiz
     return prof, out
 
 
-def profile_model(spec, batch_size: int, optimizer: str = "sgd", runtime: str = "eager", repeats: int = 5,
-                  warmup: int = 1, codecs: tuple[str, ...] = DEFAULT_CODECS) -> ModelProfile:
+def profile_model(
+    spec,
+    batch_size: int,
+    optimizer: str = "sgd",
+    runtime: str = "eager",
+    repeats: int = 5,
+    warmup: int = 1,
+    codecs: tuple[str, ...] = DEFAULT_CODECS,
+) -> ModelProfile:
     """Profile every block of ``spec.model`` (a copy: the caller's weights, BatchNorm
     statistics and RNG are untouched) in train mode at ``batch_size``."""
     if runtime != "eager":
@@ -213,11 +226,19 @@ def profile_model(spec, batch_size: int, optimizer: str = "sgd", runtime: str = 
             blocks.append(prof)
     in_shape = (batch_size, *spec.input_shape)
     return ModelProfile(
-        model=spec.name, config_hash=spec.config_hash, batch_size=batch_size, optimizer=optimizer,
-        runtime=runtime, threads=torch.get_num_threads(), torch_version=torch.__version__,
-        input_shape=list(in_shape), input_dtype=str(spec.input_dtype).replace("torch.", ""),
+        model=spec.name,
+        config_hash=spec.config_hash,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        runtime=runtime,
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        input_shape=list(in_shape),
+        input_dtype=str(spec.input_dtype).replace("torch.", ""),
         input_bytes={c: encoded_nbytes(in_shape, c, spec.input_dtype) for c in codecs},
-        cut_points=spec.model.cut_points, repeats=repeats, blocks=blocks,
+        cut_points=spec.model.cut_points,
+        repeats=repeats,
+        blocks=blocks,
     )
 
 
@@ -236,19 +257,41 @@ def format_table(prof: ModelProfile, slowdown: float = 1.0, device: str | None =
     if device:
         head += f"  times x{slowdown:g} for {device}"
     cols = ["#", "block", "fwd ms", "bwd ms", "params", "opt state", "act mem", "out shape"] + [f"cut {c}" for c in codecs]
-    rows = [["in", "(input)", "", "", "", "", "", "x".join(map(str, prof.input_shape))]
-            + [_fmt_bytes(prof.input_bytes[c]) for c in codecs]]
+    rows = [
+        ["in", "(input)", "", "", "", "", "", "x".join(map(str, prof.input_shape))]
+        + [_fmt_bytes(prof.input_bytes[c]) for c in codecs]
+    ]
     for b in prof.blocks:
-        rows.append([str(b.index), b.name[:28], f"{b.forward_ms * slowdown:.2f}", f"{b.backward_ms * slowdown:.2f}",
-                     _fmt_bytes(b.param_bytes), _fmt_bytes(b.optimizer_state_bytes), _fmt_bytes(b.peak_activation_bytes),
-                     "x".join(map(str, b.output_shape))] + [_fmt_bytes(b.output_bytes[c]) for c in codecs])
+        rows.append(
+            [
+                str(b.index),
+                b.name[:28],
+                f"{b.forward_ms * slowdown:.2f}",
+                f"{b.backward_ms * slowdown:.2f}",
+                _fmt_bytes(b.param_bytes),
+                _fmt_bytes(b.optimizer_state_bytes),
+                _fmt_bytes(b.peak_activation_bytes),
+                "x".join(map(str, b.output_shape)),
+            ]
+            + [_fmt_bytes(b.output_bytes[c]) for c in codecs]
+        )
     tot_f = sum(b.forward_ms for b in prof.blocks) * slowdown
     tot_b = sum(b.backward_ms for b in prof.blocks) * slowdown
-    rows.append(["", "total", f"{tot_f:.2f}", f"{tot_b:.2f}", _fmt_bytes(sum(b.param_bytes for b in prof.blocks)),
-                 _fmt_bytes(sum(b.optimizer_state_bytes for b in prof.blocks)),
-                 _fmt_bytes(sum(b.peak_activation_bytes for b in prof.blocks)), ""] + [""] * len(codecs))
+    rows.append(
+        [
+            "",
+            "total",
+            f"{tot_f:.2f}",
+            f"{tot_b:.2f}",
+            _fmt_bytes(sum(b.param_bytes for b in prof.blocks)),
+            _fmt_bytes(sum(b.optimizer_state_bytes for b in prof.blocks)),
+            _fmt_bytes(sum(b.peak_activation_bytes for b in prof.blocks)),
+            "",
+        ]
+        + [""] * len(codecs)
+    )
     widths = [max(len(r[j]) for r in [cols, *rows]) for j in range(len(cols))]
-    line = lambda r: "  ".join(c.rjust(w) if j not in (1,) else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(c.rjust(w) if j not in (1,) else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
     out = [head, line(cols), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
     out.append(f"valid cut points: {prof.cut_points}")
     return "\n".join(out)
@@ -259,18 +302,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", required=True, choices=zoo.names(), help="zoo model name")
     parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
-                        help="optimizer whose state size is measured (sgd = with momentum)")
-    parser.add_argument("--runtime", choices=["eager", "executorch", "torchscript"], default="eager",
-                        help="also time the head as this runtime runs it, per exported point (needs --programs)")
+    parser.add_argument(
+        "--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer whose state size is measured (sgd = with momentum)"
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=["eager", "executorch", "torchscript"],
+        default="eager",
+        help="also time the head as this runtime runs it, per exported point (needs --programs)",
+    )
     parser.add_argument("--programs", type=Path, default=None, help="exported programs (python -m export) for --runtime")
     parser.add_argument("--json", type=Path, default=None, help="also write the profile as JSON here")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per block (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default=None, choices=devices.names(),
-                        help="also scale the printed times by this device's slowdown factor")
+    parser.add_argument(
+        "--device", default=None, choices=devices.names(), help="also scale the printed times by this device's slowdown factor"
+    )
 
 
 def profile_heads(spec, runtime: str, programs: Path, batch_size: int, repeats: int) -> list[dict]:
@@ -293,12 +342,20 @@ def profile_heads(spec, runtime: str, programs: Path, batch_size: int, repeats: 
         eager = EagerRuntime(model.head(point))
         with torch.no_grad():
             grad = torch.randn_like(eager.forward(x, train=False))
-        timed = profile_runtimes({"eager": eager, "runtime": load_runtime(runtime, programs, point, model.state_dict())},
-                                 x, grad, repeats)
+        timed = profile_runtimes(
+            {"eager": eager, "runtime": load_runtime(runtime, programs, point, model.state_dict())}, x, grad, repeats
+        )
         e, r = timed["eager"], timed["runtime"]
-        out.append(dict(point=point, eager_step_ms=e["step_ms"], runtime_step_ms=r["step_ms"],
-                        eager_forward_ms=e["forward_ms"], runtime_forward_ms=r["forward_ms"],
-                        ratio=r["step_ms"] / e["step_ms"]))
+        out.append(
+            dict(
+                point=point,
+                eager_step_ms=e["step_ms"],
+                runtime_step_ms=r["step_ms"],
+                eager_forward_ms=e["forward_ms"],
+                runtime_forward_ms=r["forward_ms"],
+                ratio=r["step_ms"] / e["step_ms"],
+            )
+        )
     return out
 
 
@@ -311,8 +368,9 @@ def run(args: argparse.Namespace) -> int:
     if args.runtime != "eager" and args.programs is None:
         print(f"error: --runtime {args.runtime} needs --programs DIR (made by `python -m export`)", file=sys.stderr)
         return 2
-    prof = profile_model(spec, args.batch_size, optimizer=args.optimizer, runtime="eager",
-                         repeats=args.repeats, warmup=args.warmup)
+    prof = profile_model(
+        spec, args.batch_size, optimizer=args.optimizer, runtime="eager", repeats=args.repeats, warmup=args.warmup
+    )
     dev = devices.get_device(args.device) if args.device else None
     print(format_table(prof, dev.slowdown if dev else 1.0, dev.name if dev else None))
     heads = None

@@ -15,7 +15,7 @@ class ProgressBar:
         self._bar: tqdm | None = None
         self._total = total
 
-    def __enter__(self) -> "ProgressBar":
+    def __enter__(self) -> ProgressBar:
         if self.enabled:
             self._bar = tqdm(total=self._total, unit="step", dynamic_ncols=True, mininterval=0.5, desc="training")
         return self

@@ -6,7 +6,6 @@ The training flags are defined once here and reused by ``emulate``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,28 +15,68 @@ from edge_sdk.training import TrainConfig, TrainResult
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--model", default="digits_cnn", help="zoo model (default: %(default)s)")
-    g.add_argument("--dataset", default="digits", help="dataset: digits, mnist1d (bundled) or cifar10, tinyimagenet, imdb, movielens (need --data-dir) (default: %(default)s)")
+    g.add_argument(
+        "--dataset",
+        default="digits",
+        help="dataset: digits, mnist1d (bundled) or cifar10, tinyimagenet, imdb, movielens (need --data-dir) (default: %(default)s)",
+    )
     g.add_argument("--data-dir", help="folder holding a real dataset's files")
     g.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
-    g.add_argument("--point", type=_auto_int, default="auto", help="partition point p: blocks [0,p) run on the device; 'auto' lets the decision engine choose and move it (default: %(default)s)")
-    g.add_argument("--codec", default="auto", help="feature codec: auto, fp32, fp16, bf16, int8, int8c, int4, topk (default: %(default)s)")
+    g.add_argument(
+        "--point",
+        type=_auto_int,
+        default="auto",
+        help="partition point p: blocks [0,p) run on the device; 'auto' lets the decision engine choose and move it (default: %(default)s)",
+    )
+    g.add_argument(
+        "--codec", default="auto", help="feature codec: auto, fp32, fp16, bf16, int8, int8c, int4, topk (default: %(default)s)"
+    )
     g.add_argument("--grad-codec", default="fp16", help="gradient codec for the way down (default: %(default)s)")
-    g.add_argument("--staleness", type=_auto_int, default="auto", help="K: steps allowed in flight beyond the current one; 0 = sequential; 'auto' sizes it to fill the pipe (default: %(default)s)")
-    g.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", help="turn off the g - E*g*g correction (ablation)")
-    g.add_argument("--no-staleness-guard", dest="staleness_guard", action="store_false", help="do not cap stale head-gradient norms (ablation)")
+    g.add_argument(
+        "--staleness",
+        type=_auto_int,
+        default="auto",
+        help="K: steps allowed in flight beyond the current one; 0 = sequential; 'auto' sizes it to fill the pipe (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-error-feedback", dest="error_feedback", action="store_false", help="turn off the g - E*g*g correction (ablation)"
+    )
+    g.add_argument(
+        "--no-staleness-guard",
+        dest="staleness_guard",
+        action="store_false",
+        help="do not cap stale head-gradient norms (ablation)",
+    )
     g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="(default: %(default)s)")
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
-    g.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "step"], help="per-epoch lr schedule, identical on both sides (default: %(default)s)")
+    g.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=["constant", "cosine", "step"],
+        help="per-epoch lr schedule, identical on both sides (default: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=0, help="model init, batch order and dropout seed (default: %(default)s)")
     g.add_argument("--token", default="", help="shared secret if the server was started with --token")
     g.add_argument("--tls-ca", help="CA certificate (PEM) to trust for a wss:// server, e.g. its self-signed certificate")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut each epoch short (smoke runs)")
-    g.add_argument("--device-slowdown", type=float, default=1.0, help="emulate a device S times slower than this machine (default: %(default)s)")
-    g.add_argument("--runtime", default="eager", choices=["eager", "executorch", "torchscript"], help="how the device runs its head: eager PyTorch, or programs from `python -m export` (default: %(default)s)")
-    g.add_argument("--programs", help="folder of exported head programs (with manifest.json) for --runtime executorch|torchscript")
+    g.add_argument(
+        "--device-slowdown",
+        type=float,
+        default=1.0,
+        help="emulate a device S times slower than this machine (default: %(default)s)",
+    )
+    g.add_argument(
+        "--runtime",
+        default="eager",
+        choices=["eager", "executorch", "torchscript"],
+        help="how the device runs its head: eager PyTorch, or programs from `python -m export` (default: %(default)s)",
+    )
+    g.add_argument(
+        "--programs", help="folder of exported head programs (with manifest.json) for --runtime executorch|torchscript"
+    )
     g.add_argument("--json", dest="json_path", help="write the run's report as JSON here")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -111,7 +150,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edge_sdk.client import TrainingError, run_training
     from edge_sdk.progress import ProgressBar
-
     from edge_sdk.training import build_local
 
     cfg = config_from_args(args)

@@ -132,7 +132,9 @@ class TrainResult:
     timeline: list[dict[str, float]] = field(default_factory=list)  # (wall_s, loss, acc) samples
     partition_history: list[dict[str, Any]] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)
-    step_times: list[float] = field(default_factory=list)  # seconds from connect to each applied step  # the last context snapshot (estimated link, compute)
+    step_times: list[float] = field(
+        default_factory=list
+    )  # seconds from connect to each applied step  # the last context snapshot (estimated link, compute)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -161,11 +163,16 @@ class LocalSetup:
         g.manual_seed(cfg.seed * 1000 + epoch)
         # Exported programs have a fixed batch size: a short last batch is dropped
         # (padding would skew train-mode BatchNorm statistics).
-        return DataLoader(self.splits.train, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                          drop_last=self.manifest is not None)
+        return DataLoader(
+            self.splits.train, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=self.manifest is not None
+        )
 
     def steps_per_epoch(self, cfg: TrainConfig) -> int:
-        n = len(self.splits.train) // cfg.batch_size if self.manifest is not None else math.ceil(len(self.splits.train) / cfg.batch_size)
+        n = (
+            len(self.splits.train) // cfg.batch_size
+            if self.manifest is not None
+            else math.ceil(len(self.splits.train) / cfg.batch_size)
+        )
         return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
 
     def total_steps(self, cfg: TrainConfig) -> int:
@@ -214,8 +221,10 @@ def build_local(cfg: TrainConfig) -> LocalSetup:
         if point not in valid:
             point = min(valid, key=lambda p: abs(p - point))
     if point not in valid:
-        raise ValueError(f"--point {point} is not a valid interior cut of {cfg.model}"
-                         f"{' with exported programs' if manifest else ''}; valid points: {valid}")
+        raise ValueError(
+            f"--point {point} is not a valid interior cut of {cfg.model}"
+            f"{' with exported programs' if manifest else ''}; valid points: {valid}"
+        )
     return LocalSetup(spec=spec, splits=splits, point=point, manifest=manifest)
 
 
@@ -228,11 +237,15 @@ def _check_programs(cfg: TrainConfig, spec: zoo.ModelSpec) -> dict[str, Any]:
     except (ManifestError, OSError, ValueError) as exc:
         raise ValueError(f"cannot use programs in {cfg.programs}: {exc}") from None
     if manifest.get("config_hash") != spec.config_hash:
-        raise ValueError(f"the programs in {cfg.programs} were exported from another model config "
-                         f"({manifest.get('model')} {str(manifest.get('config_hash'))[:12]}, this run: {spec.name} {spec.config_hash[:12]})")
+        raise ValueError(
+            f"the programs in {cfg.programs} were exported from another model config "
+            f"({manifest.get('model')} {str(manifest.get('config_hash'))[:12]}, this run: {spec.name} {spec.config_hash[:12]})"
+        )
     if int(manifest.get("batch_size", -1)) != cfg.batch_size:
-        raise ValueError(f"the programs in {cfg.programs} have batch size {manifest.get('batch_size')}; "
-                         f"pass --batch-size {manifest.get('batch_size')} or export again")
+        raise ValueError(
+            f"the programs in {cfg.programs} have batch size {manifest.get('batch_size')}; "
+            f"pass --batch-size {manifest.get('batch_size')} or export again"
+        )
     if manifest.get("format") != cfg.runtime:
         raise ValueError(f"the programs in {cfg.programs} are {manifest.get('format')} programs, not {cfg.runtime}")
     return manifest

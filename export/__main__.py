@@ -23,7 +23,7 @@ def parse_points(text: str, cut_points: list[int], num_blocks: int) -> list[int]
     try:
         points = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
-        raise SystemExit(f"--points: expected 'all' or a comma-separated list of ints, got {text!r}")
+        raise SystemExit(f"--points: expected 'all' or a comma-separated list of ints, got {text!r}") from None
     bad = [p for p in points if p not in cut_points or p == 0]
     if bad:
         raise SystemExit(f"--points: {bad} not exportable; valid points: {candidates} (and {num_blocks} = whole model)")
@@ -45,15 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=zoo.names(), help="zoo model name")
     p.add_argument("--points", default="all", help="'all' or a comma-separated list of partition points (default: all)")
     p.add_argument("--format", default="executorch", choices=FORMATS, help="program format (default: executorch)")
-    p.add_argument("--batch-size", type=int, default=32, help="fixed batch size of the program (default: 32); "
-                   "shorter batches are padded, or must be dropped for train-mode BatchNorm heads")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="fixed batch size of the program (default: 32); "
+        "shorter batches are padded, or must be dropped for train-mode BatchNorm heads",
+    )
     p.add_argument("--out", required=True, help="output directory (created; manifest.json is extended per point)")
     p.add_argument("--seed", type=int, default=0, help="zoo build seed (weights are only examples; default 0)")
-    p.add_argument("--freeze-batchnorm", action="store_true",
-                   help="BatchNorm uses its running statistics in every method and never updates them "
-                        "(default: batch statistics in training, running statistics updated on the device)")
-    p.add_argument("--no-optimize", action="store_true",
-                   help="ExecuTorch: skip the graph rewrites that route work to optimized kernels")
+    p.add_argument(
+        "--freeze-batchnorm",
+        action="store_true",
+        help="BatchNorm uses its running statistics in every method and never updates them "
+        "(default: batch statistics in training, running statistics updated on the device)",
+    )
+    p.add_argument(
+        "--no-optimize", action="store_true", help="ExecuTorch: skip the graph rewrites that route work to optimized kernels"
+    )
     return p
 
 
@@ -67,27 +76,39 @@ def main(argv: list[str] | None = None) -> int:
     spec = zoo.build(args.model, seed=args.seed)
     model = spec.model
     points = parse_points(args.points, model.cut_points, model.num_blocks)
-    print(f"exporting {args.model} ({spec.config_hash[:12]}) heads at points {points} as {args.format}, "
-          f"batch {args.batch_size} -> {args.out}", flush=True)
+    print(
+        f"exporting {args.model} ({spec.config_hash[:12]}) heads at points {points} as {args.format}, "
+        f"batch {args.batch_size} -> {args.out}",
+        flush=True,
+    )
     entries = []
     t0 = time.perf_counter()
     for i, point in enumerate(points, 1):
         print(f"[{i}/{len(points)}] point {point} ...", flush=True)
         try:
             entry = export_head(
-                model.head(point), spec.input_shape, point=point, batch_size=args.batch_size, out_dir=args.out,
-                fmt=args.format, name_map=model.head_name_map(point), freeze_batchnorm=args.freeze_batchnorm,
-                optimize=not args.no_optimize, log=lambda s: print(s, flush=True),
+                model.head(point),
+                spec.input_shape,
+                point=point,
+                batch_size=args.batch_size,
+                out_dir=args.out,
+                fmt=args.format,
+                name_map=model.head_name_map(point),
+                freeze_batchnorm=args.freeze_batchnorm,
+                optimize=not args.no_optimize,
+                log=lambda s: print(s, flush=True),
             )
         except (UnsupportedOperatorError, NotImplementedError) as exc:
             print(f"error: {args.model} point {point}: {exc}", file=sys.stderr)
             if entries:
-                write_manifest(args.out, entries, model=args.model, config_hash=spec.config_hash, fmt=args.format,
-                               batch_size=args.batch_size)
+                write_manifest(
+                    args.out, entries, model=args.model, config_hash=spec.config_hash, fmt=args.format, batch_size=args.batch_size
+                )
             return 1
         entries.append(entry)
-    path = write_manifest(args.out, entries, model=args.model, config_hash=spec.config_hash, fmt=args.format,
-                          batch_size=args.batch_size)
+    path = write_manifest(
+        args.out, entries, model=args.model, config_hash=spec.config_hash, fmt=args.format, batch_size=args.batch_size
+    )
     print(f"wrote {len(entries)} program(s) and {path} in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ def exporter_versions() -> dict[str, str]:
 
         versions["executorch"] = version("executorch")
         versions["splitreplay"] = version("splitreplay")
-    except Exception:  # pragma: no cover - metadata missing in odd installs
+    except Exception:  # noqa: BLE001 # pragma: no cover - metadata missing in odd installs
         pass
     return versions
 
@@ -44,7 +45,7 @@ def map_name(local: str, name_map: Mapping[str, str] | None) -> str:
         if not candidate:
             continue
         for k, v in name_map.items():
-            if k.startswith(candidate + ".") and v.endswith(k[len(candidate):]):
+            if k.startswith(candidate + ".") and v.endswith(k[len(candidate) :]):
                 base = v[: len(v) - len(k) + len(candidate)]
                 return base if candidate == local else f"{base}.{leaf}"
     return local
@@ -52,7 +53,7 @@ def map_name(local: str, name_map: Mapping[str, str] | None) -> str:
 
 def manifest_entry(prep: PreparedHead, point: int, name_map: Mapping[str, str] | None) -> dict[str, Any]:
     """The per-point manifest entry (everything but file, hash and timings)."""
-    m = lambda n: map_name(n, name_map)  # noqa: E731
+    m = lambda n: map_name(n, name_map)
     params = [{"name": m(p.name), "local": p.name, "shape": p.shape, "dtype": p.dtype} for p in prep.params]
     buffers = [{"name": m(b.name), "shape": b.shape, "dtype": b.dtype} for b in prep.buffers]
     dropouts = [{**d, "name": m(d["name"])} for d in prep.dropouts]
@@ -103,8 +104,9 @@ def export_head(
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     is_et = fmt == "executorch"
-    prep = prepare_head(head, tuple(input_shape), batch_size, freeze_batchnorm=freeze_batchnorm, executorch=is_et,
-                        optimize=optimize)
+    prep = prepare_head(
+        head, tuple(input_shape), batch_size, freeze_batchnorm=freeze_batchnorm, executorch=is_et, optimize=optimize
+    )
     path = out_dir / f"head_p{point}{SUFFIX[fmt]}"
     rewrites: list[str] = []
     if is_et:
@@ -113,9 +115,18 @@ def export_head(
         # names of the graph rewrites applied before lowering (see export/layout.py)
         rewrites = ["maxpool_running_maximum", "conv1d_as_2d"]
         if optimize:
-            rewrites += ["channel_major_layout", "conv_im2col_mm", "depthwise_conv_bmm", "batchnorm_analytic_backward",
-                         "relu_hardswish_sign_mask_backward", "linear_mm", "strided_taps_by_phase",
-                         "phase_interleave_pixel_shuffle", "mm_transposed_to_linear", "drop_alias_copies"]
+            rewrites += [
+                "channel_major_layout",
+                "conv_im2col_mm",
+                "depthwise_conv_bmm",
+                "batchnorm_analytic_backward",
+                "relu_hardswish_sign_mask_backward",
+                "linear_mm",
+                "strided_taps_by_phase",
+                "phase_interleave_pixel_shuffle",
+                "mm_transposed_to_linear",
+                "drop_alias_copies",
+            ]
         export_executorch(prep, path, optimize=optimize)
     else:
         from export.torchscript_export import export_torchscript
@@ -150,7 +161,12 @@ def write_manifest(
     manifest: dict[str, Any] = {}
     if path.exists():
         old = json.loads(path.read_text())
-        if (old.get("model"), old.get("config_hash"), old.get("format"), old.get("batch_size")) == (model, config_hash, fmt, batch_size):
+        if (old.get("model"), old.get("config_hash"), old.get("format"), old.get("batch_size")) == (
+            model,
+            config_hash,
+            fmt,
+            batch_size,
+        ):
             manifest = old
     manifest.update(
         {

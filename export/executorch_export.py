@@ -87,8 +87,9 @@ def _joint_forward_backward(ep: torch.export.ExportedProgram, table: dict | None
 
     if table is None:
         return _export_forward_backward(ep)
-    ep = _decompose_exported_program(ep, cia_to_decomp={}, python_decomp_table=table, joint_loss_index=0,
-                                     decompose_custom_triton_ops=False)
+    ep = _decompose_exported_program(
+        ep, cia_to_decomp={}, python_decomp_table=table, joint_loss_index=0, decompose_custom_triton_ops=False
+    )
     gm, signature = _copy_graph_module_and_signature(ep)
     _remove_detach_pass(gm, signature)
     return ep._update(gm, signature)
@@ -123,8 +124,7 @@ def lower(eps: dict[str, torch.export.ExportedProgram]) -> bytes:
 
     with _quiet():
         try:
-            edge = to_edge(eps, compile_config=EdgeCompileConfig(_check_ir_validity=False,
-                                                                 preserve_ops=list(PRESERVED_OPS)))
+            edge = to_edge(eps, compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=list(PRESERVED_OPS)))
             et = edge.to_executorch()
         except Exception as exc:  # name the operator the lowering choked on
             op = _operator_in(exc)

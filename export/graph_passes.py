@@ -34,6 +34,7 @@ def decomposition_table() -> dict:
         table.pop(op, None)
     return table
 
+
 _TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
 
 

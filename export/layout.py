@@ -37,7 +37,6 @@ from torch import nn
 from export.program import ExportBatchNorm, WindowMaxPool
 from export.rewrites import _zero_pad
 
-
 # ----------------------------------------------------------------------------- autograd
 #
 # Why custom operators and not plain ``torch.autograd.Function``s: ``torch.export``
@@ -148,7 +147,9 @@ def _tap_slices(x: torch.Tensor, kernel, stride, dilation, out_hw) -> list[torch
         stop = start + step * (n - 1) + 1
         if start == 0 and step == 1 and stop == t.shape[dim]:
             return t
-        return t.narrow(dim, start, stop - start) if step == 1 else t[(slice(None),) * (dim % t.dim()) + (slice(start, stop, step),)]
+        return (
+            t.narrow(dim, start, stop - start) if step == 1 else t[(slice(None),) * (dim % t.dim()) + (slice(start, stop, step),)]
+        )
 
     if sh > 1 or sw > 1:
         return _phase_tap_slices(x, kernel, stride, dilation, out_hw, cut)
@@ -172,8 +173,7 @@ def _phase_tap_slices(x: torch.Tensor, kernel, stride, dilation, out_hw, cut) ->
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     ho, wo = out_hw
     cols = {s: x[..., s::sw] if sw > 1 else x for s in {j * dw % sw for j in range(kw)}}
-    phases = {(r, s): cols[s][..., r::sh, :] if sh > 1 else cols[s]
-              for r in {i * dh % sh for i in range(kh)} for s in cols}
+    phases = {(r, s): cols[s][..., r::sh, :] if sh > 1 else cols[s] for r in {i * dh % sh for i in range(kh)} for s in cols}
     taps = []
     for i in range(kh):
         for j in range(kw):
@@ -275,7 +275,7 @@ _conv_op = _register("conv_mm", "(Tensor x, Tensor weight, int[] geom) -> (Tenso
 
 def _taps_ck(x: torch.Tensor, kernel, stride, padding, dilation, out_hw, reverse: bool = False) -> torch.Tensor:
     """``(C, N, H, W)`` -> ``(C, kh*kw, N*Ho*Wo)``: per channel, the taps as rows (for ``bmm``)."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    ph, pw = padding
     ho, wo = out_hw
     x = _pad_or_crop(_pad_or_crop(x, 2, ph, ph), 3, pw, pw)
     c, m = x.shape[0], x.shape[1] * ho * wo
@@ -300,10 +300,10 @@ def _pad_or_crop(x: torch.Tensor, dim: int, left: int, right: int) -> torch.Tens
         right = 0
     parts = []
     if left:
-        parts.append(x.new_zeros((*x.shape[:dim], left, *x.shape[dim + 1:])))
+        parts.append(x.new_zeros((*x.shape[:dim], left, *x.shape[dim + 1 :])))
     parts.append(x)
     if right:
-        parts.append(x.new_zeros((*x.shape[:dim], right, *x.shape[dim + 1:])))
+        parts.append(x.new_zeros((*x.shape[:dim], right, *x.shape[dim + 1 :])))
     return torch.cat(parts, dim) if len(parts) > 1 else x
 
 
@@ -387,7 +387,10 @@ class _Depthwise(torch.autograd.Function):
 
 
 _depthwise_op = _register(
-    "depthwise_cm", "(Tensor x, Tensor weight, int[] geom) -> (Tensor, Tensor)", _depthwise_impl, _Depthwise,
+    "depthwise_cm",
+    "(Tensor x, Tensor weight, int[] geom) -> (Tensor, Tensor)",
+    _depthwise_impl,
+    _Depthwise,
 )
 
 
@@ -427,8 +430,10 @@ class _BatchNormTrain(torch.autograd.Function):
 
 
 _bn_op = _register(
-    "batch_norm_cm", "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    _bn_impl, _BatchNormTrain,
+    "batch_norm_cm",
+    "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _bn_impl,
+    _BatchNormTrain,
 )
 
 
@@ -545,7 +550,6 @@ class CMConv(nn.Module):
             x = x.unsqueeze(2)
         c, n, h, w = x.shape
         ho, wo = self._out_hw(h, w)
-        geometry = (self.kernel, self.stride, self.padding, self.dilation, (ho, wo))
         weight = self.weight.unsqueeze(2) if self.one_d else self.weight
         geom = [*self.kernel, *self.stride, *self.padding, *self.dilation, ho, wo]
         if self.depthwise:
@@ -605,7 +609,7 @@ class CMWindowMaxPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel
         lead = x.shape[: x.dim() - len(k)]
-        spatial = x.shape[x.dim() - len(k):]
+        spatial = x.shape[x.dim() - len(k) :]
         out = [s // kk for s, kk in zip(spatial, k)]
         if any(o * kk != s for o, kk, s in zip(out, k, spatial)):
             x = x[(Ellipsis, *[slice(0, o * kk) for o, kk in zip(out, k)])]
@@ -651,7 +655,7 @@ ANY, CM, NC = "any", "cm", "nc"
 def _residual_types() -> tuple[type, ...]:
     try:
         from edge_sdk.zoo.vision import InvertedResidual
-    except Exception:  # pragma: no cover - zoo not importable
+    except Exception:  # noqa: BLE001 # pragma: no cover - zoo not importable
         return ()
     return (InvertedResidual,)
 
@@ -698,9 +702,9 @@ def _convert_foreign(m: nn.Module) -> None:
 
 
 def _fix_ends(m: nn.Module, lin: str, lout: str, want_in: str, want_out: str) -> None:
-    if lin == CM and want_in == NC or lin == NC and want_in == CM:
+    if (lin == CM and want_in == NC) or (lin == NC and want_in == CM):
         m.register_forward_pre_hook(_swap_input)
-    if lout == CM and want_out == NC or lout == NC and want_out == CM:
+    if (lout == CM and want_out == NC) or (lout == NC and want_out == CM):
         m.register_forward_hook(_swap_output)
 
 

@@ -163,7 +163,7 @@ class WindowMaxPool(nn.Module):
 def _window_pool(m: nn.Module) -> WindowMaxPool | None:
     """A :class:`WindowMaxPool` equal to ``m``, or None if ``m`` has overlapping windows."""
     dims = 1 if isinstance(m, nn.MaxPool1d) else 2
-    as_tuple = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
+    as_tuple = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)
     kernel = as_tuple(m.kernel_size)
     stride = as_tuple(m.stride if m.stride is not None else m.kernel_size)
     if stride != kernel or any(as_tuple(m.padding)) or any(d != 1 for d in as_tuple(m.dilation)):
@@ -233,6 +233,7 @@ def prepare_head(
         if isinstance(m, nn.modules.dropout._DropoutNd) and not isinstance(m, nn.Dropout):
             raise NotImplementedError(f"{type(m).__name__} at {name!r} is not exportable (only nn.Dropout)")
         if isinstance(m, nn.Dropout):
+
             def record(mod, inp, out, name=name) -> None:
                 seen.setdefault(name, list(inp[0].shape))
 

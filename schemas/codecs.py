@@ -57,10 +57,22 @@ import torch
 
 from .errors import ErrorCode, WireError
 
+TorchDType = torch.dtype  # the DType.torch property shadows the module inside the class
+
 __all__ = [
-    "Codec", "DType", "TensorFrame", "NonFiniteError", "encode_tensor", "decode_tensor",
-    "encoded_nbytes", "tensor_frame_from_array", "tensor_frame_from_tensor",
-    "tensor_to_numpy", "tensor_to_torch", "check_tensor_frame", "num_elements",
+    "Codec",
+    "DType",
+    "NonFiniteError",
+    "TensorFrame",
+    "check_tensor_frame",
+    "decode_tensor",
+    "encode_tensor",
+    "encoded_nbytes",
+    "num_elements",
+    "tensor_frame_from_array",
+    "tensor_frame_from_tensor",
+    "tensor_to_numpy",
+    "tensor_to_torch",
 ]
 
 
@@ -80,7 +92,7 @@ class Codec(IntEnum):
     TOPK = 6
 
     @classmethod
-    def parse(cls, name: "str | int | Codec") -> "Codec":
+    def parse(cls, name: str | int | Codec) -> Codec:
         """Codec from a short label ("fp32", "int8c", ...), an enum name or an id."""
         if isinstance(name, Codec):
             return name
@@ -109,8 +121,13 @@ class Codec(IntEnum):
 
 
 _LABELS = {
-    Codec.NONE: "fp32", Codec.FP16: "fp16", Codec.BF16: "bf16", Codec.INT8_TENSOR: "int8",
-    Codec.INT8_CHANNEL: "int8c", Codec.INT4: "int4", Codec.TOPK: "topk",
+    Codec.NONE: "fp32",
+    Codec.FP16: "fp16",
+    Codec.BF16: "bf16",
+    Codec.INT8_TENSOR: "int8",
+    Codec.INT8_CHANNEL: "int8c",
+    Codec.INT4: "int4",
+    Codec.TOPK: "topk",
 }
 _PARSE = {"fp32": Codec.NONE, "none": Codec.NONE, **{v: k for k, v in _LABELS.items()}}
 
@@ -139,7 +156,7 @@ class DType(IntEnum):
         return _NP[self].itemsize
 
     @property
-    def torch(self) -> torch.dtype:
+    def torch(self) -> TorchDType:
         return _TORCH[self]
 
     @property
@@ -147,31 +164,42 @@ class DType(IntEnum):
         return self in (DType.F32, DType.F16, DType.BF16, DType.F64)
 
     @classmethod
-    def from_torch(cls, dt: torch.dtype) -> "DType":
+    def from_torch(cls, dt: TorchDType) -> DType:
         try:
             return _FROM_TORCH[dt]
         except KeyError:
-            raise ValueError(f"unsupported tensor dtype {dt}; supported: "
-                             f"{sorted(str(d) for d in _FROM_TORCH)}") from None
+            raise ValueError(f"unsupported tensor dtype {dt}; supported: {sorted(str(d) for d in _FROM_TORCH)}") from None
 
     @classmethod
-    def from_numpy(cls, dt: np.dtype) -> "DType":
+    def from_numpy(cls, dt: np.dtype) -> DType:
         try:
             return _FROM_NP[np.dtype(dt)]
         except KeyError:
             raise ValueError(f"unsupported array dtype {dt}") from None
 
 
-_NP = {
-    DType.F32: np.dtype("<f4"), DType.F16: np.dtype("<f2"), DType.BF16: np.dtype("<u2"),
-    DType.I8: np.dtype("i1"), DType.U8: np.dtype("u1"), DType.I32: np.dtype("<i4"),
-    DType.I64: np.dtype("<i8"), DType.F64: np.dtype("<f8"), DType.BOOL: np.dtype("?"),
+_NP: dict[DType, np.dtype] = {
+    DType.F32: np.dtype("<f4"),
+    DType.F16: np.dtype("<f2"),
+    DType.BF16: np.dtype("<u2"),
+    DType.I8: np.dtype("i1"),
+    DType.U8: np.dtype("u1"),
+    DType.I32: np.dtype("<i4"),
+    DType.I64: np.dtype("<i8"),
+    DType.F64: np.dtype("<f8"),
+    DType.BOOL: np.dtype("?"),
     DType.I16: np.dtype("<i2"),
 }
 _TORCH = {
-    DType.F32: torch.float32, DType.F16: torch.float16, DType.BF16: torch.bfloat16,
-    DType.I8: torch.int8, DType.U8: torch.uint8, DType.I32: torch.int32,
-    DType.I64: torch.int64, DType.F64: torch.float64, DType.BOOL: torch.bool,
+    DType.F32: torch.float32,
+    DType.F16: torch.float16,
+    DType.BF16: torch.bfloat16,
+    DType.I8: torch.int8,
+    DType.U8: torch.uint8,
+    DType.I32: torch.int32,
+    DType.I64: torch.int64,
+    DType.F64: torch.float64,
+    DType.BOOL: torch.bool,
     DType.I16: torch.int16,
 }
 _FROM_TORCH = {v: k for k, v in _TORCH.items()}
@@ -179,8 +207,12 @@ _FROM_NP = {v: k for k, v in _NP.items() if k is not DType.BF16}
 
 #: payload dtype each lossy codec must carry (NONE carries any dtype).
 CODEC_PAYLOAD_DTYPE = {
-    Codec.FP16: DType.F16, Codec.BF16: DType.BF16, Codec.INT8_TENSOR: DType.I8,
-    Codec.INT8_CHANNEL: DType.I8, Codec.INT4: DType.U8, Codec.TOPK: DType.F32,
+    Codec.FP16: DType.F16,
+    Codec.BF16: DType.BF16,
+    Codec.INT8_TENSOR: DType.I8,
+    Codec.INT8_CHANNEL: DType.I8,
+    Codec.INT4: DType.U8,
+    Codec.TOPK: DType.F32,
 }
 _QRANGE = {Codec.INT8_TENSOR: (-128, 127), Codec.INT8_CHANNEL: (-128, 127), Codec.INT4: (0, 15)}
 _FP16_MAX = 65504.0
@@ -201,12 +233,12 @@ class TensorFrame:
     shape: tuple[int, ...]
     codec: Codec
     payload: np.ndarray
-    scales: np.ndarray | None = None        # float32, per channel (or 1)
-    zero_points: np.ndarray | None = None   # int32, like scales
-    k: int = 0                              # TOPK: kept values
-    axis: int = 0                           # channel axis, -1: one channel
-    orig_dtype: DType = DType.F32           # what decode_tensor returns for lossy codecs
-    indices: np.ndarray | None = None       # TOPK: uint32 flat indices
+    scales: np.ndarray | None = None  # float32, per channel (or 1)
+    zero_points: np.ndarray | None = None  # int32, like scales
+    k: int = 0  # TOPK: kept values
+    axis: int = 0  # channel axis, -1: one channel
+    orig_dtype: DType = DType.F32  # what decode_tensor returns for lossy codecs
+    indices: np.ndarray | None = None  # TOPK: uint32 flat indices
 
     @property
     def numel(self) -> int:
@@ -231,9 +263,16 @@ def num_elements(shape) -> int:
 
 # ----------------------------------------------------------------------------- encode
 
-def encode_tensor(x: torch.Tensor, codec: "Codec | str" = Codec.NONE, *, topk_ratio: float = 0.1,
-                  axis: int = 1, stochastic: bool = False,
-                  generator: torch.Generator | None = None) -> tuple[TensorFrame, torch.Tensor]:
+
+def encode_tensor(
+    x: torch.Tensor,
+    codec: Codec | str = Codec.NONE,
+    *,
+    topk_ratio: float = 0.1,
+    axis: int = 1,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[TensorFrame, torch.Tensor]:
     """Encode `x`; return ``(frame, error)`` with ``error = decode(frame) - x`` (float32).
 
     `stochastic` (int8/int4 codecs) rounds up with probability equal to the
@@ -264,8 +303,7 @@ def encode_tensor(x: torch.Tensor, codec: "Codec | str" = Codec.NONE, *, topk_ra
 
 def _require_finite(lo: float, hi: float, codec: Codec) -> None:
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise NonFiniteError(f"codec {codec.label} cannot encode NaN/Inf values; "
-                             "training has diverged or the input is corrupt")
+        raise NonFiniteError(f"codec {codec.label} cannot encode NaN/Inf values; training has diverged or the input is corrupt")
 
 
 def _encode_half(xf: torch.Tensor, codec: Codec, shape, orig: DType):
@@ -311,15 +349,13 @@ def _encode_topk(xf: torch.Tensor, shape, orig: DType, ratio: float):
     elif k == n:
         idx = np.arange(n)
     else:  # O(n) selection (numpy introselect), ~5x faster than torch.topk here
-        idx = np.argpartition(np.abs(fn), n - k)[n - k:]
+        idx = np.argpartition(np.abs(fn), n - k)[n - k :]
     idx = np.sort(idx)  # ascending: sequential scatter on decode, canonical bytes
     vals = fn[idx]
     err = -fn  # new array
     err[idx] = 0.0
-    tf = TensorFrame(DType.F32, shape, Codec.TOPK, vals, k=k, orig_dtype=orig,
-                     indices=idx.astype(np.uint32))
-    err = torch.from_numpy(err)
-    return tf, err.reshape(shape)
+    tf = TensorFrame(DType.F32, shape, Codec.TOPK, vals, k=k, orig_dtype=orig, indices=idx.astype(np.uint32))
+    return tf, torch.from_numpy(err).reshape(shape)
 
 
 def topk_count(n: int, ratio: float) -> int:
@@ -333,12 +369,13 @@ def _channel_view(shape, axis: int) -> tuple[int, int, int, int]:
     if -nd <= axis < nd and nd > 1:
         axis %= nd
         c = int(shape[axis])
-        return num_elements(shape[:axis]), c, num_elements(shape[axis + 1:]), axis
+        return num_elements(shape[:axis]), c, num_elements(shape[axis + 1 :]), axis
     return 1, 1, num_elements(shape), -1
 
 
-def _encode_affine(xf: torch.Tensor, codec: Codec, shape, orig: DType, axis: int,
-                   stochastic: bool, generator: torch.Generator | None):
+def _encode_affine(
+    xf: torch.Tensor, codec: Codec, shape, orig: DType, axis: int, stochastic: bool, generator: torch.Generator | None
+):
     # All in numpy, in place: single-threaded (torch's intra-op threads contend
     # badly on a loaded 2-core device), faster than torch at broadcasting a
     # per-channel (1, C, 1) operand, and an exact division keeps the scale/2 bound.
@@ -378,9 +415,16 @@ def _encode_affine(xf: torch.Tensor, codec: Codec, shape, orig: DType, axis: int
     v -= z3  # v becomes the error term in place: (q - zp) * scale - x
     v *= s3
     v -= xn
-    tf = TensorFrame(CODEC_PAYLOAD_DTYPE[codec], shape, codec, payload,
-                     scales=scale.astype(np.float32), zero_points=zp.astype(np.int32),
-                     axis=ax, orig_dtype=orig)
+    tf = TensorFrame(
+        CODEC_PAYLOAD_DTYPE[codec],
+        shape,
+        codec,
+        payload,
+        scales=scale.astype(np.float32),
+        zero_points=zp.astype(np.int32),
+        axis=ax,
+        orig_dtype=orig,
+    )
     return tf, torch.from_numpy(v).reshape(shape)
 
 
@@ -404,7 +448,7 @@ def tensor_frame_from_array(arr: np.ndarray) -> TensorFrame:
     return TensorFrame(dt, tuple(int(d) for d in arr.shape), Codec.NONE, flat, orig_dtype=dt)
 
 
-def encoded_nbytes(shape, codec: "Codec | str", *, topk_ratio: float = 0.1, axis: int = 1) -> int:
+def encoded_nbytes(shape, codec: Codec | str, *, topk_ratio: float = 0.1, axis: int = 1) -> int:
     """Predicted payload + codec parameter bytes of a float32 tensor of `shape`.
 
     Exactly `TensorFrame.nbytes` of what `encode_tensor` produces for float32
@@ -425,6 +469,7 @@ def encoded_nbytes(shape, codec: "Codec | str", *, topk_ratio: float = 0.1, axis
 
 
 # ----------------------------------------------------------------------------- decode
+
 
 def _torch_view(arr: np.ndarray) -> torch.Tensor:
     """torch tensor over a writable array, or over a private copy of a read-only one.
@@ -453,6 +498,7 @@ def decode_tensor(tf: TensorFrame) -> torch.Tensor:
         w <<= 16
         out = torch.from_numpy(w.view(np.float32))
     elif codec is Codec.TOPK:
+        assert tf.indices is not None  # check_tensor_frame ran at decode
         flat = np.zeros(num_elements(shape), np.float32)
         flat[tf.indices.astype(np.intp)] = tf.payload
         out = torch.from_numpy(flat)
@@ -467,6 +513,7 @@ def decode_tensor(tf: TensorFrame) -> torch.Tensor:
             q = q[:n]
         else:
             q = tf.payload.astype(np.float32)
+        assert tf.zero_points is not None and tf.scales is not None  # check_tensor_frame ran at decode
         q3 = q.reshape(n_, c, m)
         q3 -= tf.zero_points.astype(np.float32).reshape(1, -1, 1)
         q3 *= tf.scales.reshape(1, -1, 1)
@@ -491,12 +538,14 @@ def tensor_to_numpy(tf: TensorFrame) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- validation
 
+
 def check_tensor_frame(tf: TensorFrame, max_elements: int = 1 << 31) -> None:
     """Raise `WireError(BAD_TENSOR)` unless metadata, parameters and payload agree.
 
     Costs O(rank + channels + k), never a pass over the payload; the decoder
     calls it before anything is allocated from the frame's claims.
     """
+
     def bad(msg: str) -> WireError:
         return WireError(ErrorCode.BAD_TENSOR, msg)
 
@@ -528,8 +577,7 @@ def check_tensor_frame(tf: TensorFrame, max_elements: int = 1 << 31) -> None:
         return
     expect = (n + 1) // 2 if codec is Codec.INT4 else n
     if payload.size != expect:
-        raise bad(f"payload has {payload.size} elements, shape {tuple(shape)} "
-                  f"with codec {codec.label} needs {expect}")
+        raise bad(f"payload has {payload.size} elements, shape {tuple(shape)} with codec {codec.label} needs {expect}")
     if codec in _QRANGE:
         if codec is Codec.INT8_TENSOR or tf.axis == -1:
             channels = 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import flatbuffers
 import numpy as np
@@ -28,10 +28,29 @@ from .codecs import Codec, DType, TensorFrame, check_tensor_frame
 from .errors import ErrorCode, WireError
 
 __all__ = [
-    "PROTOCOL_VERSION", "ProtocolVersion", "FILE_IDENTIFIER", "Limits", "Envelope",
-    "Hello", "HelloAck", "Features", "Gradients", "Context", "Repartition",
-    "RepartitionAck", "Weights", "EpochEnd", "EvalResult", "Error", "Bye", "Frame",
-    "FRAME_TYPES", "WEIGHT_KINDS", "encode", "decode", "TENSOR_OVERHEAD_BYTES",
+    "FILE_IDENTIFIER",
+    "FRAME_TYPES",
+    "PROTOCOL_VERSION",
+    "TENSOR_OVERHEAD_BYTES",
+    "WEIGHT_KINDS",
+    "Bye",
+    "Context",
+    "Envelope",
+    "EpochEnd",
+    "Error",
+    "EvalResult",
+    "Features",
+    "Frame",
+    "Gradients",
+    "Hello",
+    "HelloAck",
+    "Limits",
+    "ProtocolVersion",
+    "Repartition",
+    "RepartitionAck",
+    "Weights",
+    "decode",
+    "encode",
 ]
 
 
@@ -68,6 +87,7 @@ class Limits:
 
 
 # ----------------------------------------------------------------------------- frames
+
 
 @dataclass
 class Hello:
@@ -187,12 +207,36 @@ class Bye:
     reason: str = ""
 
 
-Frame = Union[Hello, HelloAck, Features, Gradients, Context, Repartition, RepartitionAck,
-              Weights, EpochEnd, EvalResult, Error, Bye]
+Frame = (
+    Hello
+    | HelloAck
+    | Features
+    | Gradients
+    | Context
+    | Repartition
+    | RepartitionAck
+    | Weights
+    | EpochEnd
+    | EvalResult
+    | Error
+    | Bye
+)
 
 #: union members in schema order; the union type id is index + 1.
-FRAME_TYPES: tuple[type, ...] = (Hello, HelloAck, Features, Gradients, Context, Repartition,
-                                 RepartitionAck, Weights, EpochEnd, EvalResult, Error, Bye)
+FRAME_TYPES: tuple[type, ...] = (
+    Hello,
+    HelloAck,
+    Features,
+    Gradients,
+    Context,
+    Repartition,
+    RepartitionAck,
+    Weights,
+    EpochEnd,
+    EvalResult,
+    Error,
+    Bye,
+)
 
 
 @dataclass
@@ -210,26 +254,71 @@ class Envelope:
 # "f32[]", "kind" (WeightKind as str), "ecode" (ErrorCode).
 
 _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
-    Hello: (("model", "str", ""), ("model_hash", "str", ""), ("num_blocks", "i", 0),
-            ("point", "i", 0), ("codec", "str", ""), ("staleness", "i", 0),
-            ("optimizer_json", "str", ""), ("token", "str", ""), ("batch_size", "i", 0),
-            ("seed", "q", 0), ("config_json", "str", ""), ("runtime", "str", ""),
-            ("program_hash", "str", "")),
-    HelloAck: (("session", "Q", 0), ("accepted", "?", False), ("point", "i", 0),
-               ("codec", "str", ""), ("staleness", "i", 0), ("message", "str", "")),
-    Features: (("step", "q", 0), ("epoch", "i", 0), ("point", "i", 0), ("tensor", "tensor", None),
-               ("labels", "tensor?", None), ("train", "?", True), ("grad_codec", "str", "")),
-    Gradients: (("step", "q", 0), ("tensor", "tensor?", None), ("loss", "d", 0.0),
-                ("correct", "q", 0), ("count", "q", 0), ("cloud_ms", "f", 0.0),
-                ("features_recv_ns", "q", 0), ("queue_depth", "i", 0)),
-    Context: (("step", "q", 0), ("uplink_bps", "d", 0.0), ("downlink_bps", "d", 0.0),
-              ("rtt_ms", "f", 0.0), ("cloud_step_ms", "f", 0.0), ("cloud_block_ms", "f32[]", None),
-              ("queue_depth", "i", 0), ("request", "?", False), ("recv_ns", "q", 0)),
+    Hello: (
+        ("model", "str", ""),
+        ("model_hash", "str", ""),
+        ("num_blocks", "i", 0),
+        ("point", "i", 0),
+        ("codec", "str", ""),
+        ("staleness", "i", 0),
+        ("optimizer_json", "str", ""),
+        ("token", "str", ""),
+        ("batch_size", "i", 0),
+        ("seed", "q", 0),
+        ("config_json", "str", ""),
+        ("runtime", "str", ""),
+        ("program_hash", "str", ""),
+    ),
+    HelloAck: (
+        ("session", "Q", 0),
+        ("accepted", "?", False),
+        ("point", "i", 0),
+        ("codec", "str", ""),
+        ("staleness", "i", 0),
+        ("message", "str", ""),
+    ),
+    Features: (
+        ("step", "q", 0),
+        ("epoch", "i", 0),
+        ("point", "i", 0),
+        ("tensor", "tensor", None),
+        ("labels", "tensor?", None),
+        ("train", "?", True),
+        ("grad_codec", "str", ""),
+    ),
+    Gradients: (
+        ("step", "q", 0),
+        ("tensor", "tensor?", None),
+        ("loss", "d", 0.0),
+        ("correct", "q", 0),
+        ("count", "q", 0),
+        ("cloud_ms", "f", 0.0),
+        ("features_recv_ns", "q", 0),
+        ("queue_depth", "i", 0),
+    ),
+    Context: (
+        ("step", "q", 0),
+        ("uplink_bps", "d", 0.0),
+        ("downlink_bps", "d", 0.0),
+        ("rtt_ms", "f", 0.0),
+        ("cloud_step_ms", "f", 0.0),
+        ("cloud_block_ms", "f32[]", None),
+        ("queue_depth", "i", 0),
+        ("request", "?", False),
+        ("recv_ns", "q", 0),
+    ),
     Repartition: (("step", "q", 0), ("point", "i", 0), ("codec", "str", ""), ("staleness", "i", 0)),
-    RepartitionAck: (("step", "q", 0), ("point", "i", 0), ("accepted", "?", False),
-                     ("message", "str", "")),
-    Weights: (("step", "q", 0), ("name", "str", ""), ("kind", "kind", 0), ("tensor", "tensor", None),
-              ("chunk", "i", 0), ("chunks", "i", 1), ("last", "?", False), ("block", "i", -1)),
+    RepartitionAck: (("step", "q", 0), ("point", "i", 0), ("accepted", "?", False), ("message", "str", "")),
+    Weights: (
+        ("step", "q", 0),
+        ("name", "str", ""),
+        ("kind", "kind", 0),
+        ("tensor", "tensor", None),
+        ("chunk", "i", 0),
+        ("chunks", "i", 1),
+        ("last", "?", False),
+        ("block", "i", -1),
+    ),
     EpochEnd: (("epoch", "i", 0), ("step", "q", 0), ("train", "?", True)),
     EvalResult: (("epoch", "i", 0), ("loss", "d", 0.0), ("correct", "q", 0), ("count", "q", 0)),
     Error: (("code", "ecode", 0), ("message", "str", ""), ("step", "q", -1)),
@@ -248,9 +337,15 @@ _U16X2 = struct.Struct("<HH")
 # ----------------------------------------------------------------------------- encode
 
 _PREPEND = {
-    "?": "PrependBoolSlot", "B": "PrependUint8Slot", "H": "PrependUint16Slot",
-    "I": "PrependUint32Slot", "Q": "PrependUint64Slot", "i": "PrependInt32Slot",
-    "q": "PrependInt64Slot", "f": "PrependFloat32Slot", "d": "PrependFloat64Slot",
+    "?": "PrependBoolSlot",
+    "B": "PrependUint8Slot",
+    "H": "PrependUint16Slot",
+    "I": "PrependUint32Slot",
+    "Q": "PrependUint64Slot",
+    "i": "PrependInt32Slot",
+    "q": "PrependInt64Slot",
+    "f": "PrependFloat32Slot",
+    "d": "PrependFloat64Slot",
 }
 _SPLICE_MIN = 1024  # a payload at least this big is appended, not copied into the builder
 _PAYLOAD_ALIGN = 16
@@ -285,7 +380,7 @@ class _Encoder:
         b.StartVector(1, nb, _PAYLOAD_ALIGN)
         if nb:
             b.head -= nb
-            b.Bytes[b.head:b.head + nb] = data.tobytes()
+            b.Bytes[b.head : b.head + nb] = data.tobytes()
         return b.EndVector()
 
     def small_vector(self, arr: np.ndarray, dtype: str) -> int:
@@ -321,10 +416,10 @@ class _Encoder:
     def output(self) -> bytes:
         b = self.b
         if self.big_data is None:
-            return bytes(memoryview(b.Bytes)[b.head:])
-        prefix = b.Bytes[b.head:]  # small copy; ends with the big vector's length prefix
+            return bytes(memoryview(b.Bytes)[b.head :])
+        prefix = b.Bytes[b.head :]  # small copy; ends with the big vector's length prefix
         struct.pack_into("<I", prefix, len(prefix) - 4, self.big_data.size)
-        return b"".join((prefix, memoryview(self.big_data)))
+        return b"".join((prefix, self.big_data.data))
 
 
 def _big_payload(frame: Any) -> TensorFrame | None:
@@ -332,9 +427,13 @@ def _big_payload(frame: Any) -> TensorFrame | None:
     best = None
     for name, kind, _ in _SPECS[type(frame)]:
         v = getattr(frame, name)
-        if kind.startswith("tensor") and isinstance(v, TensorFrame) and v.payload.nbytes >= _SPLICE_MIN:
-            if best is None or v.payload.nbytes > best.payload.nbytes:
-                best = v
+        if (
+            kind.startswith("tensor")
+            and isinstance(v, TensorFrame)
+            and v.payload.nbytes >= _SPLICE_MIN
+            and (best is None or v.payload.nbytes > best.payload.nbytes)
+        ):
+            best = v
     return best
 
 
@@ -343,10 +442,8 @@ def _size_hint(frame: Any, big: TensorFrame | None) -> int:
     for name, kind, _ in _SPECS[type(frame)]:
         v = getattr(frame, name)
         if kind.startswith("tensor") and v is not None:
-            n += 128 + 8 * len(v.shape) + (v.nbytes - (v.payload.nbytes if v is big else 0))
-        elif kind == "str":
-            n += 4 * len(v) + 8
-        elif kind == "f32[]" and v:
+            n += 128 + 8 * len(v.shape) + (v.nbytes - (v.payload.nbytes if big is not None and v is big else 0))
+        elif kind == "str" or (kind == "f32[]" and v):
             n += 4 * len(v) + 8
     return n
 
@@ -390,7 +487,7 @@ def encode(envelope: Envelope) -> bytes:
         else:
             values.append((slot, kind, int(v), default))
     b.StartObject(len(spec))
-    for slot, (name, kind, _) in enumerate(spec):
+    for slot, (name, _kind, _) in enumerate(spec):
         off = offsets.get(name)
         if off:
             b.PrependUOffsetTRelativeSlot(slot, off, 0)
@@ -418,6 +515,7 @@ def encode(envelope: Envelope) -> bytes:
 
 # ----------------------------------------------------------------------------- decode
 
+
 def _malformed(msg: str) -> WireError:
     return WireError(ErrorCode.MALFORMED, msg)
 
@@ -425,7 +523,7 @@ def _malformed(msg: str) -> WireError:
 class _Reader:
     """Bounds-checked access to one received buffer."""
 
-    __slots__ = ("mv", "n", "limits")
+    __slots__ = ("limits", "mv", "n")
 
     def __init__(self, mv: memoryview, limits: Limits) -> None:
         self.mv = mv
@@ -505,7 +603,7 @@ class _Reader:
             return ""
         start, count = v
         try:
-            return str(self.mv[start:start + count], "utf-8")
+            return str(self.mv[start : start + count], "utf-8")
         except UnicodeDecodeError:
             raise _malformed(f"{what}: not valid UTF-8") from None
 
@@ -531,14 +629,18 @@ class _Reader:
             raise _malformed(f"{what}.payload is required")
         item = dtype.itemsize
         if pv[1] % item:
-            raise WireError(ErrorCode.BAD_TENSOR,
-                            f"{what}: {pv[1]} payload bytes is not a whole number of {dtype.name}")
+            raise WireError(ErrorCode.BAD_TENSOR, f"{what}: {pv[1]} payload bytes is not a whole number of {dtype.name}")
         payload = np.frombuffer(self.mv, dtype.numpy, pv[1] // item, pv[0])
         tf = TensorFrame(
-            dtype=dtype, shape=shape, codec=codec, payload=payload,
+            dtype=dtype,
+            shape=shape,
+            codec=codec,
+            payload=payload,
             scales=self.array(tab, 4, "<f4", lim.max_list_len, f"{what}.scales"),
             zero_points=self.array(tab, 5, "<i4", lim.max_list_len, f"{what}.zero_points"),
-            k=self.scalar(tab, 6, "q", 0), axis=self.scalar(tab, 7, "i", 0), orig_dtype=orig,
+            k=self.scalar(tab, 6, "q", 0),
+            axis=self.scalar(tab, 7, "i", 0),
+            orig_dtype=orig,
             indices=self.array(tab, 9, "<u4", lim.max_elements, f"{what}.indices"),
         )
         check_tensor_frame(tf, lim.max_elements)
@@ -567,7 +669,7 @@ def decode(buf, limits: Limits = Limits()) -> Envelope:
         return _decode(mv, limits)
     except WireError:
         raise
-    except Exception as e:  # noqa: BLE001 - a hole in the checks above; still only WireError out
+    except Exception as e:
         raise WireError(ErrorCode.MALFORMED, f"unexpected decoder failure ({type(e).__name__}: {e})") from e
 
 
@@ -582,9 +684,11 @@ def _decode(mv: memoryview, limits: Limits) -> Envelope:
     major = r.scalar(env, 0, "H", 0)
     minor = r.scalar(env, 1, "H", 0)
     if major != PROTOCOL_VERSION.major:
-        raise WireError(ErrorCode.UNSUPPORTED_VERSION,
-                        f"peer speaks protocol {major}.{minor}, this build speaks "
-                        f"{PROTOCOL_VERSION.major}.x ({PROTOCOL_VERSION.major}.{PROTOCOL_VERSION.minor})")
+        raise WireError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"peer speaks protocol {major}.{minor}, this build speaks "
+            f"{PROTOCOL_VERSION.major}.x ({PROTOCOL_VERSION.major}.{PROTOCOL_VERSION.minor})",
+        )
     session = r.scalar(env, 2, "Q", 0)
     seq = r.scalar(env, 3, "Q", 0)
     sent_ns = r.scalar(env, 4, "q", 0)
@@ -593,8 +697,7 @@ def _decode(mv: memoryview, limits: Limits) -> Envelope:
         raise _malformed("Envelope.frame is required")
     if ftype > len(FRAME_TYPES):
         if minor > PROTOCOL_VERSION.minor:
-            raise WireError(ErrorCode.UNSUPPORTED_VERSION,
-                            f"frame type {ftype} from newer protocol {major}.{minor}")
+            raise WireError(ErrorCode.UNSUPPORTED_VERSION, f"frame type {ftype} from newer protocol {major}.{minor}")
         raise _malformed(f"unknown frame type {ftype}")
     fpos = r.target(env, 6)
     if not fpos:
@@ -627,5 +730,4 @@ def _decode(mv: memoryview, limits: Limits) -> Envelope:
             kw[attr] = r.enum(tab, slot, "H", ErrorCode, what)
         else:
             kw[attr] = r.scalar(tab, slot, kind, default)
-    return Envelope(cls(**kw), session=session, seq=seq, sent_ns=sent_ns,
-                    version=ProtocolVersion(major, minor))
+    return Envelope(cls(**kw), session=session, seq=seq, sent_ns=sent_ns, version=ProtocolVersion(major, minor))

@@ -46,8 +46,7 @@ def find_flatc() -> Path:
 
 
 def flatc_version(flatc: Path | None = None) -> str:
-    out = subprocess.run([str(flatc or find_flatc()), "--version"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([str(flatc or find_flatc()), "--version"], check=True, capture_output=True, text=True).stdout
     return out.strip().split()[-1]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-__all__ = ["is_loopback", "clear_text_token_warning"]
+__all__ = ["clear_text_token_warning", "is_loopback"]
 
 
 def is_loopback(host: str) -> bool:
@@ -29,5 +29,7 @@ def clear_text_token_warning(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme != "ws" or is_loopback(parts.hostname or ""):
         return None
-    return (f"the token is sent in clear over {parts.scheme}:// to {parts.hostname}; "
-            "serve with --tls-cert/--tls-key and connect with wss:// to keep it secret")
+    return (
+        f"the token is sent in clear over {parts.scheme}:// to {parts.hostname}; "
+        "serve with --tls-cert/--tls-key and connect with wss:// to keep it secret"
+    )

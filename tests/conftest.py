@@ -13,9 +13,21 @@ from schemas import frames as fr
 
 def make_hello(spec: zoo.ModelSpec, **over) -> fr.Hello:
     """A Hello the cloud accepts for ``spec`` (point 2, batch 8, int8, K=2), with ``over`` replacing fields."""
-    fields = dict(model=spec.name, model_hash=spec.config_hash, num_blocks=spec.model.num_blocks, point=2,
-                  codec="int8", staleness=2, optimizer_json=OptimizerConfig().to_json(), token="", batch_size=8,
-                  seed=0, config_json="{}", runtime="eager", program_hash="")
+    fields = dict(
+        model=spec.name,
+        model_hash=spec.config_hash,
+        num_blocks=spec.model.num_blocks,
+        point=2,
+        codec="int8",
+        staleness=2,
+        optimizer_json=OptimizerConfig().to_json(),
+        token="",
+        batch_size=8,
+        seed=0,
+        config_json="{}",
+        runtime="eager",
+        program_hash="",
+    )
     fields.update(over)
     return fr.Hello(**fields)
 

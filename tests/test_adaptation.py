@@ -24,6 +24,7 @@ async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down():
     cfg = TrainConfig(epochs=2, batch_size=32, device_slowdown=4.0, evaluate=False)
     async with CloudServer(ServerConfig(port=0)) as server:
         async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
+
             def on_step(ev):
                 if ev.step == 30:
                     proxy.network = SLOW  # the link collapses mid-run

@@ -29,7 +29,7 @@ class PlainResidualCNN(nn.Module):
         x = torch.relu(self.stem(x))
         y = torch.relu(self.conv_a(x))
         y = self.conv_b(y)
-        x = torch.relu(x + y)           # residual: no cut between stem and here
+        x = torch.relu(x + y)  # residual: no cut between stem and here
         x = torch.relu(self.down(x))
         x = x.mean(dim=(2, 3))
         return self.head(x)
@@ -70,9 +70,15 @@ def test_name_maps_are_full_model_names():
     bm = BlockModel.from_sequential(_seq())
     hm, tm = bm.head_name_map(2), bm.tail_name_map(2)
     assert hm == {"blocks.0.weight": "blocks.0.weight", "blocks.0.bias": "blocks.0.bias"}
-    assert set(tm.values()) == {"blocks.2.weight", "blocks.2.bias", "blocks.2.running_mean",
-                                "blocks.2.running_var", "blocks.2.num_batches_tracked",
-                                "blocks.3.weight", "blocks.3.bias"}
+    assert set(tm.values()) == {
+        "blocks.2.weight",
+        "blocks.2.bias",
+        "blocks.2.running_mean",
+        "blocks.2.running_var",
+        "blocks.2.num_batches_tracked",
+        "blocks.3.weight",
+        "blocks.3.bias",
+    }
     assert bm.head_param_names(2) == ["blocks.0.weight", "blocks.0.bias"]
     assert bm.tail_param_names(3) == ["blocks.3.weight", "blocks.3.bias"]
     assert bm.block_state_names(3, 2) == list(bm.head(3).state_dict())[2:]
@@ -143,7 +149,7 @@ class TupleCrossing(nn.Module):
         self.fc = nn.Linear(5, 2)
 
     def forward(self, x):
-        out = self.lstm(x)      # a tuple crosses here: not a cut
+        out = self.lstm(x)  # a tuple crosses here: not a cut
         return self.fc(out[0][:, -1])
 
 

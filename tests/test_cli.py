@@ -35,12 +35,17 @@ def test_serve_stops_cleanly_on_sigterm_and_sigint():
 
 
 def test_serve_rejects_bad_settings_without_a_traceback():
-    proc = subprocess.run([sys.executable, "-m", "cloud_backend", "serve", "--tls-cert", "x.pem"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloud_backend", "serve", "--tls-cert", "x.pem"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "--tls-key" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_train_with_a_bad_model_is_a_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "edge_sdk", "train", "--server", "ws://127.0.0.1:9", "--model", "nope"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_sdk", "train", "--server", "ws://127.0.0.1:9", "--model", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "nope" in proc.stderr and "Traceback" not in proc.stderr

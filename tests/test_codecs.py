@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from schemas.codecs import (
-    Codec, DType, NonFiniteError, check_tensor_frame, decode_tensor, encode_tensor,
-    encoded_nbytes, tensor_frame_from_array, tensor_frame_from_tensor, tensor_to_numpy,
+    Codec,
+    DType,
+    NonFiniteError,
+    check_tensor_frame,
+    decode_tensor,
+    encode_tensor,
+    encoded_nbytes,
+    tensor_frame_from_array,
+    tensor_frame_from_tensor,
+    tensor_to_numpy,
 )
 from schemas.errors import ErrorCode, WireError
 
@@ -23,11 +31,22 @@ def _rand(shape, seed=0):
 
 # ----------------------------------------------------------------------------- parse / labels
 
-@pytest.mark.parametrize("name,codec", [
-    ("fp32", Codec.NONE), ("none", Codec.NONE), ("fp16", Codec.FP16), ("bf16", Codec.BF16),
-    ("int8", Codec.INT8_TENSOR), ("int8c", Codec.INT8_CHANNEL), ("int4", Codec.INT4),
-    ("topk", Codec.TOPK), ("INT8C", Codec.INT8_CHANNEL), ("int8_channel", Codec.INT8_CHANNEL),
-])
+
+@pytest.mark.parametrize(
+    "name,codec",
+    [
+        ("fp32", Codec.NONE),
+        ("none", Codec.NONE),
+        ("fp16", Codec.FP16),
+        ("bf16", Codec.BF16),
+        ("int8", Codec.INT8_TENSOR),
+        ("int8c", Codec.INT8_CHANNEL),
+        ("int4", Codec.INT4),
+        ("topk", Codec.TOPK),
+        ("INT8C", Codec.INT8_CHANNEL),
+        ("int8_channel", Codec.INT8_CHANNEL),
+    ],
+)
 def test_parse(name, codec):
     assert Codec.parse(name) is codec
     assert Codec.parse(codec.label) is codec
@@ -48,6 +67,7 @@ def test_labels_are_unique_short_names():
 
 
 # ----------------------------------------------------------------------------- round trips
+
 
 @pytest.mark.parametrize("codec", list(Codec))
 @pytest.mark.parametrize("shape", SHAPES)
@@ -74,11 +94,23 @@ def test_non_contiguous_input(codec):
     np.testing.assert_array_equal(tf.payload, ref.payload)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                                   torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
-                                   torch.bool])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.int8,
+        torch.uint8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    ],
+)
 def test_lossless_all_dtypes(dtype):
-    x = (torch.arange(-12, 12).reshape(2, 3, 4) * 7)
+    x = torch.arange(-12, 12).reshape(2, 3, 4) * 7
     x = x.to(dtype) if dtype is not torch.uint8 else x.abs().to(dtype)
     tf, err = encode_tensor(x, Codec.NONE)
     assert tf.dtype is DType.from_torch(dtype)
@@ -132,6 +164,7 @@ def test_fp16_saturates_instead_of_overflowing():
 
 
 # ----------------------------------------------------------------------------- error bounds
+
 
 def _per_channel(t: torch.Tensor, axis: int) -> torch.Tensor:
     return t.movedim(axis, 0).reshape(t.shape[axis], -1)
@@ -214,13 +247,14 @@ def test_stochastic_rounding_bounded_and_unbiased():
 
 # ----------------------------------------------------------------------------- top-k
 
+
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 0.5, 1.0])
 def test_topk_keeps_exactly_the_k_largest_magnitudes(ratio):
     n = 1000
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(5))
     x = ((torch.arange(n, dtype=torch.float32) + 1) * torch.where(perm % 2 == 0, 1.0, -1.0))[perm]
     x = x.reshape(10, 100)
-    tf, err = encode_tensor(x, Codec.TOPK, topk_ratio=ratio)
+    tf, _err = encode_tensor(x, Codec.TOPK, topk_ratio=ratio)
     k = max(1, round(ratio * n))
     assert tf.k == k and tf.payload.size == k and tf.indices.size == k
     kept = set(tf.indices.tolist())
@@ -245,6 +279,7 @@ def test_topk_rejects_bad_ratio():
 
 # ----------------------------------------------------------------------------- NaN / Inf policy
 
+
 @pytest.mark.parametrize("codec", LOSSY)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_lossy_codecs_reject_non_finite(codec, bad):
@@ -262,13 +297,20 @@ def test_lossless_codec_carries_non_finite():
 
 # ----------------------------------------------------------------------------- sizes & checks
 
+
 @pytest.mark.parametrize("codec", list(Codec))
 def test_encoded_nbytes_matches_feature_map(codec):
     shape = (32, 64, 32, 16)
     n = 32 * 64 * 32 * 16
-    expect = {Codec.NONE: 4 * n, Codec.FP16: 2 * n, Codec.BF16: 2 * n, Codec.INT8_TENSOR: n + 8,
-              Codec.INT8_CHANNEL: n + 8 * 64, Codec.INT4: n // 2 + 8 * 64,
-              Codec.TOPK: 8 * round(0.1 * n)}[codec]
+    expect = {
+        Codec.NONE: 4 * n,
+        Codec.FP16: 2 * n,
+        Codec.BF16: 2 * n,
+        Codec.INT8_TENSOR: n + 8,
+        Codec.INT8_CHANNEL: n + 8 * 64,
+        Codec.INT4: n // 2 + 8 * 64,
+        Codec.TOPK: 8 * round(0.1 * n),
+    }[codec]
     assert encoded_nbytes(shape, codec) == expect
     assert encoded_nbytes(shape, codec.label) == expect
 

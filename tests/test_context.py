@@ -102,8 +102,7 @@ def test_downlink_with_sparse_control_frames(bw_mbit, rtt_s):
     rng = random.Random(7 + bw_mbit)
     bw = bw_mbit * MBIT
     step_s = 2 * (GRADIENT * 8 / bw) + rtt_s + 0.02
-    obs = link(idle_traffic(20, GRADIENT, step_s, rng, control_every=5), bw, rtt_s / 2,
-               rng.randint(-5 * NS, 5 * NS), rng)
+    obs = link(idle_traffic(20, GRADIENT, step_s, rng, control_every=5), bw, rtt_s / 2, rng.randint(-5 * NS, 5 * NS), rng)
     est = feed(BandwidthEstimator(), obs)
     assert est.bps == pytest.approx(bw, rel=0.20)
 
@@ -159,8 +158,9 @@ def test_bandwidth_drop_is_tracked_within_a_few_frames():
     obs = link(saturated_traffic(30, FEATURE, 50 * MBIT, rng), 50 * MBIT, 0.005, 0, rng)
     feed(est, obs)
     assert est.bps == pytest.approx(50 * MBIT, rel=0.2)
-    later = [(s + 60 * NS, r + 60 * NS, n) for s, r, n in
-             link(saturated_traffic(12, FEATURE, 2 * MBIT, rng), 2 * MBIT, 0.005, 0, rng)]
+    later = [
+        (s + 60 * NS, r + 60 * NS, n) for s, r, n in link(saturated_traffic(12, FEATURE, 2 * MBIT, rng), 2 * MBIT, 0.005, 0, rng)
+    ]
     feed(est, later)
     assert est.bps == pytest.approx(2 * MBIT, rel=0.2)
 
@@ -248,8 +248,7 @@ def test_tracker_snapshot_prefers_local_and_falls_back_to_remote():
     tr = ContextTracker()
     snap = tr.snapshot()
     assert snap == ContextSnapshot(samples=snap.samples, methods={"uplink": None, "downlink": None})
-    tr.observe_remote(uplink_bps=8e6, downlink_bps=0, rtt_s=0.05, cloud_step_ms=3.0, cloud_block_ms=[1.0, 2.0],
-                      queue_depth=2)
+    tr.observe_remote(uplink_bps=8e6, downlink_bps=0, rtt_s=0.05, cloud_step_ms=3.0, cloud_block_ms=[1.0, 2.0], queue_depth=2)
     for _ in range(5):
         tr.observe_edge_step(20.0, cpu_ms=1.5)
         tr.observe_edge_block(0, 5.0)

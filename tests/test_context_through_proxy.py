@@ -22,8 +22,13 @@ from edge_sdk.training import TrainConfig
     [(2, 10, 20), (10, 50, 100), (50, 50, 10)],
 )
 async def test_estimates_match_the_configured_link(up_mbps, down_mbps, rtt_ms):
-    link = LinkProfile(name="test", uplink_bps=up_mbps * 1e6, downlink_bps=down_mbps * 1e6,
-                       one_way_latency_up_s=rtt_ms / 2e3, one_way_latency_down_s=rtt_ms / 2e3)
+    link = LinkProfile(
+        name="test",
+        uplink_bps=up_mbps * 1e6,
+        downlink_bps=down_mbps * 1e6,
+        one_way_latency_up_s=rtt_ms / 2e3,
+        one_way_latency_down_s=rtt_ms / 2e3,
+    )
     # fp32 features and gradients at the first cut: 32 KiB per frame each way
     cfg = TrainConfig(epochs=1, max_steps_per_epoch=20, point=1, codec="fp32", grad_codec="fp32", staleness=2)
     async with CloudServer(ServerConfig(port=0)) as server:

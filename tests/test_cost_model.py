@@ -91,13 +91,35 @@ def test_pipeline_time_properties(a, b, c, d, lat, r, K):
 def two_block_inputs(**kw) -> DecisionInputs:
     """A tiny hand-checkable model: 2 blocks, batch of 1000 bytes."""
     blocks = (
-        BlockCost(edge_forward_ms=10, edge_backward_ms=20, cloud_ms=3, param_bytes=4000, optim_bytes=8000,
-                  activation_bytes=50_000, out_bytes={"fp32": 40_000, "fp16": 20_000, "int8": 10_008}),
-        BlockCost(edge_forward_ms=5, edge_backward_ms=10, cloud_ms=2, param_bytes=1000, optim_bytes=2000,
-                  activation_bytes=1000, out_bytes={"fp32": 400}),
+        BlockCost(
+            edge_forward_ms=10,
+            edge_backward_ms=20,
+            cloud_ms=3,
+            param_bytes=4000,
+            optim_bytes=8000,
+            activation_bytes=50_000,
+            out_bytes={"fp32": 40_000, "fp16": 20_000, "int8": 10_008},
+        ),
+        BlockCost(
+            edge_forward_ms=5,
+            edge_backward_ms=10,
+            cloud_ms=2,
+            param_bytes=1000,
+            optim_bytes=2000,
+            activation_bytes=1000,
+            out_bytes={"fp32": 400},
+        ),
     )
-    base = dict(blocks=blocks, link=LinkEstimate(8e6, 16e6, 0.050), input_bytes=1000, label_bytes=100,
-                remaining_steps=100, grad_codec="fp16", codec_s_per_byte=1e-8, frame_overhead_bytes=0)
+    base = dict(
+        blocks=blocks,
+        link=LinkEstimate(8e6, 16e6, 0.050),
+        input_bytes=1000,
+        label_bytes=100,
+        remaining_steps=100,
+        grad_codec="fp16",
+        codec_s_per_byte=1e-8,
+        frame_overhead_bytes=0,
+    )
     base.update(kw)
     return DecisionInputs(**base)
 
@@ -185,16 +207,18 @@ def test_drain_time():
 
 
 def test_from_dict_roundtrip_and_aliases():
-    inp = DecisionInputs.from_dict({
-        "blocks": [
-            {"forward_ms": 1.0, "backward_ms": 2.0, "cloud_ms": 0.5, "cut_bytes": {"fp32": 400}, "param_bytes": 10},
-            {"edge_forward_ms": 1.0, "edge_backward_ms": 2.0, "cloud_ms": 0.5, "cut_shape": [2, 5]},
-        ],
-        "link": {"uplink_mbps": 10, "downlink_mbps": 20, "rtt_ms": 30},
-        "input_bytes": 64,
-        "cut_points": [0, 1, 2],
-        "ignored_key": 1,
-    })
+    inp = DecisionInputs.from_dict(
+        {
+            "blocks": [
+                {"forward_ms": 1.0, "backward_ms": 2.0, "cloud_ms": 0.5, "cut_bytes": {"fp32": 400}, "param_bytes": 10},
+                {"edge_forward_ms": 1.0, "edge_backward_ms": 2.0, "cloud_ms": 0.5, "cut_shape": [2, 5]},
+            ],
+            "link": {"uplink_mbps": 10, "downlink_mbps": 20, "rtt_ms": 30},
+            "input_bytes": 64,
+            "cut_points": [0, 1, 2],
+            "ignored_key": 1,
+        }
+    )
     assert inp.link == LinkEstimate(10e6, 20e6, 0.030)
     assert inp.blocks[0].edge_forward_ms == 1.0 and inp.blocks[0].out_bytes == {"fp32": 400}
     assert inp.blocks[1].out_shape == (2, 5) and inp.blocks[1].nbytes("fp32") == 40
@@ -239,18 +263,33 @@ def test_inputs_from_profile_scales_device_and_cloud():
     # the shape of edge_sdk.profile.ModelProfile.to_dict()
     profile = {
         "blocks": [
-            {"forward_ms": 1.0, "backward_ms": 2.0, "param_bytes": 100, "buffer_bytes": 8,
-             "optimizer_state_bytes": 200, "activation_bytes": 300, "output_shape": [8, 4],
-             "output_bytes": {"fp32": 128, "int8": 40}},
-            {"forward_ms": 0.5, "backward_ms": 0.5, "param_bytes": 10, "buffer_bytes": 0,
-             "optimizer_state_bytes": 20, "activation_bytes": 30, "output_shape": [8, 2],
-             "output_bytes": {"fp32": 64}},
+            {
+                "forward_ms": 1.0,
+                "backward_ms": 2.0,
+                "param_bytes": 100,
+                "buffer_bytes": 8,
+                "optimizer_state_bytes": 200,
+                "activation_bytes": 300,
+                "output_shape": [8, 4],
+                "output_bytes": {"fp32": 128, "int8": 40},
+            },
+            {
+                "forward_ms": 0.5,
+                "backward_ms": 0.5,
+                "param_bytes": 10,
+                "buffer_bytes": 0,
+                "optimizer_state_bytes": 20,
+                "activation_bytes": 30,
+                "output_shape": [8, 2],
+                "output_bytes": {"fp32": 64},
+            },
         ],
         "input_bytes": {"fp32": 256, "int8": 72},
         "cut_points": [0, 1, 2],
     }
-    inp = inputs_from_profile(profile, link=LinkEstimate(1e6, 1e6, 0.01), device_slowdown=10, cloud_speedup=4,
-                              label_bytes=64, remaining_steps=50)
+    inp = inputs_from_profile(
+        profile, link=LinkEstimate(1e6, 1e6, 0.01), device_slowdown=10, cloud_speedup=4, label_bytes=64, remaining_steps=50
+    )
     b0 = inp.blocks[0]
     assert (b0.edge_forward_ms, b0.edge_backward_ms, b0.cloud_ms) == (10.0, 20.0, 0.75)
     assert (b0.param_bytes, b0.optim_bytes, b0.activation_bytes) == (108, 200, 300)
@@ -269,8 +308,9 @@ def test_inputs_from_real_profile():
 
     spec = zoo.build("digits_cnn")
     prof = profile_model(spec, 16, repeats=1, warmup=0)
-    inp = inputs_from_profile(prof, link=LinkEstimate(10e6, 10e6, 0.02), device_slowdown=8,
-                              cloud_speedup=4, label_bytes=16 * 8, remaining_steps=500)
+    inp = inputs_from_profile(
+        prof, link=LinkEstimate(10e6, 10e6, 0.02), device_slowdown=8, cloud_speedup=4, label_bytes=16 * 8, remaining_steps=500
+    )
     assert inp.points == tuple(prof.cut_points) and inp.num_blocks == len(prof.blocks)
     assert inp.blocks[0].out_bytes == prof.blocks[0].output_bytes
     d = CostModelPolicy().decide(inp, None, 500)
@@ -285,8 +325,15 @@ def three_block_inputs(**kw) -> DecisionInputs:
         BlockCost(edge_forward_ms=5, edge_backward_ms=10, cloud_ms=2, out_bytes={"fp32": 4_000, "int8": 1_008}),
         BlockCost(edge_forward_ms=1, edge_backward_ms=2, cloud_ms=1, out_bytes={"fp32": 40}),
     )
-    base = dict(blocks=blocks, link=LinkEstimate(8e6, 16e6, 0.050), input_bytes=1000, remaining_steps=100,
-                grad_codec="fp32", codec_s_per_byte=1e-8, frame_overhead_bytes=0)
+    base = dict(
+        blocks=blocks,
+        link=LinkEstimate(8e6, 16e6, 0.050),
+        input_bytes=1000,
+        remaining_steps=100,
+        grad_codec="fp32",
+        codec_s_per_byte=1e-8,
+        frame_overhead_bytes=0,
+    )
     base.update(kw)
     return DecisionInputs(**base)
 
@@ -297,8 +344,7 @@ def test_measured_head_step_and_codec_replace_the_block_sums():
     assert stage_times(Choice(1, "fp32", 0), inp).t1_edge_s == pytest.approx(0.100)
     assert stage_times(Choice(1, "int8", 0), inp).t1_edge_s == pytest.approx(0.107)
     # unmeasured point: the block sum plus the fixed per-step part the blocks miss
-    assert stage_times(Choice(2, "int8", 0), inp).t1_edge_s == pytest.approx(
-        2 * 0.015 + 0.030 + 0.004 + 4_000 * 1e-8)
+    assert stage_times(Choice(2, "int8", 0), inp).t1_edge_s == pytest.approx(2 * 0.015 + 0.030 + 0.004 + 4_000 * 1e-8)
     # the fixed part is compute that exists only with a split step
     assert inp.edge_compute_s(0) == 0.0
 

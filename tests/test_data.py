@@ -19,7 +19,7 @@ from edge_sdk.data.imdb import build_vocab, encode, tokenize
 def test_digits_shapes_range_and_deterministic_stratified_split():
     a, b, c = data.load("digits", seed=0), data.load("digits", seed=0), data.load("digits", seed=1)
     assert (a.name, a.num_classes, a.input_shape) == ("digits", 10, (1, 8, 8))
-    xa, ya = a.train.tensors
+    xa, _ya = a.train.tensors
     assert xa.shape == (1437, 1, 8, 8) and len(a.test) == 360
     assert xa.dtype == torch.float32 and float(xa.min()) == 0.0 and float(xa.max()) == 1.0
     assert torch.equal(xa, b.train.tensors[0]) and not torch.equal(xa, c.train.tensors[0])
@@ -51,8 +51,12 @@ def test_mnist1d_generated_offline_and_cached(tmp_path, monkeypatch):
 def test_unknown_dataset_and_missing_dir(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'svhn'; known datasets: digits, mnist1d, cifar10"):
         data.load("svhn")
-    for name, needle in [("cifar10", "data_batch_1"), ("tinyimagenet", "wnids.txt"),
-                         ("imdb", "train/pos"), ("movielens", "ratings.dat")]:
+    for name, needle in [
+        ("cifar10", "data_batch_1"),
+        ("tinyimagenet", "wnids.txt"),
+        ("imdb", "train/pos"),
+        ("movielens", "ratings.dat"),
+    ]:
         with pytest.raises(DatasetError, match=f"does not exist; expected .*{needle}"):
             data.load(name, data_dir=tmp_path / "absent")
 
@@ -60,8 +64,12 @@ def test_unknown_dataset_and_missing_dir(tmp_path):
 # ------------------------------------------------------------------ CIFAR-10
 def _cifar_batch(path, n, seed):
     rng = np.random.default_rng(seed)
-    d = {b"batch_label": b"fixture", b"labels": rng.integers(0, 10, n).tolist(),
-         b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * n}
+    d = {
+        b"batch_label": b"fixture",
+        b"labels": rng.integers(0, 10, n).tolist(),
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"filenames": [b"x.png"] * n,
+    }
     path.write_bytes(pickle.dumps(d, protocol=2))
     return d
 
@@ -87,24 +95,23 @@ class _Evil:
 
 
 def test_cifar10_restricted_unpickler_rejects_code(tmp_path):
-    with pytest.raises(UnsafePickleError, match="refusing to unpickle global (posix|os|nt).system"):
+    with pytest.raises(UnsafePickleError, match=r"refusing to unpickle global (posix|os|nt)\.system"):
         restricted_loads(pickle.dumps({b"data": _Evil()}, protocol=2))
     root = tmp_path / "c"
     root.mkdir()
     for i in range(1, 6):
         _cifar_batch(root / f"data_batch_{i}", 2, i)
     (root / "test_batch").write_bytes(pickle.dumps({b"data": _Evil(), b"labels": [0]}, protocol=2))
-    with pytest.raises(DatasetError, match="test_batch.*refusing"):
+    with pytest.raises(DatasetError, match=r"test_batch.*refusing"):
         data.load("cifar10", data_dir=root)
 
 
 def test_cifar10_malformed_and_missing(tmp_path):
     for i in range(1, 6):
         _cifar_batch(tmp_path / f"data_batch_{i}", 2, i)
-    with pytest.raises(DatasetError, match="files missing in .*: test_batch; expected CIFAR-10"):
+    with pytest.raises(DatasetError, match=r"files missing in .*: test_batch; expected CIFAR-10"):
         data.load("cifar10", data_dir=tmp_path)
-    (tmp_path / "test_batch").write_bytes(
-        pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2))
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, protocol=2))
     with pytest.raises(DatasetError, match=r"malformed: 'data' is uint8 \(2, 100\)"):
         data.load("cifar10", data_dir=tmp_path)
     (tmp_path / "test_batch").write_bytes(b"garbage")
@@ -148,14 +155,22 @@ def test_tinyimagenet_malformed(tmp_path):
     with pytest.raises(DatasetError, match=r"val_annotations.txt:1: .*expected Tiny ImageNet"):
         data.load("tinyimagenet", data_dir=tmp_path)
     (tmp_path / "wnids.txt").unlink()
-    with pytest.raises(DatasetError, match="wnids.txt not found"):
+    with pytest.raises(DatasetError, match=r"wnids\.txt not found"):
         data.load("tinyimagenet", data_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------- IMDB
 def test_tokenizer_and_vocab():
     assert tokenize("Great movie!<br /><br />I didn't LOVE it, 10/10.") == [
-        "great", "movie", "i", "didn't", "love", "it", "10", "10"]
+        "great",
+        "movie",
+        "i",
+        "didn't",
+        "love",
+        "it",
+        "10",
+        "10",
+    ]
     vocab = build_vocab([["b", "a", "a"], ["c", "b"]], vocab_size=4)
     assert vocab == {"a": 2, "b": 3}  # tie-free counts first; "c" dropped
     assert encode(["a", "c", "b"], vocab, 5) == [2, 1, 3, 0, 0]
@@ -164,8 +179,12 @@ def test_tokenizer_and_vocab():
 
 def test_imdb_fixture_loads(tmp_path):
     root = tmp_path / "aclImdb"
-    texts = {("train", "pos"): ["good good film", "great film"], ("train", "neg"): ["bad film<br />awful"],
-             ("test", "pos"): ["good unseenword"], ("test", "neg"): ["bad"]}
+    texts = {
+        ("train", "pos"): ["good good film", "great film"],
+        ("train", "neg"): ["bad film<br />awful"],
+        ("test", "pos"): ["good unseenword"],
+        ("test", "neg"): ["bad"],
+    }
     for (split, lab), docs in texts.items():
         (root / split / lab).mkdir(parents=True)
         for i, t in enumerate(docs):
@@ -191,7 +210,8 @@ def test_movielens_fixture_history_labels_and_time_split(tmp_path):
     root.mkdir()
     (root / "movies.dat").write_text(
         "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Jumanji (1995)::Adventure\n3::Heat (1995)::Action|Crime\n",
-        encoding="latin-1")
+        encoding="latin-1",
+    )
     # user 1 rates 3 movies out of time order; user 2 one movie
     (root / "ratings.dat").write_text("1::3::5::300\n1::1::2::100\n1::2::4::200\n2::2::1::50\n", encoding="latin-1")
     d = data.load("movielens", data_dir=tmp_path, history=2, test_fraction=0.34)

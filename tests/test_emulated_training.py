@@ -69,6 +69,7 @@ async def test_wrong_token_is_refused_with_a_clear_message():
 def test_killing_the_cloud_mid_run_ends_the_edge_with_a_clear_message():
     cfg = TrainConfig(epochs=2, batch_size=16, staleness=2)
     with cloud_process(["--threads", "1"]) as (proc, port):
+
         def kill_after_a_few_steps(ev):
             if ev.step == 5:
                 proc.kill()
@@ -78,7 +79,7 @@ def test_killing_the_cloud_mid_run_ends_the_edge_with_a_clear_message():
         async def run():
             return await asyncio.wait_for(client.run(), timeout=60)
 
-        with pytest.raises(TrainingError, match="(lost|closed)"):
+        with pytest.raises(TrainingError, match=r"(lost|closed)"):
             asyncio.run(run())
     assert client.pipeline.stats.steps_applied < 60
 
@@ -92,14 +93,46 @@ def test_unreachable_cloud_is_a_clear_error():
 def test_emulate_command_writes_the_report(tmp_path):
     out = tmp_path / "run.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_sdk", "emulate", "--epochs", "1", "--max-steps-per-epoch", "15", "--network", "4g",
-         "--device-slowdown", "2", "--json", str(out), "--report", str(tmp_path / "rep"), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "edge_sdk",
+            "emulate",
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "15",
+            "--network",
+            "4g",
+            "--device-slowdown",
+            "2",
+            "--json",
+            str(out),
+            "--report",
+            str(tmp_path / "rep"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    for key in ("test_accuracy", "train_loss", "steps", "epochs", "wall_s", "bytes_up", "bytes_down", "stage_ms",
-                "point", "codec", "staleness", "network", "device_slowdown"):
+    for key in (
+        "test_accuracy",
+        "train_loss",
+        "steps",
+        "epochs",
+        "wall_s",
+        "bytes_up",
+        "bytes_down",
+        "stage_ms",
+        "point",
+        "codec",
+        "staleness",
+        "network",
+        "device_slowdown",
+    ):
         assert key in data, key
     assert data["steps"] == 15 and data["network"] == "4g" and data["device_slowdown"] == 2
     assert set(data["stage_ms"]) >= {"edge", "up", "cloud", "down"}
@@ -108,17 +141,37 @@ def test_emulate_command_writes_the_report(tmp_path):
 
 
 def test_emulate_rejects_bad_flags_without_a_traceback():
-    proc = subprocess.run([sys.executable, "-m", "edge_sdk", "emulate", "--network", "carrier-pigeon"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_sdk", "emulate", "--network", "carrier-pigeon"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "carrier-pigeon" in proc.stderr
 
 
 async def test_tls_with_a_self_signed_certificate(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(  # noqa: ASYNC221 - set-up before the loop does any work
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     async with CloudServer(ServerConfig(port=0, tls_cert=str(cert), tls_key=str(key))) as server:
         url = f"wss://127.0.0.1:{server.port}"
         untrusted = EdgeClient(url, TrainConfig(**QUICK))

@@ -38,8 +38,16 @@ def _export_dir(root: Path, model: str, fmt: str, points: list[int], *, freeze: 
     spec = zoo.build(model, seed=0)
     out = root / f"{model}-{fmt}{'-frozen' if freeze else ''}"
     entries = [
-        export_head(spec.model.head(p), spec.input_shape, point=p, batch_size=BATCH, out_dir=out, fmt=fmt,
-                    name_map=spec.model.head_name_map(p), freeze_batchnorm=freeze)
+        export_head(
+            spec.model.head(p),
+            spec.input_shape,
+            point=p,
+            batch_size=BATCH,
+            out_dir=out,
+            fmt=fmt,
+            name_map=spec.model.head_name_map(p),
+            freeze_batchnorm=freeze,
+        )
         for p in points
     ]
     write_manifest(out, entries, model=model, config_hash=spec.config_hash, fmt=fmt, batch_size=BATCH)

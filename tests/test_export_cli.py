@@ -24,7 +24,10 @@ class Erfinv(nn.Module):
 
 def test_cli_writes_programs_and_manifest(tmp_path, capsys):
     out = tmp_path / "ts"
-    assert main(["--model", "mnist1d_cnn", "--points", "1,2", "--format", "torchscript", "--batch-size", "2", "--out", str(out)]) == 0
+    assert (
+        main(["--model", "mnist1d_cnn", "--points", "1,2", "--format", "torchscript", "--batch-size", "2", "--out", str(out)])
+        == 0
+    )
     log = capsys.readouterr().out
     assert "[1/2] point 1" in log and "[2/2] point 2" in log and "manifest.json" in log
     manifest = json.loads((out / "manifest.json").read_text())

@@ -59,8 +59,9 @@ def features(spec, step: int, *, labels=None, grad_codec="fp32", point=2) -> fr.
         f = spec.model.head(point)(torch.randn(BATCH, 1, 8, 8, generator=g))
     tf, _ = codecs.encode_tensor(f, codecs.Codec.NONE)
     y = torch.randint(0, 10, (BATCH,), generator=g) if labels is None else labels
-    return fr.Features(step=step, epoch=0, point=point, tensor=tf, labels=codecs.tensor_frame_from_tensor(y),
-                       train=True, grad_codec=grad_codec)
+    return fr.Features(
+        step=step, epoch=0, point=point, tensor=tf, labels=codecs.tensor_frame_from_tensor(y), train=True, grad_codec=grad_codec
+    )
 
 
 async def honest_run(port: int, **over) -> int:
@@ -70,6 +71,7 @@ async def honest_run(port: int, **over) -> int:
 
 async def closed_by_server(ws, timeout: float) -> None:
     """Read until the server closes the connection (fails after ``timeout``)."""
+
     async def drain():
         try:
             while True:
@@ -96,6 +98,7 @@ async def test_a_bad_label_is_refused_and_the_slot_is_free_again(digits_spec, he
 
 async def test_an_internal_error_is_answered_closes_the_session_and_frees_its_slot(digits_spec, hello_frame, monkeypatch):
     async with CloudServer(ServerConfig(port=0, max_sessions=1)) as server:
+
         def broken(self, frame, recv_ns):
             raise ZeroDivisionError("bug")
 
@@ -151,11 +154,10 @@ async def test_unauthenticated_connections_are_capped_apart_from_sessions(digits
 
 
 async def test_large_frames_before_hello_are_refused(digits_spec):
-    async with CloudServer(ServerConfig(port=0, max_hello_bytes=4096)) as server:
-        async with await open_raw(server.port) as ws:
-            await ws.send(b"\0" * 100_000)
-            await closed_by_server(ws, 10)
-            assert ws.close_code == 1009  # message too big
+    async with CloudServer(ServerConfig(port=0, max_hello_bytes=4096)) as server, await open_raw(server.port) as ws:
+        await ws.send(b"\0" * 100_000)
+        await closed_by_server(ws, 10)
+        assert ws.close_code == 1009  # message too big
 
 
 async def test_a_frame_trickled_byte_by_byte_is_cut_off(digits_spec, hello_frame):
@@ -228,43 +230,49 @@ def test_a_flooding_client_leaves_server_memory_bounded(digits_spec, hello_frame
         proc.terminate()
         proc.wait(timeout=30)
         shutdown_s = time.monotonic() - t0
-    print(f"flood: {sent} frames sent before backpressure; RSS before {before >> 20} MiB, peak {peak >> 20}, after {after >> 20}, shutdown {shutdown_s:.2f} s")
+    print(
+        f"flood: {sent} frames sent before backpressure; RSS before {before >> 20} MiB, peak {peak >> 20}, after {after >> 20}, shutdown {shutdown_s:.2f} s"
+    )
     assert sent < 20_000, "the flood was never pushed back"
     assert peak - before < 150 << 20 and after - before < 150 << 20, (before, peak, after)
     assert shutdown_s < 10
 
 
 async def test_a_top_k_weights_bomb_is_refused_before_allocation(digits_spec, hello_frame):
-    async with CloudServer(ServerConfig(port=0)) as server:
-        async with await open_raw(server.port) as ws:
-            ack = await hello(ws, digits_spec, hello_frame)
-            bomb = codecs.TensorFrame(dtype=codecs.DType.F32, shape=(1 << 26,), codec=codecs.Codec.TOPK,
-                                      payload=np.ones(1, np.float32), k=1, indices=np.zeros(1, np.uint32))
-            name = next(n for n, _ in digits_spec.model.named_parameters() if n.startswith("blocks.0."))
-            frame = raw(fr.Weights(step=0, name=name, kind="param", tensor=bomb))
-            assert len(frame) < 400
-            for _ in range(50):
-                await ws.send(frame)
-            errs = [await recv_frame(ws) for _ in range(50)]
-            assert all(e.code == ErrorCode.BAD_TENSOR for e in errs)
-            assert server.stats.sessions[ack.session]._incoming is None
+    async with CloudServer(ServerConfig(port=0)) as server, await open_raw(server.port) as ws:
+        ack = await hello(ws, digits_spec, hello_frame)
+        bomb = codecs.TensorFrame(
+            dtype=codecs.DType.F32,
+            shape=(1 << 26,),
+            codec=codecs.Codec.TOPK,
+            payload=np.ones(1, np.float32),
+            k=1,
+            indices=np.zeros(1, np.uint32),
+        )
+        name = next(n for n, _ in digits_spec.model.named_parameters() if n.startswith("blocks.0."))
+        frame = raw(fr.Weights(step=0, name=name, kind="param", tensor=bomb))
+        assert len(frame) < 400
+        for _ in range(50):
+            await ws.send(frame)
+        errs = [await recv_frame(ws) for _ in range(50)]
+        assert all(e.code == ErrorCode.BAD_TENSOR for e in errs)
+        assert server.stats.sessions[ack.session]._incoming is None
 
 
 async def test_a_refused_step_leaves_the_weights_bit_identical(digits_spec, hello_frame):
-    async with CloudServer(ServerConfig(port=0)) as server:
-        async with await open_raw(server.port) as ws:
-            ack = await hello(ws, digits_spec, hello_frame)
-            session = server.stats.sessions[ack.session]
-            await ws.send(raw(features(digits_spec, 0)))
-            assert isinstance(await recv_frame(ws), fr.Gradients)
-            before = [t.clone() for b in session.blocks for t in b.state_dict().values()]
-            for bad in (features(digits_spec, 1, grad_codec="bogus"), features(digits_spec, 1, labels=torch.full((BATCH,), -3))):
-                for _ in range(2):
-                    await ws.send(raw(bad))
-                    assert isinstance(await recv_frame(ws), fr.Error)
-            after = [t.clone() for b in session.blocks for t in b.state_dict().values()]
-            assert all(torch.equal(a, b) for a, b in zip(before, after))
-            assert session.applied_steps == 1
+    async with CloudServer(ServerConfig(port=0)) as server, await open_raw(server.port) as ws:
+        ack = await hello(ws, digits_spec, hello_frame)
+        session = server.stats.sessions[ack.session]
+        await ws.send(raw(features(digits_spec, 0)))
+        assert isinstance(await recv_frame(ws), fr.Gradients)
+        before = [t.clone() for b in session.blocks for t in b.state_dict().values()]
+        for bad in (features(digits_spec, 1, grad_codec="bogus"), features(digits_spec, 1, labels=torch.full((BATCH,), -3))):
+            for _ in range(2):
+                await ws.send(raw(bad))
+                assert isinstance(await recv_frame(ws), fr.Error)
+        after = [t.clone() for b in session.blocks for t in b.state_dict().values()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        assert session.applied_steps == 1
 
 
 # ------------------------------------------------------------------- 6. auth
@@ -306,8 +314,12 @@ def test_tokens_in_clear_off_loopback_are_warned_about():
 
 
 def test_serve_warns_when_the_token_would_cross_the_network_in_clear():
-    proc = subprocess.Popen([sys.executable, "-m", "cloud_backend", "serve", "--host", "0.0.0.0", "--port", "0", "--token", "t"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud_backend", "serve", "--host", "0.0.0.0", "--port", "0", "--token", "t"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "listening on" in proc.stdout.readline()
     finally:

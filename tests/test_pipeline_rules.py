@@ -36,9 +36,19 @@ def make_split(model_name: str, point: int, *, staleness: int, codec: str, opt: 
     pipe = EdgePipeline(runtime, point=point, optimizer=opt, codec=codec, staleness=staleness)
     cloud = CloudSession(1)
     hello = fr.Hello(
-        model=spec.name, model_hash=spec.config_hash, num_blocks=spec.model.num_blocks, point=point,
-        codec=codec, staleness=staleness, optimizer_json=opt.to_json(), token="", batch_size=16, seed=seed,
-        config_json="{}", runtime="eager", program_hash="",
+        model=spec.name,
+        model_hash=spec.config_hash,
+        num_blocks=spec.model.num_blocks,
+        point=point,
+        codec=codec,
+        staleness=staleness,
+        optimizer_json=opt.to_json(),
+        token="",
+        batch_size=16,
+        seed=seed,
+        config_json="{}",
+        runtime="eager",
+        program_hash="",
     )
     (ack,) = cloud.handle(wire(hello))
     assert isinstance(ack, fr.HelloAck) and ack.accepted, ack
@@ -93,7 +103,7 @@ def test_sequential_split_equals_centralized_training(opt_name):
 
 def _interior_point(name: str) -> int:
     model = zoo.build(name).model
-    return [p for p in model.cut_points if 0 < p < model.num_blocks][0]
+    return next(p for p in model.cut_points if 0 < p < model.num_blocks)
 
 
 def _full_state(spec) -> dict[str, torch.Tensor]:
@@ -111,7 +121,9 @@ class TanhHead(nn.Module):
 
 def _grad_frame(step: int, g: torch.Tensor) -> fr.Gradients:
     tf, _ = codecs.encode_tensor(g, codecs.Codec.NONE)
-    return fr.Gradients(step=step, tensor=tf, loss=0.0, correct=0, count=g.shape[0], cloud_ms=0.0, features_recv_ns=0, queue_depth=0)
+    return fr.Gradients(
+        step=step, tensor=tf, loss=0.0, correct=0, count=g.shape[0], cloud_ms=0.0, features_recv_ns=0, queue_depth=0
+    )
 
 
 def test_replay_rule_by_hand_with_k2():
@@ -119,7 +131,14 @@ def test_replay_rule_by_hand_with_k2():
     head = TanhHead()
     w0 = head.lin.weight.detach().clone()
     lr = 0.1
-    pipe = EdgePipeline(EagerRuntime(head), point=1, optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.0, schedule="constant"), codec="fp32", staleness=2, staleness_guard=False)
+    pipe = EdgePipeline(
+        EagerRuntime(head),
+        point=1,
+        optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.0, schedule="constant"),
+        codec="fp32",
+        staleness=2,
+        staleness_guard=False,
+    )
     xs = [torch.randn(4, 3) for _ in range(3)]
     gs = [torch.randn(4, 2) for _ in range(3)]
     for x in xs:
@@ -146,7 +165,13 @@ def test_replay_rule_by_hand_with_k2():
 def test_error_feedback_correction_numerically():
     torch.manual_seed(0)
     head = TanhHead()
-    pipe = EdgePipeline(EagerRuntime(head), point=1, optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, schedule="constant"), codec="int8", staleness=0)
+    pipe = EdgePipeline(
+        EagerRuntime(head),
+        point=1,
+        optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, schedule="constant"),
+        codec="int8",
+        staleness=0,
+    )
     x = torch.randn(8, 3)
     feats = pipe.start_step(x, torch.zeros(8, dtype=torch.long), epoch=0)
     true_f = torch.tanh(x @ head.lin.weight.detach().T)
@@ -163,7 +188,14 @@ def test_error_feedback_correction_numerically():
     # switched off: the raw gradient is applied
     head2 = TanhHead()
     head2.load_state_dict({"lin.weight": w_before})
-    pipe2 = EdgePipeline(EagerRuntime(head2), point=1, optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, schedule="constant"), codec="int8", staleness=0, error_feedback=False)
+    pipe2 = EdgePipeline(
+        EagerRuntime(head2),
+        point=1,
+        optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, schedule="constant"),
+        codec="int8",
+        staleness=0,
+        error_feedback=False,
+    )
     pipe2.start_step(x, torch.zeros(8, dtype=torch.long), epoch=0)
     pipe2.on_gradients(wire(_grad_frame(0, g)))
     expected_raw = w_before - 0.1 * (((1 - torch.tanh(z) ** 2) * g).T @ x)
@@ -172,7 +204,9 @@ def test_error_feedback_correction_numerically():
 
 def test_each_gradient_applied_exactly_once():
     head = TanhHead()
-    pipe = EdgePipeline(EagerRuntime(head), point=1, optimizer=OptimizerConfig(name="sgd", lr=0.1, schedule="constant"), codec="fp32", staleness=1)
+    pipe = EdgePipeline(
+        EagerRuntime(head), point=1, optimizer=OptimizerConfig(name="sgd", lr=0.1, schedule="constant"), codec="fp32", staleness=1
+    )
     x = torch.randn(4, 3)
     pipe.start_step(x, torch.zeros(4, dtype=torch.long), epoch=0)
     g = _grad_frame(0, torch.ones(4, 2))
@@ -203,13 +237,20 @@ def test_replay_reuses_dropout_mask_and_counts_batchnorm_once():
     torch.manual_seed(3)
     head = DropBNHead()
     runtime = EagerRuntime(head)
-    pipe = EdgePipeline(runtime, point=1, optimizer=OptimizerConfig(name="sgd", lr=1e-9, momentum=0.0, schedule="constant"), codec="fp32", staleness=0)
+    pipe = EdgePipeline(
+        runtime,
+        point=1,
+        optimizer=OptimizerConfig(name="sgd", lr=1e-9, momentum=0.0, schedule="constant"),
+        codec="fp32",
+        staleness=0,
+    )
     x = torch.randn(16, 5)
     feats = pipe.start_step(x, torch.zeros(16, dtype=torch.long), epoch=0)
     sent = codecs.decode_tensor(feats.tensor)
     stats_after_forward = (head.bn.running_mean.clone(), head.bn.num_batches_tracked.clone())
 
     seen = {}
+
     def capture(module, inputs, output):
         seen["replayed"] = output.detach().clone()
 
@@ -225,7 +266,7 @@ def test_replay_reuses_dropout_mask_and_counts_batchnorm_once():
 def test_cloud_is_idempotent_on_repeated_step():
     opt = OptimizerConfig(name="sgd", lr=0.1, schedule="constant")
     spec, pipe, cloud = make_split("digits_cnn", point=_interior_point("digits_cnn"), staleness=1, codec="int8", opt=opt)
-    (x, y), = batches(1, tuple(spec.input_shape), spec.num_classes)
+    ((x, y),) = batches(1, tuple(spec.input_shape), spec.num_classes)
     feats = wire(pipe.start_step(x, y, epoch=0))
     first = cloud.handle(feats)
     tail_after = copy.deepcopy([b.state_dict() for b in cloud.blocks])
@@ -240,12 +281,20 @@ def test_cloud_is_idempotent_on_repeated_step():
 def test_cloud_refuses_features_before_hello_and_bad_points():
     cloud = CloudSession(1)
     tf, _ = codecs.encode_tensor(torch.zeros(2, 3), codecs.Codec.NONE)
-    feats = fr.Features(step=0, epoch=0, point=1, tensor=tf, labels=codecs.tensor_frame_from_array(torch.zeros(2, dtype=torch.long).numpy()), train=True, grad_codec="fp32")
+    feats = fr.Features(
+        step=0,
+        epoch=0,
+        point=1,
+        tensor=tf,
+        labels=codecs.tensor_frame_from_array(torch.zeros(2, dtype=torch.long).numpy()),
+        train=True,
+        grad_codec="fp32",
+    )
     (err,) = cloud.handle(feats)
     assert isinstance(err, fr.Error) and err.code == ErrorCode.PROTOCOL
 
     opt = OptimizerConfig()
-    spec, pipe, cloud = make_split("digits_cnn", point=_interior_point("digits_cnn"), staleness=0, codec="fp32", opt=opt)
+    _spec, _pipe, cloud = make_split("digits_cnn", point=_interior_point("digits_cnn"), staleness=0, codec="fp32", opt=opt)
     bad = fr.Features(step=0, epoch=0, point=cloud.point + 1, tensor=tf, labels=feats.labels, train=True, grad_codec="fp32")
     (err,) = cloud.handle(bad)
     assert isinstance(err, fr.Error) and "point" in err.message
@@ -256,9 +305,21 @@ def test_cloud_refuses_wrong_token_and_model_hash():
     from cloud_backend.session import SessionConfig
 
     spec = zoo.build("digits_cnn")
-    base = dict(model=spec.name, model_hash=spec.config_hash, num_blocks=spec.model.num_blocks, point=_interior_point("digits_cnn"),
-                codec="int8", staleness=0, optimizer_json=OptimizerConfig().to_json(), token="nope", batch_size=16, seed=0,
-                config_json="{}", runtime="eager", program_hash="")
+    base = dict(
+        model=spec.name,
+        model_hash=spec.config_hash,
+        num_blocks=spec.model.num_blocks,
+        point=_interior_point("digits_cnn"),
+        codec="int8",
+        staleness=0,
+        optimizer_json=OptimizerConfig().to_json(),
+        token="nope",
+        batch_size=16,
+        seed=0,
+        config_json="{}",
+        runtime="eager",
+        program_hash="",
+    )
     (err,) = CloudSession(1, SessionConfig(token="secret")).handle(fr.Hello(**base))
     assert err.code == ErrorCode.UNAUTHORIZED
     (ok,) = CloudSession(1, SessionConfig(token="secret")).handle(fr.Hello(**{**base, "token": "secret"}))
@@ -285,7 +346,13 @@ def test_staleness_guard_caps_outlier_gradients_only_when_stale():
 
     # K = 0: exact updates, the guard is not consulted
     head = TanhHead()
-    pipe = EdgePipeline(EagerRuntime(head), point=1, optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, schedule="constant"), codec="fp32", staleness=0)
+    pipe = EdgePipeline(
+        EagerRuntime(head),
+        point=1,
+        optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, schedule="constant"),
+        codec="fp32",
+        staleness=0,
+    )
     for i in range(8):
         pipe.start_step(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), epoch=0)
         pipe.on_gradients(_grad_frame(i, torch.randn(4, 2) * (100 if i == 7 else 1)))

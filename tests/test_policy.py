@@ -17,18 +17,32 @@ PARAMS = [1_800, 18_500, 74_000, 295_000, 5_200]
 L = len(SHAPES)
 
 
-def make(up_mbps: float, rtt_ms: float = 10, slowdown: float = 4, down_mbps: float | None = None,
-         remaining: int = 1000, cloud_speedup: float = 10) -> DecisionInputs:
+def make(
+    up_mbps: float,
+    rtt_ms: float = 10,
+    slowdown: float = 4,
+    down_mbps: float | None = None,
+    remaining: int = 1000,
+    cloud_speedup: float = 10,
+) -> DecisionInputs:
     blocks = []
     for shape, f, p in zip(SHAPES, FWD_MS, PARAMS):
         n = 1
         for s in shape:
             n *= s
-        blocks.append(BlockCost(f * slowdown, 2 * f * slowdown, 3 * f / cloud_speedup, param_bytes=4 * p,
-                                optim_bytes=4 * p, activation_bytes=8 * n, out_shape=shape))
+        blocks.append(
+            BlockCost(
+                f * slowdown,
+                2 * f * slowdown,
+                3 * f / cloud_speedup,
+                param_bytes=4 * p,
+                optim_bytes=4 * p,
+                activation_bytes=8 * n,
+                out_shape=shape,
+            )
+        )
     link = LinkEstimate(up_mbps * 1e6, (down_mbps or up_mbps) * 1e6, rtt_ms / 1e3)
-    return DecisionInputs(tuple(blocks), link, input_bytes=32 * 3 * 32 * 32 * 4, label_bytes=32 * 8,
-                          remaining_steps=remaining)
+    return DecisionInputs(tuple(blocks), link, input_bytes=32 * 3 * 32 * 32 * 4, label_bytes=32 * 8, remaining_steps=remaining)
 
 
 def decide(inputs: DecisionInputs, policy: Policy | None = None, current: Choice | None = None) -> Decision:
@@ -132,8 +146,12 @@ def test_no_flapping_under_noisy_context():
     cur = decide(make(20, slowdown=2), pol).choice
     switches = 0
     for step in range(60):
-        noisy = make(20 * rng.uniform(0.93, 1.07), rtt_ms=10 * rng.uniform(0.8, 1.2), slowdown=2 * rng.uniform(0.95, 1.05),
-                     remaining=1000 - 10 * step)
+        noisy = make(
+            20 * rng.uniform(0.93, 1.07),
+            rtt_ms=10 * rng.uniform(0.8, 1.2),
+            slowdown=2 * rng.uniform(0.95, 1.05),
+            remaining=1000 - 10 * step,
+        )
         d = pol.decide(noisy, cur, noisy.remaining_steps)
         switches += d.switch
         cur = d.choice

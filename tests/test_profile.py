@@ -10,8 +10,8 @@ import torch
 from edge_sdk import data, devices, zoo
 from edge_sdk.cli import main as cli_main
 from edge_sdk.profile import DEFAULT_CODECS, ModelProfile, profile_model
-from schemas.codecs import encoded_nbytes
 from edge_sdk.zoo.recipes import RECIPES, train_centralized
+from schemas.codecs import encoded_nbytes
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,23 @@ def test_profile_int_inputs_are_not_quantized():
 
 def test_profile_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "p.json"
-    rc = cli_main(["profile", "--model", "digits_cnn", "--batch-size", "4", "--repeats", "1",
-                   "--optimizer", "adam", "--device", "raspberry-pi-4", "--json", str(out)])
+    rc = cli_main(
+        [
+            "profile",
+            "--model",
+            "digits_cnn",
+            "--batch-size",
+            "4",
+            "--repeats",
+            "1",
+            "--optimizer",
+            "adam",
+            "--device",
+            "raspberry-pi-4",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "conv1_bn" in text and "cut int8" in text and "times x8 for raspberry-pi-4" in text

@@ -14,21 +14,37 @@ import pytest
 import torch
 
 from cloud_backend.server import CloudServer, ServerConfig
-from edge_sdk import repartition
 from edge_sdk.client import EdgeClient, TrainingError
+from edge_sdk.optim import OptimizerConfig
 from edge_sdk.runtime import load_runtime
 from edge_sdk.training import TrainConfig
-from tests.test_repartition import InProcessRun, wire
-from edge_sdk.optim import OptimizerConfig
 from schemas import frames as fr
+from tests.test_repartition import InProcessRun
 
 
 @pytest.fixture(scope="module", params=["executorch", "torchscript"])
 def programs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"programs_{request.param}")
-    proc = subprocess.run([sys.executable, "-m", "export", "--model", "digits_cnn", "--points", "1,2",
-                           "--format", request.param, "--batch-size", "16", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "--model",
+            "digits_cnn",
+            "--points",
+            "1,2",
+            "--format",
+            request.param,
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return request.param, out
 
@@ -77,8 +93,9 @@ def test_program_training_and_repartition_track_eager(programs):
 
 async def test_client_trains_through_programs_and_cloud_checks_their_origin(programs):
     kind, path = programs
-    cfg = TrainConfig(epochs=1, max_steps_per_epoch=10, batch_size=16, point=2, codec="int8", staleness=2,
-                      runtime=kind, programs=str(path))
+    cfg = TrainConfig(
+        epochs=1, max_steps_per_epoch=10, batch_size=16, point=2, codec="int8", staleness=2, runtime=kind, programs=str(path)
+    )
     async with CloudServer(ServerConfig(port=0)) as server:
         client = EdgeClient(f"ws://127.0.0.1:{server.port}", cfg)
         result = await asyncio.wait_for(client.run(), timeout=300)

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from edge_sdk.emulation.network import LinkProfile, NetworkTrace, PROFILES
+from edge_sdk.emulation.network import PROFILES, LinkProfile, NetworkTrace
 from edge_sdk.emulation.proxy import ProxyThread, ShapingProxy, build_parser, main
 
 MBIT = 1_000_000
@@ -161,7 +161,9 @@ async def test_upload_time_matches_rate_and_latency(command_server: int, mbps: f
         reader, writer = await connect(proxy)
         # 9 header bytes + payload up, 1-byte ack down (its serialization is negligible)
         expected = (nbytes + 9) * 8 / link.uplink_bps + link.rtt_s
-        await check_model(lambda: timed_upload(reader, writer, nbytes), expected, f"upload {nbytes} B at {mbps} Mbit/s, {one_way_ms} ms")
+        await check_model(
+            lambda: timed_upload(reader, writer, nbytes), expected, f"upload {nbytes} B at {mbps} Mbit/s, {one_way_ms} ms"
+        )
         await close_writer(writer)
 
 
@@ -172,7 +174,9 @@ async def test_download_time_matches_rate_and_latency(command_server: int, mbps:
     async with ShapingProxy(("127.0.0.1", command_server), link) as proxy:
         reader, writer = await connect(proxy)
         expected = 9 * 8 / link.uplink_bps + nbytes * 8 / link.downlink_bps + link.rtt_s
-        await check_model(lambda: timed_download(reader, writer, nbytes), expected, f"download {nbytes} B at {mbps} Mbit/s, {one_way_ms} ms")
+        await check_model(
+            lambda: timed_download(reader, writer, nbytes), expected, f"download {nbytes} B at {mbps} Mbit/s, {one_way_ms} ms"
+        )
         await close_writer(writer)
 
 
@@ -351,7 +355,7 @@ async def test_proxy_thread_keeps_time_while_the_callers_loop_is_busy(echo_serve
         t0 = loop.time()
         writer.write(b"y")
         await writer.drain()
-        time.sleep(block_s)  # stands in for a GIL-releasing torch step, not synchronization
+        time.sleep(block_s)  # noqa: ASYNC251 - stands in for a GIL-releasing torch step, not synchronization
         assert await asyncio.wait_for(reader.readexactly(1), GUARD_S) == b"y"
         elapsed = loop.time() - t0
         assert elapsed < block_s + 1.5 * link.one_way_latency_down_s, f"{elapsed * 1e3:.1f} ms"
@@ -395,7 +399,7 @@ async def test_client_closing_closes_target() -> None:
 
     server, port = await start_server(wait_eof)
     async with server, ShapingProxy(("127.0.0.1", port), profile(10, 10, 10, 10)) as proxy:
-        reader, writer = await connect(proxy)
+        _reader, writer = await connect(proxy)
         writer.write(b"last words")
         await close_writer(writer)
         assert await asyncio.wait_for(server_saw_eof, GUARD_S) == b"last words"
@@ -442,7 +446,9 @@ async def test_websockets_round_trip_through_proxy() -> None:
         async with ShapingProxy(("127.0.0.1", port), link) as proxy:
             loop = asyncio.get_running_loop()
             payload = os.urandom(300_000)
-            async with ws_connect(f"ws://127.0.0.1:{proxy.port}", compression=None, max_size=max_size, open_timeout=GUARD_S) as ws:
+            async with ws_connect(
+                f"ws://127.0.0.1:{proxy.port}", compression=None, max_size=max_size, open_timeout=GUARD_S
+            ) as ws:
 
                 async def echo_once() -> float:
                     t0 = loop.time()

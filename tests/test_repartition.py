@@ -30,9 +30,21 @@ class InProcessRun:
         self.codec, self.staleness = codec, staleness
         self.pipe = EdgePipeline(self.runtime(point), point=point, optimizer=opt, codec=codec, staleness=staleness)
         self.cloud = CloudSession(1)
-        hello = fr.Hello(model=self.spec.name, model_hash=self.spec.config_hash, num_blocks=self.model.num_blocks, point=point,
-                         codec=codec, staleness=staleness, optimizer_json=opt.to_json(), token="", batch_size=16, seed=0,
-                         config_json="{}", runtime="eager", program_hash="")
+        hello = fr.Hello(
+            model=self.spec.name,
+            model_hash=self.spec.config_hash,
+            num_blocks=self.model.num_blocks,
+            point=point,
+            codec=codec,
+            staleness=staleness,
+            optimizer_json=opt.to_json(),
+            token="",
+            batch_size=16,
+            seed=0,
+            config_json="{}",
+            runtime="eager",
+            program_hash="",
+        )
         (ack,) = self.cloud.handle(wire(hello))
         assert isinstance(ack, fr.HelloAck)
 

@@ -53,14 +53,21 @@ def features(spec, step=0, *, labels=None, x=None, grad_codec="fp32", epoch=0, c
         f = spec.model.head(POINT)(x)
     tf, _ = codecs.encode_tensor(f, codec)
     y = torch.randint(0, 10, (BATCH,), generator=g) if labels is None else labels
-    return fr.Features(step=step, epoch=epoch, point=POINT, tensor=tf, labels=codecs.tensor_frame_from_tensor(y),
-                       train=train, grad_codec=grad_codec)
+    return fr.Features(
+        step=step,
+        epoch=epoch,
+        point=POINT,
+        tensor=tf,
+        labels=codecs.tensor_frame_from_tensor(y),
+        train=train,
+        grad_codec=grad_codec,
+    )
 
 
 def tail_state(cloud: CloudSession) -> dict[str, torch.Tensor]:
     out = {f"{i}.{k}": v.clone() for i, b in enumerate(cloud.blocks) for k, v in b.state_dict().items()}
     if cloud.optimizer is not None:
-        for j, (p, st) in enumerate(cloud.optimizer.state.items()):
+        for j, st in enumerate(cloud.optimizer.state.values()):
             for k, v in st.items():
                 out[f"opt{j}.{k}"] = v.clone() if isinstance(v, torch.Tensor) else torch.tensor(v)
     return out
@@ -80,14 +87,17 @@ def refused(replies, code: ErrorCode) -> fr.Error:
 
 
 # --------------------------------------------------------------- train steps
-@pytest.mark.parametrize("labels, what", [
-    (torch.full((BATCH,), 10), "class labels must be in [0, 10)"),
-    (torch.full((BATCH,), -1), "class labels must be in [0, 10)"),
-    (torch.tensor(3), "labels of shape ()"),
-    (torch.zeros(BATCH, 2, dtype=torch.long), "one integer per sample"),
-    (torch.zeros(BATCH), "one integer per sample"),
-    (torch.zeros(BATCH - 1, dtype=torch.long), "for a batch of 8"),
-])
+@pytest.mark.parametrize(
+    "labels, what",
+    [
+        (torch.full((BATCH,), 10), "class labels must be in [0, 10)"),
+        (torch.full((BATCH,), -1), "class labels must be in [0, 10)"),
+        (torch.tensor(3), "labels of shape ()"),
+        (torch.zeros(BATCH, 2, dtype=torch.long), "one integer per sample"),
+        (torch.zeros(BATCH), "one integer per sample"),
+        (torch.zeros(BATCH - 1, dtype=torch.long), "for a batch of 8"),
+    ],
+)
 def test_bad_labels_are_refused_and_change_nothing(spec, cloud, labels, what):
     # one good step first, so that optimizer state exists and must stay put too
     assert isinstance(cloud.handle(wire(features(spec, 0)))[-1], fr.Gradients)
@@ -144,8 +154,14 @@ def test_feature_claims_are_checked_before_anything_is_decoded(spec, cloud, monk
     calls = []
     monkeypatch.setattr(session_mod.codecs, "decode_tensor", lambda tf: calls.append(tf))
     wrong_shape = features(spec)
-    wrong_shape.tensor = codecs.TensorFrame(dtype=codecs.DType.F32, shape=(BATCH, 64, 64, 64), codec=codecs.Codec.TOPK,
-                                            payload=np.zeros(1, np.float32), k=1, indices=np.zeros(1, np.uint32))
+    wrong_shape.tensor = codecs.TensorFrame(
+        dtype=codecs.DType.F32,
+        shape=(BATCH, 64, 64, 64),
+        codec=codecs.Codec.TOPK,
+        payload=np.zeros(1, np.float32),
+        k=1,
+        indices=np.zeros(1, np.uint32),
+    )
     err = refused(cloud.handle(wire(wrong_shape)), ErrorCode.BAD_TENSOR)
     assert "carries (B, 32, 4, 4)" in err.message
     big_batch = features(spec, x=torch.randn(BATCH + 1, 1, 8, 8), labels=torch.zeros(BATCH + 1, dtype=torch.long))
@@ -178,19 +194,38 @@ def test_an_unexpected_exception_becomes_internal_and_closes_the_session(spec, c
 
 
 # --------------------------------------------------------------------- hello
-@pytest.mark.parametrize("opt_json", [
-    {"momentum": "x"}, {"weight_decay": None}, {"schedule": "step", "step_every": 0}, {"lr": -1}, {"lr": float("inf")},
-    {"epochs": True}, {"step_gamma": 10.0, "schedule": "step"}, {"name": "lbfgs"}, {"nope": 1}, [1, 2],
-])
+@pytest.mark.parametrize(
+    "opt_json",
+    [
+        {"momentum": "x"},
+        {"weight_decay": None},
+        {"schedule": "step", "step_every": 0},
+        {"lr": -1},
+        {"lr": float("inf")},
+        {"epochs": True},
+        {"step_gamma": 10.0, "schedule": "step"},
+        {"name": "lbfgs"},
+        {"nope": 1},
+        [1, 2],
+    ],
+)
 def test_bad_optimizer_configs_are_refused_at_hello(spec, hello_frame, opt_json):
     text = json.dumps(opt_json)
     err = refused(CloudSession(1).handle(wire(hello_frame(spec, optimizer_json=text))), ErrorCode.MALFORMED)
     assert "optimizer" in err.message
 
 
-@pytest.mark.parametrize("field, value", [
-    ("codec", "bogus"), ("staleness", -1), ("staleness", 10_000), ("batch_size", 0), ("batch_size", 10**6), ("runtime", "wasm"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("codec", "bogus"),
+        ("staleness", -1),
+        ("staleness", 10_000),
+        ("batch_size", 0),
+        ("batch_size", 10**6),
+        ("runtime", "wasm"),
+    ],
+)
 def test_bad_hello_fields_are_refused(spec, hello_frame, field, value):
     s = CloudSession(1)
     refused(s.handle(wire(hello_frame(spec, **{field: value}))), ErrorCode.MALFORMED)
@@ -254,8 +289,14 @@ def test_a_top_k_weights_bomb_is_refused_before_allocation(spec, cloud, monkeypa
     calls = []
     monkeypatch.setattr(session_mod.codecs, "decode_tensor", lambda tf: calls.append(tf))
     name = next(n for n, _ in spec.model.named_parameters() if n.startswith("blocks.0."))
-    bomb = codecs.TensorFrame(dtype=codecs.DType.F32, shape=(1 << 26,), codec=codecs.Codec.TOPK,
-                              payload=np.ones(1, np.float32), k=1, indices=np.zeros(1, np.uint32))
+    bomb = codecs.TensorFrame(
+        dtype=codecs.DType.F32,
+        shape=(1 << 26,),
+        codec=codecs.Codec.TOPK,
+        payload=np.ones(1, np.float32),
+        k=1,
+        indices=np.zeros(1, np.uint32),
+    )
     refused(cloud.handle(wire(fr.Weights(step=0, name=name, kind="param", tensor=bomb))), ErrorCode.BAD_TENSOR)
     refused(cloud.handle(wire(fr.Weights(step=0, name="blocks.9.x", kind="param", tensor=bomb))), ErrorCode.MODEL_MISMATCH)
     tail = next(n for n, _ in spec.model.named_parameters() if n.startswith(f"blocks.{POINT}."))
@@ -284,11 +325,17 @@ def test_partial_optimizer_state_per_parameter_is_refused(spec, hello_frame, mon
     assert isinstance(s.handle(wire(hello_frame(spec, optimizer_json=adam.to_json())))[0], fr.HelloAck)
     device = zoo.build("digits_cnn", seed=0)
     pipe = EdgePipeline(EagerRuntime(device.model.head(POINT)), point=POINT, optimizer=adam, codec="int8", staleness=0)
-    (g,) = [r for r in s.handle(wire(pipe.start_step(torch.randn(BATCH, 1, 8, 8), torch.zeros(BATCH, dtype=torch.long), epoch=0)))
-            if isinstance(r, fr.Gradients)]
+    (g,) = [
+        r
+        for r in s.handle(wire(pipe.start_step(torch.randn(BATCH, 1, 8, 8), torch.zeros(BATCH, dtype=torch.long), epoch=0)))
+        if isinstance(r, fr.Gradients)
+    ]
     pipe.on_gradients(wire(g))
-    frames = [f for f in repartition.request_frames(pipe, device.model, 1, codec="int8", staleness=0)
-              if not (isinstance(f, fr.Weights) and f.name.endswith("/exp_avg_sq") and f.name.startswith("blocks.1."))]
+    frames = [
+        f
+        for f in repartition.request_frames(pipe, device.model, 1, codec="int8", staleness=0)
+        if not (isinstance(f, fr.Weights) and f.name.endswith("/exp_avg_sq") and f.name.startswith("blocks.1."))
+    ]
     replies = [r for f in frames for r in s.handle(wire(f))]
     err = refused(replies, ErrorCode.MALFORMED)
     assert "exp_avg_sq" in err.message and s.point == POINT
@@ -301,12 +348,24 @@ def test_eval_batches_are_bounded_by_the_protocol_limit(spec, hello_frame):
     with torch.no_grad():
         f = spec.model.head(POINT)(torch.zeros(n + 1, 1, 8, 8))
     tf, _ = codecs.encode_tensor(f, codecs.Codec.INT8_TENSOR)
-    too_big = fr.Features(step=0, epoch=0, point=POINT, tensor=tf, train=False,
-                          labels=codecs.tensor_frame_from_tensor(torch.zeros(n + 1, dtype=torch.long)))
+    too_big = fr.Features(
+        step=0,
+        epoch=0,
+        point=POINT,
+        tensor=tf,
+        train=False,
+        labels=codecs.tensor_frame_from_tensor(torch.zeros(n + 1, dtype=torch.long)),
+    )
     refused(s.handle(wire(too_big)), ErrorCode.LIMIT_EXCEEDED)
     tf, _ = codecs.encode_tensor(f[:n], codecs.Codec.INT8_TENSOR)
-    ok = fr.Features(step=0, epoch=0, point=POINT, tensor=tf, train=False,
-                     labels=codecs.tensor_frame_from_tensor(torch.zeros(n, dtype=torch.long)))
+    ok = fr.Features(
+        step=0,
+        epoch=0,
+        point=POINT,
+        tensor=tf,
+        train=False,
+        labels=codecs.tensor_frame_from_tensor(torch.zeros(n, dtype=torch.long)),
+    )
     assert s.handle(wire(ok)) == []
 
 

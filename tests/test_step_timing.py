@@ -20,6 +20,7 @@ def test_median_interleaved_takes_samples_round_robin():
         def t() -> float:
             calls.append(name)
             return next(it)
+
         return t
 
     out = median_interleaved({"a": timer("a", [99, 1, 2, 3]), "b": timer("b", [99, 10, 30, 20])}, repeats=3, warmup=1)

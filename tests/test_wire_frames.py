@@ -15,8 +15,20 @@ import torch
 import schemas
 from schemas.codecs import Codec, DType, TensorFrame, decode_tensor, encode_tensor, tensor_frame_from_array
 from schemas.errors import ErrorCode, WireError
-from schemas.frames import (FRAME_TYPES, PROTOCOL_VERSION, TENSOR_OVERHEAD_BYTES, Bye, Envelope,
-                            Features, Gradients, Limits, ProtocolVersion, Weights, decode, encode)
+from schemas.frames import (
+    FRAME_TYPES,
+    PROTOCOL_VERSION,
+    TENSOR_OVERHEAD_BYTES,
+    Bye,
+    Envelope,
+    Features,
+    Gradients,
+    Limits,
+    ProtocolVersion,
+    Weights,
+    decode,
+    encode,
+)
 from schemas.samples import sample_envelopes
 
 FIXTURES = Path(schemas.__file__).parent / "fixtures"
@@ -49,6 +61,7 @@ def assert_frame_equal(a, b) -> None:
 
 # ----------------------------------------------------------------------------- round trips
 
+
 def test_every_frame_type_is_covered():
     assert {type(e.frame) for e in sample_envelopes()} == set(FRAME_TYPES)
 
@@ -77,8 +90,12 @@ def test_round_trip_every_codec_through_frames(codec, shape):
 def test_decode_accepts_bytes_like(kind):
     env = sample_envelopes()[2]
     buf = encode(env)
-    src = {"bytes": buf, "bytearray": bytearray(buf), "memoryview": memoryview(buf),
-           "sliced": memoryview(b"xx" + buf + b"yy")[2:-2]}[kind]
+    src = {
+        "bytes": buf,
+        "bytearray": bytearray(buf),
+        "memoryview": memoryview(buf),
+        "sliced": memoryview(b"xx" + buf + b"yy")[2:-2],
+    }[kind]
     assert_frame_equal(env.frame, decode(src).frame)
 
 
@@ -105,6 +122,7 @@ def test_encode_rejects_bad_values():
 
 
 # ----------------------------------------------------------------------------- zero copy
+
 
 def test_decoded_payload_is_a_view_of_the_received_buffer():
     x = torch.randn(32, 64, 8, 8)
@@ -151,18 +169,24 @@ def test_payload_views_are_aligned(dtype):
 
 # ----------------------------------------------------------------------------- fixtures
 
+
 def _to_json(env: Envelope) -> dict:
     f = env.frame
     out = {"type": type(f).__name__}
     for fld in fields(f):
         v = getattr(f, fld.name)
         if isinstance(v, TensorFrame):
-            v = {"dtype": v.dtype.name, "shape": list(v.shape), "codec": v.codec.name, "axis": v.axis,
-                 "payload": v.payload.tolist(), "scales": v.scales.tolist(),
-                 "zero_points": v.zero_points.tolist()}
+            v = {
+                "dtype": v.dtype.name,
+                "shape": list(v.shape),
+                "codec": v.codec.name,
+                "axis": v.axis,
+                "payload": v.payload.tolist(),
+                "scales": v.scales.tolist(),
+                "zero_points": v.zero_points.tolist(),
+            }
         out[fld.name] = v
-    return {"session": env.session, "seq": env.seq, "sent_ns": env.sent_ns,
-            "version": list(env.version), "frame": out}
+    return {"session": env.session, "seq": env.seq, "sent_ns": env.sent_ns, "version": list(env.version), "frame": out}
 
 
 @pytest.mark.parametrize("name", ["features_v1_0", "hello_v1_0"])
@@ -186,8 +210,8 @@ def test_old_features_fixture_lacks_the_appended_fields():
 
 # ----------------------------------------------------------------------------- validation
 
-def _raw_envelope(build_frame=None, frame_type=12, major=1, minor=0, extra_slots=0,
-                  identifier=b"SRW1") -> bytes:
+
+def _raw_envelope(build_frame=None, frame_type=12, major=1, minor=0, extra_slots=0, identifier=b"SRW1") -> bytes:
     """An envelope written with the raw FlatBuffers builder, independent of `encode`."""
     b = flatbuffers.Builder(256)
     if build_frame is None:
@@ -210,7 +234,10 @@ def _raw_envelope(build_frame=None, frame_type=12, major=1, minor=0, extra_slots
     return bytes(b.Output())
 
 
-def _code(buf, limits=Limits()) -> ErrorCode:
+DEFAULT_LIMITS = Limits()
+
+
+def _code(buf, limits=DEFAULT_LIMITS) -> ErrorCode:
     with pytest.raises(WireError) as ei:
         decode(buf, limits)
     assert not ei.value.message.startswith("unexpected"), ei.value.message
@@ -237,12 +264,14 @@ def test_newer_major_version_is_rejected_clearly():
 
 def test_newer_minor_with_unknown_fields_still_decodes():
     """Forward compatibility: a 1.1 writer appended an Envelope field and a Bye field."""
+
     def bye_with_extra(b):
         s = b.CreateString("later")
         b.StartObject(3)
         b.PrependUOffsetTRelativeSlot(0, s, 0)
         b.PrependInt32Slot(2, 99, 0)
         return b.EndObject()
+
     env = decode(_raw_envelope(bye_with_extra, minor=1, extra_slots=2))
     assert env.frame == Bye("later") and env.version == (1, 1)
 
@@ -259,7 +288,7 @@ def _features(b, with_tensor=True, dtype=0, codec=0, shape=(2,), payload=b"\0" *
     if with_tensor:
         b.StartVector(1, len(payload), 16)
         b.head -= len(payload)
-        b.Bytes[b.head:b.head + len(payload)] = payload
+        b.Bytes[b.head : b.head + len(payload)] = payload
         pay = b.EndVector()
         shp = b.CreateNumpyVector(np.asarray(shape, np.int64))
         b.StartObject(10)
@@ -293,12 +322,14 @@ def test_required_fields_and_enums():
         b.PrependUOffsetTRelativeSlot(1, s, 0)
         b.PrependUint8Slot(2, 7, 0)
         return b.EndObject()
+
     assert _code(_raw_envelope(weights_bad_kind, frame_type=8)) is ErrorCode.MALFORMED
 
     def error_bad_code(b):
         b.StartObject(3)
         b.PrependUint16Slot(0, 999, 0)
         return b.EndObject()
+
     assert _code(_raw_envelope(error_bad_code, frame_type=11)) is ErrorCode.MALFORMED
 
 
@@ -322,8 +353,7 @@ def test_limits():
     assert _code(buf, Limits(max_string_bytes=10)) is ErrorCode.LIMIT_EXCEEDED
     ctx = encode(sample_envelopes()[4])
     assert _code(ctx, Limits(max_list_len=2)) is ErrorCode.LIMIT_EXCEEDED
-    big = encode(Envelope(Features(step=0, epoch=0, point=0,
-                                   tensor=tensor_frame_from_array(np.zeros(1000, np.float32)))))
+    big = encode(Envelope(Features(step=0, epoch=0, point=0, tensor=tensor_frame_from_array(np.zeros(1000, np.float32)))))
     assert _code(big, Limits(max_elements=999)) is ErrorCode.LIMIT_EXCEEDED
     assert Limits().max_frame_bytes == 64 * 2**20 and Limits().max_rank == 8
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 import time
 
-import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,14 +37,12 @@ SEEDS = _seeds()
 LIAR_SHAPE = (3, 5, 7)
 LIARS = {}
 for _codec in (Codec.NONE, Codec.INT8_CHANNEL, Codec.INT4, Codec.TOPK, Codec.FP16):
-    _buf = encode(Envelope(Features(step=1, epoch=0, point=1,
-                                    tensor=encode_tensor(torch.randn(LIAR_SHAPE), _codec)[0])))
+    _buf = encode(Envelope(Features(step=1, epoch=0, point=1, tensor=encode_tensor(torch.randn(LIAR_SHAPE), _codec)[0])))
     LIARS[_codec] = (_buf, _buf.index(struct.pack("<3q", *LIAR_SHAPE)))
 
 
 def _settings(n: int):
-    return settings(max_examples=n, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=list(HealthCheck))
+    return settings(max_examples=n, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 def check(buf) -> None:
@@ -76,7 +73,7 @@ def test_random_bytes(data, with_identifier):
 def test_truncated_frames(seed, data):
     cut = data.draw(st.integers(0, len(seed) - 1))
     check(seed[:cut])
-    check(memoryview(seed)[len(seed) - cut:])
+    check(memoryview(seed)[len(seed) - cut :])
 
 
 @_settings(3500)
@@ -120,6 +117,7 @@ def test_fuzz_budget():
     """>= 10,000 cases, inside 60 s (only meaningful after the property tests ran)."""
     if CASES["n"] == 0:
         import pytest
+
         pytest.skip("run together with the property tests")
     elapsed = time.perf_counter() - CASES["t0"]
     assert CASES["n"] >= 10_000, CASES

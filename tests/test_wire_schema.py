@@ -23,13 +23,19 @@ from schemas.errors import ErrorCode
 from schemas.frames import FRAME_TYPES, WEIGHT_KINDS, Envelope, Features, encode
 from schemas.samples import sample_envelopes
 
-
-
 # plus one frame whose payload is big enough to take the encoder's append path
-_BIG = Envelope(Features(step=9, epoch=1, point=2,
-                         tensor=encode_tensor(torch.linspace(-3, 3, 700).reshape(7, 10, 10), "fp32")[0],
-                         labels=tensor_frame_from_array(np.arange(7, dtype=np.int64)), grad_codec="int8"),
-                seq=5, sent_ns=6)
+_BIG = Envelope(
+    Features(
+        step=9,
+        epoch=1,
+        point=2,
+        tensor=encode_tensor(torch.linspace(-3, 3, 700).reshape(7, 10, 10), "fp32")[0],
+        labels=tensor_frame_from_array(np.arange(7, dtype=np.int64)),
+        grad_codec="int8",
+    ),
+    seq=5,
+    sent_ns=6,
+)
 SAMPLES = sample_envelopes() + [_BIG]
 
 
@@ -68,7 +74,7 @@ def test_committed_generated_code_is_fresh(tmp_path, flatc):
 
 def test_schema_states_evolution_rules_and_identifier():
     text = regen.SCHEMA.read_text()
-    head = text[:text.index("namespace")]
+    head = text[: text.index("namespace")]
     assert "SCHEMA EVOLUTION RULES" in head and "deprecated" in head and "Append" in head
     assert 'file_identifier "SRW1";' in text
 
@@ -140,9 +146,22 @@ def test_generated_reader_agrees_with_encoder(gen, env):
 
 def _flatc_json(flatc: Path, buf: bytes, tmp_path: Path) -> dict:
     (tmp_path / "frame.srw").write_bytes(buf)
-    subprocess.run([str(flatc), "--json", "--strict-json", "--defaults-json", "--raw-binary",
-                    "-o", str(tmp_path), str(regen.SCHEMA), "--", str(tmp_path / "frame.srw")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(flatc),
+            "--json",
+            "--strict-json",
+            "--defaults-json",
+            "--raw-binary",
+            "-o",
+            str(tmp_path),
+            str(regen.SCHEMA),
+            "--",
+            str(tmp_path / "frame.srw"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return json.loads((tmp_path / "frame.json").read_text())
 
 

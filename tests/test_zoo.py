@@ -24,7 +24,7 @@ def n_params(m: nn.Module) -> int:
 # CIFAR ResNet-50 = 23,520,842)
 PARAMS = {
     "resnet50": 23_520_842,
-    "resnet50_imagenet": 23_917_832,   # 200 Tiny ImageNet classes
+    "resnet50_imagenet": 23_917_832,  # 200 Tiny ImageNet classes
     "vgg19": 20_040_522,
     "mobilenetv3_large": 4_214_842,
     "bilstm": 3_236_034,
@@ -34,8 +34,15 @@ PARAMS = {
     "mnist1d_cnn": 106_666,
 }
 OUT = {
-    "resnet50": (10,), "resnet50_imagenet": (200,), "vgg19": (10,), "mobilenetv3_large": (10,),
-    "bilstm": (2,), "chair_generator": (4, 128, 128), "din": (1,), "digits_cnn": (10,), "mnist1d_cnn": (10,),
+    "resnet50": (10,),
+    "resnet50_imagenet": (200,),
+    "vgg19": (10,),
+    "mobilenetv3_large": (10,),
+    "bilstm": (2,),
+    "chair_generator": (4, 128, 128),
+    "din": (1,),
+    "digits_cnn": (10,),
+    "mnist1d_cnn": (10,),
 }
 
 

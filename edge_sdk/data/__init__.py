@@ -13,15 +13,19 @@ from typing import Any
 
 from edge_sdk.data.base import DatasetError, DatasetSplits, cache_dir, default_data_dir
 
-__all__ = ["DatasetError", "DatasetSplits", "load", "names", "cache_dir"]
+__all__ = ["DatasetError", "DatasetSplits", "cache_dir", "load", "names"]
 
 _BUILTIN = ("digits", "mnist1d")
 _FILES = ("cifar10", "tinyimagenet", "imdb", "movielens")
 
 #: which zoo model each dataset is meant for
 DEFAULT_MODEL = {
-    "digits": "digits_cnn", "mnist1d": "mnist1d_cnn", "cifar10": "resnet50",
-    "tinyimagenet": "resnet50_imagenet", "imdb": "bilstm", "movielens": "din",
+    "digits": "digits_cnn",
+    "mnist1d": "mnist1d_cnn",
+    "cifar10": "resnet50",
+    "tinyimagenet": "resnet50_imagenet",
+    "imdb": "bilstm",
+    "movielens": "din",
 }
 
 

@@ -77,9 +77,7 @@ def load_mnist1d(seed: int = 0, num_samples: int = MNIST1D_NUM_SAMPLES, gen_seed
         Path(tmp.name).replace(path)
 
     def to_ds(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return TensorDataset(
-            torch.from_numpy(x.astype(np.float32)).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
-        )
+        return TensorDataset(torch.from_numpy(x.astype(np.float32)).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
 
     return DatasetSplits(
         name="mnist1d",

@@ -50,7 +50,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise UnsafePickleError(f"refusing to unpickle global {module}.{name}: only plain containers, bytes and numpy arrays are allowed")
+        raise UnsafePickleError(
+            f"refusing to unpickle global {module}.{name}: only plain containers, bytes and numpy arrays are allowed"
+        )
 
 
 def restricted_loads(data: bytes) -> Any:

@@ -25,8 +25,24 @@ LAYOUT = (
 )
 
 GENRES = [
-    "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 GENRE_ID = {g: i + 1 for i, g in enumerate(GENRES)}  # 0 = padding / unknown
 
@@ -97,6 +113,11 @@ def load_movielens(data_dir: Path, history: int = 20, test_fraction: float = 0.1
         num_classes=1,
         input_shape=(width,),
         input_dtype=torch.int64,
-        meta={"root": str(root), "history": history, "num_users": int(ratings[:, 0].max()) + 1,
-              "num_items": int(max(genre)) + 1, "num_genres": len(GENRES) + 1},
+        meta={
+            "root": str(root),
+            "history": history,
+            "num_users": int(ratings[:, 0].max()) + 1,
+            "num_items": int(max(genre)) + 1,
+            "num_genres": len(GENRES) + 1,
+        },
     )

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 #: Codec labels the project uses (``schemas.codecs.Codec.parse`` accepts them).
 CODEC_LABELS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int8c", "int4", "topk")
@@ -191,7 +192,7 @@ class BlockCost:
     out_bytes: Mapping[str, int] = field(default_factory=dict)
     out_shape: tuple[int, ...] | None = None
 
-    _ALIASES = {
+    _ALIASES: ClassVar[dict[str, str]] = {
         "forward_ms": "edge_forward_ms",
         "backward_ms": "edge_backward_ms",
         "cloud_fwd_bwd_ms": "cloud_ms",
@@ -259,7 +260,7 @@ class Choice:
     staleness: int
 
     @property
-    def K(self) -> int:  # noqa: N802 - the paper's name
+    def K(self) -> int:
         return self.staleness
 
     def __str__(self) -> str:
@@ -367,8 +368,9 @@ class DecisionInputs:
         """Every device compute term times ``f`` (a device faster or slower than profiled)."""
         return replace(
             self,
-            blocks=tuple(replace(b, edge_forward_ms=b.edge_forward_ms * f, edge_backward_ms=b.edge_backward_ms * f)
-                         for b in self.blocks),
+            blocks=tuple(
+                replace(b, edge_forward_ms=b.edge_forward_ms * f, edge_backward_ms=b.edge_backward_ms * f) for b in self.blocks
+            ),
             head_step_s={p: v * f for p, v in self.head_step_s.items()},
             edge_step_fixed_s=self.edge_step_fixed_s * f,
             codec_step_s={k: v * f for k, v in self.codec_step_s.items()},
@@ -427,7 +429,7 @@ class Prediction:
         return self.choice.codec
 
     @property
-    def K(self) -> int:  # noqa: N802
+    def K(self) -> int:
         return self.choice.staleness
 
     def to_dict(self) -> dict[str, Any]:
@@ -491,10 +493,15 @@ def memory_use(config: Choice, inputs: DecisionInputs) -> dict[str, int]:
     optim = sum(b.optim_bytes for b in head)
     acts = sum(b.activation_bytes for b in head)
     if p == L:
-        return {"stored_batches": inputs.input_bytes + inputs.label_bytes, "error_feedback": 0,
-                "activations": acts, "params": params, "optim": optim}
+        return {
+            "stored_batches": inputs.input_bytes + inputs.label_bytes,
+            "error_feedback": 0,
+            "activations": acts,
+            "params": params,
+            "optim": optim,
+        }
     per_step_e = 0
-    if 0 < p and config.codec != "fp32":
+    if p > 0 and config.codec != "fp32":
         per_step_e = inputs.blocks[p - 1].nbytes("fp32", inputs.topk_ratio) or 0
     window = config.staleness + 1
     return {
@@ -588,8 +595,10 @@ def apply_context(inputs: DecisionInputs, snapshot: Any, current: Choice | None 
     if isinstance(cloud_block_ms, Sequence):
         cloud_block_ms = dict(enumerate(cloud_block_ms))
     if cloud_block_ms:
-        blocks = [replace(b, cloud_ms=float(cloud_block_ms[i])) if cloud_block_ms.get(i) is not None else b
-                  for i, b in enumerate(blocks)]
+        blocks = [
+            replace(b, cloud_ms=float(cloud_block_ms[i])) if cloud_block_ms.get(i) is not None else b
+            for i, b in enumerate(blocks)
+        ]
     out = replace(out, blocks=tuple(blocks))
     if current is None or not 0 <= current.point <= out.num_blocks:
         return out
@@ -640,6 +649,7 @@ def inputs_from_profile(
     pass ``label_bytes`` (e.g. ``batch_size * 8`` for int64 class ids). Extra
     keywords go to :class:`DecisionInputs`.
     """
+
     def get(obj: Any, *names: str, default: Any = None) -> Any:
         for name in names:
             v = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
@@ -651,16 +661,18 @@ def inputs_from_profile(
     for pb in get(profile, "blocks"):
         fwd, bwd = float(get(pb, "forward_ms")), float(get(pb, "backward_ms"))
         shape = get(pb, "output_shape", "cut_shape", "out_shape")
-        blocks.append(BlockCost(
-            edge_forward_ms=fwd * device_slowdown,
-            edge_backward_ms=bwd * device_slowdown,
-            cloud_ms=(fwd + bwd) / cloud_speedup,
-            param_bytes=int(get(pb, "param_bytes", default=0)) + int(get(pb, "buffer_bytes", default=0)),
-            optim_bytes=int(get(pb, "optimizer_state_bytes", "optim_bytes", default=0)),
-            activation_bytes=int(get(pb, "activation_bytes", default=0)),
-            out_bytes=dict(get(pb, "output_bytes", "cut_bytes", "out_bytes", default={})),
-            out_shape=tuple(int(s) for s in shape) if shape is not None else None,
-        ))
+        blocks.append(
+            BlockCost(
+                edge_forward_ms=fwd * device_slowdown,
+                edge_backward_ms=bwd * device_slowdown,
+                cloud_ms=(fwd + bwd) / cloud_speedup,
+                param_bytes=int(get(pb, "param_bytes", default=0)) + int(get(pb, "buffer_bytes", default=0)),
+                optim_bytes=int(get(pb, "optimizer_state_bytes", "optim_bytes", default=0)),
+                activation_bytes=int(get(pb, "activation_bytes", default=0)),
+                out_bytes=dict(get(pb, "output_bytes", "cut_bytes", "out_bytes", default={})),
+                out_shape=tuple(int(s) for s in shape) if shape is not None else None,
+            )
+        )
     if input_bytes is None:
         ib = get(profile, "input_bytes")
         if ib is None:

@@ -14,8 +14,9 @@ switch) the saving it weighed against the switch cost.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .cost_model import (
     _CODEC_RANK,
@@ -241,9 +242,14 @@ class CostModelPolicy(Policy):
             cur_pred = None
         if cur_pred is None or not self.allows(current, inputs) or not self.fits(cur_pred):
             cost = self.switch_cost(inputs, cur_pred, best.choice) if cur_pred is not None else 0.0
-            return Decision(best.choice, best, True,
-                            f"current {current} no longer allowed or over the memory budget; switching to {why_best}",
-                            switch_cost_s=cost, best=best)
+            return Decision(
+                best.choice,
+                best,
+                True,
+                f"current {current} no longer allowed or over the memory budget; switching to {why_best}",
+                switch_cost_s=cost,
+                best=best,
+            )
         if best.choice == current:
             return Decision(current, cur_pred, False, f"current choice is the best: {why_best}", best=best)
 
@@ -252,13 +258,25 @@ class CostModelPolicy(Policy):
         threshold = self.margin * cost + self.min_saving_frac * cur_pred.total_time_s
         r = inputs.remaining_steps
         if saving > threshold:
-            return Decision(best.choice, best, True,
-                            f"switching {current} -> {why_best}; saves {saving:.2f} s over {r} steps "
-                            f"> {self.margin:g} x {cost:.2f} s switch cost + {self.min_saving_frac:.0%} of "
-                            f"{cur_pred.total_time_s:.2f} s",
-                            saving_s=saving, switch_cost_s=cost, best=best)
-        return Decision(current, cur_pred, False,
-                        f"keeping {cur_pred.explain()}; best alternative {best.choice} saves only {saving:.2f} s "
-                        f"over {r} steps <= {self.margin:g} x {cost:.2f} s switch cost + "
-                        f"{self.min_saving_frac:.0%} of {cur_pred.total_time_s:.2f} s",
-                        saving_s=saving, switch_cost_s=cost, best=best)
+            return Decision(
+                best.choice,
+                best,
+                True,
+                f"switching {current} -> {why_best}; saves {saving:.2f} s over {r} steps "
+                f"> {self.margin:g} x {cost:.2f} s switch cost + {self.min_saving_frac:.0%} of "
+                f"{cur_pred.total_time_s:.2f} s",
+                saving_s=saving,
+                switch_cost_s=cost,
+                best=best,
+            )
+        return Decision(
+            current,
+            cur_pred,
+            False,
+            f"keeping {cur_pred.explain()}; best alternative {best.choice} saves only {saving:.2f} s "
+            f"over {r} steps <= {self.margin:g} x {cost:.2f} s switch cost + "
+            f"{self.min_saving_frac:.0%} of {cur_pred.total_time_s:.2f} s",
+            saving_s=saving,
+            switch_cost_s=cost,
+            best=best,
+        )

@@ -59,8 +59,15 @@ def scale_to_runtime(inputs, cfg: TrainConfig, setup: LocalSetup):
 HEAD_STEP_BUDGET_S = 3.0
 
 
-def with_measured_head_steps(inputs, cfg: TrainConfig, setup: LocalSetup, points: list[int],
-                             codecs: tuple[str, ...] = (), budget_s: float = HEAD_STEP_BUDGET_S, repeats: int = 15):
+def with_measured_head_steps(
+    inputs,
+    cfg: TrainConfig,
+    setup: LocalSetup,
+    points: list[int],
+    codecs: tuple[str, ...] = (),
+    budget_s: float = HEAD_STEP_BUDGET_S,
+    repeats: int = 15,
+):
     """Time the device's whole split step at ``points`` on the runtime that will
     run the head (``inputs.head_step_s``) and its codec work for each of
     ``codecs`` (``inputs.codec_step_s``); the fixed per-step part the block sums
@@ -91,8 +98,11 @@ def with_measured_head_steps(inputs, cfg: TrainConfig, setup: LocalSetup, points
     for p in sorted(points):
         if timers and time.perf_counter() - start > budget_s / 2:
             break  # the shallowest point is always timed
-        runtime = (EagerRuntime(model.head(p), name_map=model.head_name_map(p)) if cfg.runtime == "eager"
-                   else load_runtime(cfg.runtime, cfg.programs, p, model.state_dict()))
+        runtime = (
+            EagerRuntime(model.head(p), name_map=model.head_name_map(p))
+            if cfg.runtime == "eager"
+            else load_runtime(cfg.runtime, cfg.programs, p, model.state_dict())
+        )
         timers[p] = SplitStepTimer(runtime, x, y, point=p, optimizer=cfg.optimizer_config())
         timers[p]()  # warm-up, and tells how long a step at this point takes
         shape = inputs.blocks[p - 1].out_shape
@@ -147,5 +157,11 @@ def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> De
         fixed_staleness=cfg.staleness,
         memory_budget_bytes=cfg.memory_budget_bytes,
     )
-    return DecisionController(base_inputs=inputs, policy=policy, current=current, total_steps=setup.total_steps(cfg),
-                              first_after=cfg.decide_after, every=cfg.decide_every)
+    return DecisionController(
+        base_inputs=inputs,
+        policy=policy,
+        current=current,
+        total_steps=setup.total_steps(cfg),
+        first_after=cfg.decide_after,
+        every=cfg.decide_every,
+    )

@@ -28,10 +28,19 @@ class EmulationError(RuntimeError):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("emulation")
-    g.add_argument("--network", default="wifi", help="link profile: wifi, 5g, 4g, iot, none, or trace:FILE (CSV of time_s,up_mbps,down_mbps,rtt_ms) (default: %(default)s)")
+    g.add_argument(
+        "--network",
+        default="wifi",
+        help="link profile: wifi, 5g, 4g, iot, none, or trace:FILE (CSV of time_s,up_mbps,down_mbps,rtt_ms) (default: %(default)s)",
+    )
     g.add_argument("--device", help="named device profile (pi4, tx2, phone) instead of --device-slowdown")
     g.add_argument("--report", help="folder for the JSON report and PNG plots")
-    g.add_argument("--threads", type=int, default=1, help="torch threads for each of edge and cloud; they share this machine (default: %(default)s)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for each of edge and cloud; they share this machine (default: %(default)s)",
+    )
     add_training_arguments(p)
     # The demo's defaults: a device 4x slower than this machine (a phone-class CPU,
     # see edge_sdk.devices), and the digits recipe's 20 epochs.
@@ -126,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
     extra = ["--threads", str(max(1, args.threads))] + (["--token", cfg.token] if cfg.token else [])
     try:
         with cloud_process(extra) as (_proc, port):
-            print(f"cloud backend on 127.0.0.1:{port}; network {args.network}; device slowdown {cfg.device_slowdown:g}x", file=sys.stderr)
+            print(
+                f"cloud backend on 127.0.0.1:{port}; network {args.network}; device slowdown {cfg.device_slowdown:g}x",
+                file=sys.stderr,
+            )
             setup = build_local(cfg)
             with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
                 result = asyncio.run(run_through_proxy(cfg, args.network, port, bar.update, setup))

@@ -20,19 +20,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 MBIT = 1_000_000
 
 __all__ = [
-    "LinkProfile",
-    "NetworkTrace",
-    "TraceFormatError",
-    "Network",
     "PROFILES",
     "TRACES_DIR",
-    "parse_network",
+    "LinkProfile",
+    "Network",
+    "NetworkTrace",
+    "TraceFormatError",
     "network_choices",
+    "parse_network",
 ]
 
 
@@ -66,7 +66,7 @@ class LinkProfile:
         """Round-trip propagation delay (no serialization)."""
         return self.one_way_latency_up_s + self.one_way_latency_down_s
 
-    def at(self, t: float) -> "LinkProfile":
+    def at(self, t: float) -> LinkProfile:
         """A fixed profile looks the same at every time (same interface as a trace)."""
         return self
 
@@ -97,7 +97,10 @@ PROFILES: dict[str, LinkProfile] = {
     # fixed broadband, global medians in 2024: roughly 90 Mbit/s down, 40 Mbit/s up,
     # ~10 ms idle latency to a nearby test server; +10 ms to reach a cloud region.
     "wifi": _profile(
-        "wifi", up_mbps=40, down_mbps=90, rtt_ms=20,
+        "wifi",
+        up_mbps=40,
+        down_mbps=90,
+        rtt_ms=20,
         source="Ookla Speedtest Global Index 2024, fixed broadband global medians (~90/40 Mbit/s, ~10 ms "
         "to nearby server); RTT raised to 20 ms for a cloud region. Representative, rounded.",
     ),
@@ -106,14 +109,20 @@ PROFILES: dict[str, LinkProfile] = {
     # Mbit/s; measured 5G latency ~25-40 ms RTT. 3GPP TR 38.913 targets 4 ms
     # user-plane latency for eMBB, which is the radio leg only.
     "5g": _profile(
-        "5g", up_mbps=20, down_mbps=150, rtt_ms=30,
+        "5g",
+        up_mbps=20,
+        down_mbps=150,
+        rtt_ms=30,
         source="Opensignal 5G experience reports 2023-24 (5G down ~100-300, up ~15-40 Mbit/s, "
         "RTT ~25-40 ms); 3GPP TR 38.913 eMBB 4 ms user-plane target is the radio leg only. Representative.",
     ),
     # 4G LTE. Opensignal / Ookla mobile reports: LTE download ~20-40 Mbit/s,
     # upload ~5-10 Mbit/s, latency ~40-60 ms RTT in most markets.
     "4g": _profile(
-        "4g", up_mbps=8, down_mbps=30, rtt_ms=50,
+        "4g",
+        up_mbps=8,
+        down_mbps=30,
+        rtt_ms=50,
         source="Opensignal and Ookla mobile network reports (LTE down ~20-40, up ~5-10 Mbit/s, "
         "RTT ~40-60 ms). Representative, rounded.",
     ),
@@ -123,7 +132,10 @@ PROFILES: dict[str, LinkProfile] = {
     # congested 2.4 GHz WiFi link can drop to the same order. We take 250 kbit/s
     # each way and 100 ms RTT (radio hop + gateway + broadband to the cloud).
     "iot": _profile(
-        "iot", up_mbps=0.25, down_mbps=0.25, rtt_ms=100,
+        "iot",
+        up_mbps=0.25,
+        down_mbps=0.25,
+        rtt_ms=100,
         source="IEEE 802.15.4-2006 2.4 GHz PHY rate 250 kbit/s; BLE 4.x/5 application throughput "
         "~0.1-0.8 Mbit/s (Bluetooth SIG); RTT 100 ms via gateway to cloud. Representative upper bound "
         "for 802.15.4, typical for BLE.",
@@ -162,7 +174,7 @@ class NetworkTrace:
         self.name = name
         self.source = source
         self._rows: list[_TraceRow] = []
-        for i, (time_s, up, down, rtt) in enumerate(rows):
+        for time_s, up, down, rtt in rows:
             profile = _profile(f"{name}@{time_s:g}s", up_mbps=up, down_mbps=down, rtt_ms=rtt, source=source)
             self._rows.append(_TraceRow(float(time_s), profile))
         self._times = [r.time_s for r in self._rows]
@@ -172,7 +184,7 @@ class NetworkTrace:
             raise ValueError(f"trace {name!r}: times must strictly increase")
 
     @classmethod
-    def from_csv(cls, path: str | os.PathLike[str]) -> "NetworkTrace":
+    def from_csv(cls, path: str | os.PathLike[str]) -> NetworkTrace:
         """Read a trace file; every problem is reported as ``file:line: what``."""
         path = Path(path)
         try:
@@ -184,7 +196,7 @@ class NetworkTrace:
         return cls.from_text(text, name=path.stem, origin=str(path))
 
     @classmethod
-    def from_text(cls, text: str, name: str = "trace", origin: str = "<trace>") -> "NetworkTrace":
+    def from_text(cls, text: str, name: str = "trace", origin: str = "<trace>") -> NetworkTrace:
         rows: list[tuple[float, float, float, float]] = []
         header_seen = False
         last_time: float | None = None
@@ -196,13 +208,13 @@ class NetworkTrace:
             where = f"{origin}:{lineno}"
             if not header_seen:
                 if tuple(f.lower() for f in fields) != cls.HEADER:
-                    raise TraceFormatError(
-                        f"{where}: expected header line {','.join(cls.HEADER)!r}, got {line!r}"
-                    )
+                    raise TraceFormatError(f"{where}: expected header line {','.join(cls.HEADER)!r}, got {line!r}")
                 header_seen = True
                 continue
             if len(fields) != 4:
-                raise TraceFormatError(f"{where}: expected 4 comma-separated values (time_s,up_mbps,down_mbps,rtt_ms), got {len(fields)}: {line!r}")
+                raise TraceFormatError(
+                    f"{where}: expected 4 comma-separated values (time_s,up_mbps,down_mbps,rtt_ms), got {len(fields)}: {line!r}"
+                )
             values: list[float] = []
             for col, field in zip(cls.HEADER, fields):
                 try:
@@ -220,7 +232,9 @@ class NetworkTrace:
             if last_time is not None and time_s <= last_time:
                 raise TraceFormatError(f"{where}: time_s must strictly increase ({time_s:g} after {last_time:g})")
             if up <= 0 or down <= 0:
-                raise TraceFormatError(f"{where}: up_mbps and down_mbps must be > 0 (an outage is not modelled), got {up:g}, {down:g}")
+                raise TraceFormatError(
+                    f"{where}: up_mbps and down_mbps must be > 0 (an outage is not modelled), got {up:g}, {down:g}"
+                )
             if rtt < 0:
                 raise TraceFormatError(f"{where}: rtt_ms must be >= 0, got {rtt:g}")
             last_time = time_s
@@ -259,7 +273,7 @@ class Network(Protocol):
     def at(self, t: float) -> LinkProfile: ...
 
 
-NetworkSpec = Union[LinkProfile, NetworkTrace, None]
+NetworkSpec = LinkProfile | NetworkTrace | None
 
 
 def network_choices() -> str:
@@ -279,7 +293,7 @@ def parse_network(spec: str) -> NetworkSpec:
     if key == "none":
         return None
     if key.startswith("trace:"):
-        path_text = text[len("trace:"):].strip()
+        path_text = text[len("trace:") :].strip()
         if not path_text:
             raise ValueError("--network trace: needs a file, e.g. trace:wifi_to_iot.csv")
         path = Path(path_text).expanduser()

@@ -44,7 +44,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
 
 from edge_sdk.emulation.network import LinkProfile, Network, network_choices, parse_network
 
@@ -142,14 +141,14 @@ class _Pipe:
     """One direction of one connection: chunks scheduled on the link awaiting delivery."""
 
     def __init__(self) -> None:
-        self.queue: collections.deque[tuple[float, Optional[bytes]]] = collections.deque()
+        self.queue: collections.deque[tuple[float, bytes | None]] = collections.deque()
         self.queued_bytes = 0
         self.last_deliver_at = 0.0
         self.has_data = asyncio.Event()
         self.has_space = asyncio.Event()
         self.has_space.set()
 
-    def put(self, deliver_at: float, data: Optional[bytes]) -> None:
+    def put(self, deliver_at: float, data: bytes | None) -> None:
         # TCP is in order: a latency drop in a trace must not overtake earlier data.
         deliver_at = max(deliver_at, self.last_deliver_at)
         self.last_deliver_at = deliver_at
@@ -177,7 +176,7 @@ class ShapingProxy:
     def __init__(
         self,
         target: tuple[str, int],
-        network: Optional[Network] = None,
+        network: Network | None = None,
         *,
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
@@ -186,8 +185,8 @@ class ShapingProxy:
         self.network = network
         self.listen_host = listen_host
         self._listen_port = listen_port
-        self._server: Optional[asyncio.base_events.Server] = None
-        self._timer: Optional[_PreciseTimer] = None
+        self._server: asyncio.base_events.Server | None = None
+        self._timer: _PreciseTimer | None = None
         self._t0 = 0.0
         self._up = _LinkDirection()
         self._down = _LinkDirection()
@@ -200,7 +199,7 @@ class ShapingProxy:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def start(self) -> "ShapingProxy":
+    async def start(self) -> ShapingProxy:
         loop = asyncio.get_running_loop()
         self._timer = _PreciseTimer(loop)
         try:
@@ -231,7 +230,7 @@ class ShapingProxy:
             self._timer.close()
             self._timer = None
 
-    async def __aenter__(self) -> "ShapingProxy":
+    async def __aenter__(self) -> ShapingProxy:
         return await self.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -262,7 +261,7 @@ class ShapingProxy:
         self._handlers.add(task)
         self._writers.add(client_writer)
         self._connections += 1
-        server_writer: Optional[asyncio.StreamWriter] = None
+        server_writer: asyncio.StreamWriter | None = None
         try:
             try:
                 server_reader, server_writer = await asyncio.open_connection(*self.target)
@@ -378,7 +377,7 @@ class ShapingProxy:
             start = max(now, link.free_at)
             bps, latency = self._settings(start, upstream)
             quantum = min(MAX_QUANTUM, max(MIN_QUANTUM, int(bps * QUANTUM_S / 8))) if bps != float("inf") else len(data)
-            piece = bytes(view[offset:offset + quantum])
+            piece = bytes(view[offset : offset + quantum])
             offset += len(piece)
             end = start + len(piece) * 8 / bps
             link.free_at = end
@@ -441,12 +440,12 @@ class ProxyThread:
     kernels. Use ``with ProxyThread(target, network) as p: connect to p.port``.
     """
 
-    def __init__(self, target: tuple[str, int], network: Optional[Network] = None, **kwargs: object) -> None:
+    def __init__(self, target: tuple[str, int], network: Network | None = None, **kwargs: object) -> None:
         self.proxy = ShapingProxy(target, network, **kwargs)  # type: ignore[arg-type]
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
-    def start(self, timeout: float = 10.0) -> "ProxyThread":
+    def start(self, timeout: float = 10.0) -> ProxyThread:
         loop = asyncio.new_event_loop()
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -455,7 +454,7 @@ class ProxyThread:
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(self.proxy.start())
-            except BaseException as exc:  # reported to start()'s caller
+            except BaseException as exc:  # noqa: BLE001 - reported to start()'s caller
                 failure.append(exc)
                 ready.set()
                 loop.close()
@@ -491,7 +490,7 @@ class ProxyThread:
     def stats(self) -> ProxyStats:
         return self.proxy.stats()
 
-    def __enter__(self) -> "ProxyThread":
+    def __enter__(self) -> ProxyThread:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -508,7 +507,7 @@ def _parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _parse_network_arg(text: str) -> Optional[Network]:
+def _parse_network_arg(text: str) -> Network | None:
     try:
         return parse_network(text)
     except ValueError as exc:
@@ -525,14 +524,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen-host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--target", type=_parse_hostport, required=True, metavar="HOST:PORT", help="server to forward to")
     parser.add_argument(
-        "--network", type=_parse_network_arg, default="wifi", metavar="SPEC",
+        "--network",
+        type=_parse_network_arg,
+        default="wifi",
+        metavar="SPEC",
         help=f"link to emulate: {network_choices()} (default wifi)",
     )
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    async with ShapingProxy(target=args.target, network=args.network, listen_host=args.listen_host, listen_port=args.listen) as proxy:
+    async with ShapingProxy(
+        target=args.target, network=args.network, listen_host=args.listen_host, listen_port=args.listen
+    ) as proxy:
         desc = args.network.describe() if args.network is not None else "unshaped"
         print(f"shaping proxy on {proxy.listen_host}:{proxy.port} -> {args.target[0]}:{args.target[1]} ({desc})", flush=True)
         stop = asyncio.Event()
@@ -544,7 +548,7 @@ async def _serve(args: argparse.Namespace) -> None:
         print(f"stats: {proxy.stats().as_dict()}", flush=True)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     asyncio.run(_serve(args))

@@ -15,11 +15,11 @@ from edge_sdk.runtime.timing import profile_runtime
 RUNTIMES = ("eager", *PROGRAM_RUNTIMES)
 
 __all__ = [
-    "HeadRuntime",
-    "EagerRuntime",
-    "ManifestError",
     "PROGRAM_RUNTIMES",
     "RUNTIMES",
+    "EagerRuntime",
+    "HeadRuntime",
+    "ManifestError",
     "ShortBatchError",
     "load_manifest",
     "load_runtime",

@@ -11,8 +11,8 @@ there is one copy of the weights. Short batches: see :mod:`edge_sdk.runtime.prog
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -43,7 +43,9 @@ class ExecuTorchRuntime(ProgramRuntime):
         buffers = init_buffers(entry, weights)
         # The joint method's weights only become visible after one call.
         self.state = ProgramState(entry, self.batch_size, {}, buffers)
-        self._run_joint(torch.zeros(entry["input"]["shape"]), torch.zeros(entry["features"]["shape"]), self.state.draw_masks(self.batch_size))
+        self._run_joint(
+            torch.zeros(entry["input"]["shape"]), torch.zeros(entry["features"]["shape"]), self.state.draw_masks(self.batch_size)
+        )
         program_params = self._module.named_parameters()
         params = {}
         with torch.no_grad():

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -150,7 +151,9 @@ class ProgramRuntime(HeadRuntime):
 
     format: str = ""
 
-    def _open(self, programs_dir: str | Path, point: int, weights: Mapping[str, torch.Tensor], verify: bool) -> tuple[dict[str, Any], Path]:
+    def _open(
+        self, programs_dir: str | Path, point: int, weights: Mapping[str, torch.Tensor], verify: bool
+    ) -> tuple[dict[str, Any], Path]:
         self.programs_dir = Path(programs_dir)
         self.manifest = load_manifest(programs_dir)
         if self.manifest.get("format") != self.format:

@@ -30,8 +30,9 @@ def profile_runtime(runtime: HeadRuntime, x: torch.Tensor, grad: torch.Tensor, r
     return profile_runtimes({"runtime": runtime}, x, grad, repeats)["runtime"]
 
 
-def profile_runtimes(runtimes: dict[str, HeadRuntime], x: torch.Tensor, grad: torch.Tensor,
-                     repeats: int = 5) -> dict[str, dict[str, float]]:
+def profile_runtimes(
+    runtimes: dict[str, HeadRuntime], x: torch.Tensor, grad: torch.Tensor, repeats: int = 5
+) -> dict[str, dict[str, float]]:
     """:func:`profile_runtime` for several runtimes, their steps taken round-robin.
 
     Why: a ratio between two runtimes timed one after the other takes in whatever
@@ -61,6 +62,7 @@ def profile_runtimes(runtimes: dict[str, HeadRuntime], x: torch.Tensor, grad: to
                 v.copy_(saved[k][n])
     return {k: {**{m: statistics.median(v) for m, v in ms.items()}, "repeats": repeats} for k, ms in samples.items()}
 
+
 def compute_clock():
     """The clock that measures one compute call: this thread's CPU time when torch
     computes on this thread alone, wall time when intra-op threads share the work
@@ -86,8 +88,9 @@ class SplitStepTimer:
     def __init__(self, runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer) -> None:
         from edge_sdk.pipeline import EdgePipeline
 
-        self.pipe = EdgePipeline(runtime, point=point, optimizer=optimizer, codec="fp32", grad_codec="fp32",
-                                 staleness=0, staleness_guard=False)
+        self.pipe = EdgePipeline(
+            runtime, point=point, optimizer=optimizer, codec="fp32", grad_codec="fp32", staleness=0, staleness_guard=False
+        )
         self.x, self.y = x, y
         self._grad_frame = None
 
@@ -153,7 +156,7 @@ def median_interleaved(timers: dict, repeats: int, warmup: int = 1, budget_s: fl
             t()
     samples: dict = {k: [] for k in timers}
     start = time.perf_counter()
-    for r in range(repeats):
+    for _ in range(repeats):
         for k, t in timers.items():
             samples[k].append(t())
         if budget_s is not None and time.perf_counter() - start > budget_s:
@@ -161,8 +164,9 @@ def median_interleaved(timers: dict, repeats: int, warmup: int = 1, budget_s: fl
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def pipeline_step_ms(runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer,
-                     repeats: int = 10, warmup: int = 2) -> float:
+def pipeline_step_ms(
+    runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer, repeats: int = 10, warmup: int = 2
+) -> float:
     """Median CPU milliseconds of one whole split step (see :class:`SplitStepTimer`)."""
     timer = SplitStepTimer(runtime, x, y, point=point, optimizer=optimizer)
     return median_interleaved({point: timer}, repeats, warmup)[point]

@@ -8,8 +8,8 @@ ordinary leaf tensors (``requires_grad=True``) and back-propagates the traced
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

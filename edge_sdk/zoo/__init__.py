@@ -22,7 +22,7 @@ from edge_sdk.blocks import BlockModel
 from edge_sdk.zoo import generator, recsys, resnet, small, text, vision
 from edge_sdk.zoo.targets import TargetSpec
 
-__all__ = ["ModelSpec", "TargetSpec", "WeightsError", "build", "names", "load_weights", "save_weights", "classification_loss"]
+__all__ = ["ModelSpec", "TargetSpec", "WeightsError", "build", "classification_loss", "load_weights", "names", "save_weights"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
 
@@ -40,15 +40,15 @@ class ModelSpec:
 
     name: str
     model: BlockModel
-    input_shape: tuple[int, ...]     # per sample, no batch dimension
-    input_dtype: torch.dtype         # float32, or int64 for token / id inputs
-    num_classes: int                 # classes, or the output dimension (din: 1, chair_generator: 4 channels)
-    output_shape: tuple[int, ...]    # per sample
+    input_shape: tuple[int, ...]  # per sample, no batch dimension
+    input_dtype: torch.dtype  # float32, or int64 for token / id inputs
+    num_classes: int  # classes, or the output dimension (din: 1, chair_generator: 4 channels)
+    output_shape: tuple[int, ...]  # per sample
     loss: LossFn
     config_hash: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    target: TargetSpec = TargetSpec("class")  # what a valid training target of ``loss`` looks like
+    target: TargetSpec = field(default_factory=lambda: TargetSpec("class"))  # what a valid training target of ``loss`` looks like
 
     def example_input(self, batch_size: int = 2) -> torch.Tensor:
         """A valid input batch (ids in range for int64 inputs), for tracing and tests."""
@@ -64,14 +64,26 @@ _Built = tuple[BlockModel, tuple[int, ...], torch.dtype, int, tuple[int, ...], L
 
 def _resnet50(num_classes: int = 10, image_size: int = 32) -> _Built:
     x = torch.zeros(1, 3, image_size, image_size)
-    return (BlockModel.from_module(resnet.resnet50(num_classes, "cifar"), x), (3, image_size, image_size),
-            torch.float32, num_classes, (num_classes,), classification_loss)
+    return (
+        BlockModel.from_module(resnet.resnet50(num_classes, "cifar"), x),
+        (3, image_size, image_size),
+        torch.float32,
+        num_classes,
+        (num_classes,),
+        classification_loss,
+    )
 
 
 def _resnet50_imagenet(num_classes: int = 200, image_size: int = 64) -> _Built:
     x = torch.zeros(1, 3, image_size, image_size)
-    return (BlockModel.from_module(resnet.resnet50(num_classes, "imagenet"), x), (3, image_size, image_size),
-            torch.float32, num_classes, (num_classes,), classification_loss)
+    return (
+        BlockModel.from_module(resnet.resnet50(num_classes, "imagenet"), x),
+        (3, image_size, image_size),
+        torch.float32,
+        num_classes,
+        (num_classes,),
+        classification_loss,
+    )
 
 
 def _vgg19(num_classes: int = 10) -> _Built:
@@ -79,8 +91,7 @@ def _vgg19(num_classes: int = 10) -> _Built:
 
 
 def _mobilenetv3_large(num_classes: int = 10) -> _Built:
-    return (vision.mobilenetv3_large(num_classes), (3, 32, 32), torch.float32, num_classes, (num_classes,),
-            classification_loss)
+    return (vision.mobilenetv3_large(num_classes), (3, 32, 32), torch.float32, num_classes, (num_classes,), classification_loss)
 
 
 def _bilstm(vocab_size: int = 20000, seq_len: int = 256, num_classes: int = 2, hidden: int = 128, embed_dim: int = 128) -> _Built:
@@ -90,8 +101,7 @@ def _bilstm(vocab_size: int = 20000, seq_len: int = 256, num_classes: int = 2, h
 
 def _chair_generator(class_dim: int = 809, view_dim: int = 4, transform_dim: int = 12, width: int = 256) -> _Built:
     model = generator.chair_generator(class_dim, view_dim, transform_dim, width)
-    return (model, (class_dim + view_dim + transform_dim,), torch.float32, 4, (4, 128, 128),
-            generator.generator_loss)
+    return (model, (class_dim + view_dim + transform_dim,), torch.float32, 4, (4, 128, 128), generator.generator_loss)
 
 
 def _din(history: int = 20, dim: int = 16, num_users: int = 6041, num_items: int = 3953, num_genres: int = 19) -> _Built:
@@ -100,8 +110,14 @@ def _din(history: int = 20, dim: int = 16, num_users: int = 6041, num_items: int
 
 
 def _digits_cnn(num_classes: int = 10, width: int = 16, dropout: float = 0.25) -> _Built:
-    return (small.digits_cnn(num_classes, width, dropout), (1, 8, 8), torch.float32, num_classes, (num_classes,),
-            classification_loss)
+    return (
+        small.digits_cnn(num_classes, width, dropout),
+        (1, 8, 8),
+        torch.float32,
+        num_classes,
+        (num_classes,),
+        classification_loss,
+    )
 
 
 def _mnist1d_cnn(num_classes: int = 10, width: int = 32) -> _Built:
@@ -139,16 +155,20 @@ def architecture_summary(model: BlockModel) -> dict[str, Any]:
     """Machine-independent description: per block, its name, module classes, and
     state-dict entries with shapes and dtypes."""
     blocks = []
-    for i, (name, block) in enumerate(zip(model.block_names, model.blocks)):
-        blocks.append({
-            "name": name,
-            "modules": [type(m).__name__ for m in block.modules()],
-            "state": [[k, list(v.shape), str(v.dtype)] for k, v in block.state_dict().items()],
-        })
+    for name, block in zip(model.block_names, model.blocks):
+        blocks.append(
+            {
+                "name": name,
+                "modules": [type(m).__name__ for m in block.modules()],
+                "state": [[k, list(v.shape), str(v.dtype)] for k, v in block.state_dict().items()],
+            }
+        )
     return {"num_blocks": model.num_blocks, "cut_points": model.cut_points, "blocks": blocks}
 
 
-def config_hash(name: str, kwargs: dict[str, Any], model: BlockModel, input_shape: tuple[int, ...], input_dtype: torch.dtype) -> str:
+def config_hash(
+    name: str, kwargs: dict[str, Any], model: BlockModel, input_shape: tuple[int, ...], input_dtype: torch.dtype
+) -> str:
     doc = {
         "name": name,
         "kwargs": _jsonable(kwargs),
@@ -175,9 +195,19 @@ def build(name: str, seed: int = 0, **kw: Any) -> ModelSpec:
         except TypeError as exc:
             raise ValueError(f"bad arguments for model {name!r}: {exc}") from exc
     h = config_hash(name, kw, model, input_shape, dtype)
-    return ModelSpec(name=name, model=model, input_shape=tuple(input_shape), input_dtype=dtype,
-                     num_classes=num_classes, output_shape=tuple(out_shape), loss=loss, config_hash=h,
-                     kwargs=dict(kw), seed=seed, target=_target(loss, num_classes, tuple(out_shape)))
+    return ModelSpec(
+        name=name,
+        model=model,
+        input_shape=tuple(input_shape),
+        input_dtype=dtype,
+        num_classes=num_classes,
+        output_shape=tuple(out_shape),
+        loss=loss,
+        config_hash=h,
+        kwargs=dict(kw),
+        seed=seed,
+        target=_target(loss, num_classes, tuple(out_shape)),
+    )
 
 
 def _target(loss: LossFn, num_classes: int, output_shape: tuple[int, ...]) -> TargetSpec:
@@ -231,11 +261,14 @@ def load_weights(spec: ModelSpec, path: str | Path) -> None:
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state) if state[k].shape != own[k].shape
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
     )
     if missing or unexpected or shapes:
+
         def head(xs: list[str]) -> str:
             return ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
+
         parts = []
         if missing:
             parts.append(f"missing keys: {head(missing)}")

@@ -44,8 +44,10 @@ class Unflatten(nn.Module):
 def _upconv(in_ch: int, out_ch: int) -> nn.Sequential:
     """2x up-convolution (transposed conv, stride 2) then a 3x3 conv."""
     return nn.Sequential(
-        nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-        nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.LeakyReLU(0.2),
+        nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        nn.LeakyReLU(0.2),
     )
 
 
@@ -56,11 +58,12 @@ def chair_generator(class_dim: int = 809, view_dim: int = 4, transform_dim: int 
         InputFusion(class_dim, view_dim, transform_dim),
         nn.Sequential(nn.Linear(1536, 1024), nn.LeakyReLU(0.2), nn.Linear(1024, 1024), nn.LeakyReLU(0.2)),
         nn.Sequential(nn.Linear(1024, w * 8 * 8), nn.LeakyReLU(0.2), Unflatten((w, 8, 8))),
-        _upconv(w, w // 2),        # 16x16
-        _upconv(w // 2, w // 4),   # 32x32
-        _upconv(w // 4, w // 8),   # 64x64
-        nn.Sequential(nn.ConvTranspose2d(w // 8, w // 8, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-                      nn.Conv2d(w // 8, 4, 3, padding=1)),  # 128x128, RGB + mask logit
+        _upconv(w, w // 2),  # 16x16
+        _upconv(w // 2, w // 4),  # 32x32
+        _upconv(w // 4, w // 8),  # 64x64
+        nn.Sequential(
+            nn.ConvTranspose2d(w // 8, w // 8, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(w // 8, 4, 3, padding=1)
+        ),  # 128x128, RGB + mask logit
     ]
     names = ["input_fusion", "fc3_fc4", "fc5_reshape", "uconv1", "uconv2", "uconv3", "uconv4_out"]
     return BlockModel(blocks, block_names=names)
@@ -71,7 +74,5 @@ def generator_loss(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
     error on image and mask, with BCE for the binary mask). Target: (B, 4, H, W),
     RGB in [0, 1] and mask in {0, 1}. ``correct`` is 0: there is no accuracy."""
     rgb = torch.sigmoid(output[:, :3])
-    loss = nn.functional.mse_loss(rgb, target[:, :3]) + nn.functional.binary_cross_entropy_with_logits(
-        output[:, 3], target[:, 3]
-    )
+    loss = nn.functional.mse_loss(rgb, target[:, :3]) + nn.functional.binary_cross_entropy_with_logits(output[:, 3], target[:, 3])
     return loss, 0

@@ -26,11 +26,11 @@ class Recipe:
     dataset: str
     epochs: int
     batch_size: int
-    optimizer: str = "sgd"          # "sgd" (with momentum) or "adam"
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    seed: int = 0                   # model init and shuffling
+    seed: int = 0  # model init and shuffling
     shuffle: bool = True
     drop_last: bool = False
 
@@ -46,8 +46,7 @@ class Recipe:
 
     def train_loader(self, splits: DatasetSplits) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(splits.train, batch_size=self.batch_size, shuffle=self.shuffle, generator=g,
-                          drop_last=self.drop_last)
+        return DataLoader(splits.train, batch_size=self.batch_size, shuffle=self.shuffle, generator=g, drop_last=self.drop_last)
 
 
 RECIPES: dict[str, Recipe] = {

@@ -45,12 +45,12 @@ class DINEmbedding(nn.Module):
         h = self.history
         user, item, genre = ids[:, 0], ids[:, 1], ids[:, 2]
         hist_items, hist_genres = ids[:, 3 : 3 + h], ids[:, 3 + h : 3 + 2 * h]
-        u = self.user(user).unsqueeze(1)                                         # (B, 1, 2D)
+        u = self.user(user).unsqueeze(1)  # (B, 1, 2D)
         c = torch.cat([self.item(item), self.genre(genre)], dim=-1).unsqueeze(1)  # (B, 1, 2D)
         hist = torch.cat([self.item(hist_items), self.genre(hist_genres)], dim=-1)  # (B, H, 2D)
-        rows = torch.cat([u, c, hist], dim=1)                                   # (B, H+2, 2D)
+        rows = torch.cat([u, c, hist], dim=1)  # (B, H+2, 2D)
         mask = torch.cat([torch.ones_like(user).unsqueeze(1).expand(-1, 2), (hist_items > 0).long()], dim=1)
-        return torch.cat([rows, mask.unsqueeze(-1).to(rows.dtype)], dim=-1)     # (B, H+2, 2D+1)
+        return torch.cat([rows, mask.unsqueeze(-1).to(rows.dtype)], dim=-1)  # (B, H+2, 2D+1)
 
 
 class AttentionPooling(nn.Module):
@@ -61,8 +61,9 @@ class AttentionPooling(nn.Module):
     def __init__(self, dim: int, hidden: tuple[int, int] = (80, 40)) -> None:
         super().__init__()
         d = 2 * dim
-        self.att = nn.Sequential(nn.Linear(4 * d, hidden[0]), nn.PReLU(), nn.Linear(hidden[0], hidden[1]),
-                                 nn.PReLU(), nn.Linear(hidden[1], 1))
+        self.att = nn.Sequential(
+            nn.Linear(4 * d, hidden[0]), nn.PReLU(), nn.Linear(hidden[0], hidden[1]), nn.PReLU(), nn.Linear(hidden[1], 1)
+        )
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         rows, mask = packed[..., :-1], (packed[..., -1] > 0.5)
@@ -75,7 +76,11 @@ class AttentionPooling(nn.Module):
 
 
 def din(
-    num_users: int = 6041, num_items: int = 3953, num_genres: int = 19, dim: int = 16, history: int = 20,
+    num_users: int = 6041,
+    num_items: int = 3953,
+    num_genres: int = 19,
+    dim: int = 16,
+    history: int = 20,
     hidden: tuple[int, int] = (200, 80),
 ) -> BlockModel:
     """Defaults fit MovieLens-1M's raw ids (users 1..6040, movies 1..3952, 18

@@ -32,9 +32,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_planes != out:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_planes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x

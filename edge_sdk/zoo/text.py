@@ -32,8 +32,12 @@ class MaxOverTime(nn.Module):
 
 
 def bilstm(
-    vocab_size: int = 20000, embed_dim: int = 128, hidden: int = 128, num_layers: int = 2,
-    num_classes: int = 2, dropout: float = 0.3,
+    vocab_size: int = 20000,
+    embed_dim: int = 128,
+    hidden: int = 128,
+    num_layers: int = 2,
+    num_classes: int = 2,
+    dropout: float = 0.3,
 ) -> BlockModel:
     """Embedding -> ``num_layers`` BiLSTM layers -> max-pool over time -> MLP.
     Input: (T,) int64 token ids, 0 = padding, 1 = unknown (see

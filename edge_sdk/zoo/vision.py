@@ -57,7 +57,9 @@ class SqueezeExcitation(nn.Module):
         return x * s
 
 
-def _conv_bn_act(in_ch: int, out_ch: int, k: int, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.Hardswish) -> nn.Sequential:
+def _conv_bn_act(
+    in_ch: int, out_ch: int, k: int, stride: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.Hardswish
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(in_ch, out_ch, k, stride, (k - 1) // 2, groups=groups, bias=False),
         nn.BatchNorm2d(out_ch, eps=0.001, momentum=0.01),
@@ -116,8 +118,12 @@ def mobilenetv3_large(num_classes: int = 10, stem_stride: int = 1, dropout: floa
     blocks.append(_conv_bn_act(160, 960, 1))
     blocks.append(
         nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(960, 1280), nn.Hardswish(),
-            nn.Dropout(dropout), nn.Linear(1280, num_classes),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(960, 1280),
+            nn.Hardswish(),
+            nn.Dropout(dropout),
+            nn.Linear(1280, num_classes),
         )
     )
     names = ["stem"] + [f"bneck{i + 1}" for i in range(len(_MBV3_LARGE))] + ["last_conv", "classifier"]
