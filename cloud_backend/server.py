@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import DATA_OPCODES, CloseCode, Frame, Opcode
+from websockets.http11 import Request, Response
 
 from cloud_backend.session import DEFAULT_SESSION_BYTES, CloudSession, Phase, SessionConfig
 from schemas.errors import ErrorCode, WireError
@@ -108,6 +110,30 @@ class ServerStats:
     closed: collections.deque[dict[str, int]] = field(default_factory=lambda: collections.deque(maxlen=1024))
 
 
+class _WholeMessageConnection(ServerConnection):
+    """A connection that refuses fragmented messages.
+
+    The protocol sends every frame as one WebSocket message, and the library only
+    hands over whole messages: a message trickled as many tiny fragments, with
+    pongs in between, would keep a session open until the idle timeout. So a
+    fragment ends the connection at once (1008)."""
+
+    def process_event(self, event: Request | Response | Frame) -> None:
+        if isinstance(event, Frame) and event.opcode in DATA_OPCODES and (not event.fin or event.opcode is Opcode.CONT):
+            self.protocol.fail(CloseCode.POLICY_VIOLATION, "fragmented messages are not part of the protocol")
+            self.send_data()
+            return
+        super().process_event(event)
+
+
+@dataclass
+class _ReadState:
+    """Whether a session's reader is holding off the socket (its inbox is full)."""
+
+    paused: bool = False
+    paused_since_ping: bool = False
+
+
 class _Refused(Exception):
     """A connection ends before it became a session (the peer was told why)."""
 
@@ -164,16 +190,20 @@ class CloudServer:
             self._handle,
             cfg.host,
             cfg.port,
+            create_connection=_WholeMessageConnection,
             ssl=self._ssl_context(),
             # Features are already compressed; deflate costs 15x throughput (see issue 4).
             compression=None,
-            max_size=cfg.max_frame_bytes,
+            # Small until a Hello is accepted (raised per connection then): frames that
+            # arrive with the handshake are parsed at once, before _admit runs.
+            max_size=cfg.max_hello_bytes,
             # Frames the library buffers before it stops reading the socket; with
             # the inbox this bounds what one connection holds in memory.
             max_queue=4,
             open_timeout=cfg.hello_timeout_s,
-            ping_interval=cfg.ping_interval_s,
-            ping_timeout=cfg.ping_timeout_s,
+            # Keepalive is ours (`_keepalive`), per session: the library's would
+            # time out on pongs queued behind frames we stopped reading on purpose.
+            ping_interval=None,
         )
 
     async def close(self) -> None:
@@ -312,6 +342,8 @@ class CloudServer:
     async def _serve_session(self, ws: ServerConnection, session: CloudSession, seq: itertools.count) -> None:
         inbox: asyncio.Queue[tuple[Envelope, int] | None] = asyncio.Queue(maxsize=self.config.inbox_frames)
         worker = asyncio.create_task(self._work(ws, session, inbox, seq))
+        reading = _ReadState()
+        keepalive = asyncio.create_task(self._keepalive(ws, session.session_id, reading))
         try:
             while session.phase is not Phase.CLOSED and not worker.done():
                 try:
@@ -331,10 +363,14 @@ class CloudServer:
                 envelope = await self._decode(ws, session.session_id, seq, message)
                 if envelope is not None:
                     # Blocks while the inbox is full: the socket is not read meanwhile.
+                    if inbox.full():
+                        reading.paused = reading.paused_since_ping = True
                     await self._put_unless_done(inbox, (envelope, recv_ns), worker)
+                    reading.paused = False
         except ConnectionClosed:
             pass
         finally:
+            keepalive.cancel()
             # Work queued by a peer that is gone is dropped, not computed.
             while not inbox.empty():
                 inbox.get_nowait()
@@ -343,6 +379,36 @@ class CloudServer:
                 await worker
             except Exception:
                 log.exception("session %d: worker failed", session.session_id)
+
+    async def _keepalive(self, ws: ServerConnection, session_id: int, reading: _ReadState) -> None:
+        """Ping every ``ping_interval_s``; close a peer whose pong does not come in ``ping_timeout_s``.
+
+        A pong queues behind whatever the peer sent before it, so one that is late
+        while this server was not reading (its inbox full: backpressure) proves
+        nothing and is forgiven. A pong late while the server *was* reading means a
+        dead peer or a frame trickled byte by byte: the session is closed.
+        """
+        cfg = self.config
+        try:
+            while True:
+                await asyncio.sleep(cfg.ping_interval_s)
+                reading.paused_since_ping = reading.paused
+                pong = await ws.ping()
+                try:
+                    await asyncio.wait_for(pong, cfg.ping_timeout_s)
+                except TimeoutError:
+                    if reading.paused or reading.paused_since_ping:
+                        continue
+                    log.info("session %d: no pong within %g s; closing", session_id, cfg.ping_timeout_s)
+                    # No closing handshake with a peer that does not answer (or is
+                    # mid-way through a trickled frame, so its reply would be payload).
+                    try:
+                        await asyncio.wait_for(ws.close(1011, "keepalive ping timeout"), cfg.ping_timeout_s)
+                    except TimeoutError:
+                        ws.transport.abort()
+                    return
+        except ConnectionClosed:
+            return
 
     @staticmethod
     async def _put_unless_done(inbox: asyncio.Queue, item: object, worker: asyncio.Task) -> None:

@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from enum import Enum
 
@@ -31,13 +31,13 @@ from cloud_backend.validation import (
     check_features_values,
     check_hello_fields,
     check_optimizer_entries,
+    check_weights_values,
     eval_batch_limit,
     parse_grad_codec,
     parse_optimizer,
     reply_cache_bytes,
 )
 from edge_sdk import zoo
-from edge_sdk.blocks import BlockModel
 from edge_sdk.context import ComputeEstimator
 from edge_sdk.migration import (
     StateAssembler,
@@ -120,7 +120,8 @@ class CloudSession:
         self._incoming_plan: WeightsPlan | None = None
         self._incoming_bytes = 0
         self._incoming_refused = 0
-        self.partition_history: list[tuple[int, int]] = []  # (step, point)
+        #: (step, point) of the latest repartitions (bounded: a peer may send many)
+        self.partition_history: deque[tuple[int, int]] = deque(maxlen=1024)
 
     # ------------------------------------------------------------------ entry
     def handle(self, frame: object, *, recv_ns: int = 0) -> list[object]:
@@ -202,10 +203,11 @@ class CloudSession:
             if not isinstance(kwargs, dict):
                 raise ValueError("config_json must be a JSON object")
             # Shapes, hash and memory from a meta-device build: nothing allocated yet.
-            with MODEL_LOCK.exclusive():
-                plan = ModelPlan.build(hello.model, hello.seed, kwargs)
-        except (ValueError, TypeError, RuntimeError, OverflowError, RecursionError, json.JSONDecodeError) as exc:
-            raise WireError(ErrorCode.UNKNOWN_MODEL, f"cannot build model {hello.model!r}: {str(exc)[:300]}") from None
+            plan = ModelPlan.cached(hello.model, hello.seed, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the model config is the peer's: whatever it breaks is its error
+            raise WireError(
+                ErrorCode.UNKNOWN_MODEL, f"cannot build model {hello.model!r}: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from None
         meta = plan.spec
         if hello.model_hash != meta.config_hash:
             raise WireError(
@@ -221,7 +223,7 @@ class CloudSession:
             )
         if hello.num_blocks != meta.model.num_blocks:
             raise WireError(ErrorCode.MODEL_MISMATCH, f"device says {hello.num_blocks} blocks, cloud has {meta.model.num_blocks}")
-        self._check_cut(meta.model, hello.point)
+        self._check_cut(plan, hello.point)
         self._check_memory(plan, hello.point, hello.batch_size, opt_cfg)
         with MODEL_LOCK.exclusive():
             self.spec = zoo.build(hello.model, seed=hello.seed, **kwargs)
@@ -241,8 +243,11 @@ class CloudSession:
             )
         ]
 
-    def _check_cut(self, model: BlockModel, point: int) -> None:
-        valid = [p for p in model.cut_points if p < model.num_blocks]
+    def _check_cut(self, plan: ModelPlan, point: int) -> None:
+        model = plan.spec.model
+        # Cut 0 uploads raw inputs; for token/id inputs the cloud would have to trust
+        # every id to be in range of its embeddings, so it takes cut 0 for float inputs only.
+        valid = [p for p in model.cut_points if p < model.num_blocks and (p > 0 or plan.features[0].dtype.is_floating_point)]
         if point not in valid:
             raise WireError(ErrorCode.PROTOCOL, f"partition point {point} is not a valid cut for the cloud (valid: {valid})")
 
@@ -274,8 +279,7 @@ class CloudSession:
         assert frame.labels is not None
         feats = codecs.decode_tensor(frame.tensor)
         labels = codecs.decode_tensor(frame.labels)
-        check_features_values(frame, feats, labels, target)
-        return feats, labels
+        return feats, check_features_values(frame, feats, labels, target)
 
     def _forward(self, x: torch.Tensor, *, timed: bool) -> torch.Tensor:
         for block, ewma in zip(self.blocks, self.block_ms):
@@ -418,6 +422,7 @@ class CloudSession:
         try:
             nbytes = self._incoming_plan.check(frame)
             self._check_memory(self.plan, self.point, self.batch_size, self.optimizer_config, extra=self._incoming_bytes + nbytes)
+            check_weights_values(frame, codecs.decode_tensor(frame.tensor))  # a lossless view: no copy
         except WireError:
             self._incoming_refused += 1  # the repartition these belong to is refused too
             raise
@@ -446,7 +451,7 @@ class CloudSession:
         model = self.spec.model
         new, old = frame.point, self.point
         incoming = self._take_incoming()
-        self._check_cut(model, new)
+        self._check_cut(self.plan, new)
         self._check_memory(self.plan, new, self.batch_size, self.optimizer_config)
         state = optimizer_state_by_name(self.optimizer, self._tail_params())
         out: list[object] = []

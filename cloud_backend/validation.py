@@ -21,11 +21,14 @@ built.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
 
 import torch
 
+from cloud_backend.model_lock import MODEL_LOCK
 from edge_sdk import zoo
 from edge_sdk.migration import chunk_shapes
 from edge_sdk.optim import OptimizerConfig
@@ -111,7 +114,21 @@ class ModelPlan:
     buffers: dict[str, TensorSpec]
 
     @classmethod
+    def cached(cls, name: str, seed: int, kwargs: dict) -> ModelPlan:
+        """`build`, memoized per (name, seed, config): repeated Hellos never re-trace.
+
+        Tracing some models takes the process-wide model lock for about a second;
+        a peer looping Hellos would otherwise stall every session's compute."""
+        return _cached_plan(name, seed, json.dumps(kwargs, sort_keys=True))
+
+    @classmethod
     def build(cls, name: str, seed: int, kwargs: dict) -> ModelPlan:
+        """Plan ``name`` on the meta device (under the model lock: building may FX-trace)."""
+        with MODEL_LOCK.exclusive():
+            return cls._build(name, seed, kwargs)
+
+    @classmethod
+    def _build(cls, name: str, seed: int, kwargs: dict) -> ModelPlan:
         with torch.device("meta"):
             spec = zoo.build(name, seed=seed, **kwargs)
             model = spec.model
@@ -153,6 +170,11 @@ def eval_batch_limit(batch_size: int) -> int:
     return max(batch_size, MAX_EVAL_BATCH)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_plan(name: str, seed: int, kwargs_json: str) -> ModelPlan:
+    return ModelPlan.build(name, seed, json.loads(kwargs_json))
+
+
 # ------------------------------------------------------------------ features
 def _decoded_dtype(tf: TensorFrame) -> DType:
     return tf.dtype if tf.codec is Codec.NONE else tf.orig_dtype
@@ -189,12 +211,14 @@ def check_features_claim(frame: Features, expected: TensorSpec, target: zoo.Targ
         raise WireError(ErrorCode.MALFORMED, f"step id {frame.step} is negative")
 
 
-def check_features_values(frame: Features, feats: torch.Tensor, labels: torch.Tensor, target: zoo.TargetSpec) -> None:
+def check_features_values(frame: Features, feats: torch.Tensor, labels: torch.Tensor, target: zoo.TargetSpec) -> torch.Tensor:
+    """Refuse non-finite features or out-of-range targets; return the targets as the loss takes them."""
     if feats.is_floating_point() and not bool(torch.isfinite(feats).all()):
         raise WireError(ErrorCode.BAD_TENSOR, f"step {frame.step}: features contain NaN or Inf")
     why = target.check_values(labels)
     if why:
         raise WireError(ErrorCode.BAD_TENSOR, f"step {frame.step}: {why}")
+    return target.prepare(labels)
 
 
 # ------------------------------------------------------------------- weights
@@ -246,6 +270,17 @@ class WeightsPlan:
         return tf.numel * tf.dtype.torch.itemsize
 
 
+def check_weights_values(frame: Weights, value: torch.Tensor) -> None:
+    """Migrated state must be usable: finite floats, a step count >= 0, second moments >= 0."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise WireError(ErrorCode.BAD_TENSOR, f"weights {frame.name}: NaN or Inf")
+    key = frame.name.rpartition("/")[2] if frame.kind == "optim" else ""
+    if key == "step" and value.numel() and (float(value.min()) < 0 or not bool((value == value.round()).all())):
+        raise WireError(ErrorCode.BAD_TENSOR, f"weights {frame.name}: the step count must be a whole number >= 0")
+    if key == "exp_avg_sq" and value.numel() and float(value.min()) < 0:
+        raise WireError(ErrorCode.BAD_TENSOR, f"weights {frame.name}: second moments must be >= 0")
+
+
 def check_optimizer_entries(keys_by_param: dict[str, set[str]], state_keys: frozenset[str]) -> None:
     """Optimizer state moves whole per parameter (all slots, or none): a partial
     state would break the optimizer's next step, long after the repartition."""
@@ -266,6 +301,7 @@ __all__ = [
     "check_features_values",
     "check_hello_fields",
     "check_optimizer_entries",
+    "check_weights_values",
     "eval_batch_limit",
     "parse_grad_codec",
     "parse_optimizer",

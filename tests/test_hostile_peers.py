@@ -326,3 +326,32 @@ def test_serve_warns_when_the_token_would_cross_the_network_in_clear():
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "in clear" in err
+
+
+async def test_keepalive_forgives_pongs_held_up_by_the_servers_own_backpressure(digits_spec, hello_frame, monkeypatch):
+    """The server stops reading while a session's inbox is full; a pong queued behind
+    those frames must not get an honest, pipelining device disconnected."""
+    real = session_mod.CloudSession._on_train
+
+    def slow(self, frame, recv_ns):
+        time.sleep(0.1)  # stands in for a slow tail step (a big model on a busy server)
+        return real(self, frame, recv_ns)
+
+    monkeypatch.setattr(session_mod.CloudSession, "_on_train", slow)
+    async with CloudServer(ServerConfig(port=0, ping_interval_s=0.2, ping_timeout_s=0.2, inbox_frames=2)) as server:
+        async with await open_raw(server.port) as ws:
+            await hello(ws, digits_spec, hello_frame)
+            for step in range(30):  # about 3 s of queued work, far beyond the 0.2 s pong timeout
+                await ws.send(raw(features(digits_spec, step)))
+            got = [await recv_frame(ws) for _ in range(33)]  # 30 gradients and 3 context reports
+            assert sum(isinstance(f, fr.Gradients) for f in got) == 30
+
+
+async def test_fragmented_messages_end_the_connection(digits_spec, hello_frame):
+    async with CloudServer(ServerConfig(port=0)) as server:
+        async with await open_raw(server.port) as ws:
+            await hello(ws, digits_spec, hello_frame)
+            await ws.send(iter([b"\x00", b"\x01"]))  # one message in two fragments
+            await closed_by_server(ws, 10)
+            assert ws.close_code == 1008
+        await server.wait_idle(10)

@@ -95,7 +95,7 @@ def test_moving_the_cut_both_ways_matches_a_fixed_cut(opt_name):
         if i == 8:
             moving.move_to(1)  # shallower: blocks 1..3 go to the cloud
         moving.step(x, y, 0)
-    assert moving.cloud.partition_history == [(4, 4), (8, 1)]
+    assert list(moving.cloud.partition_history) == [(4, 4), (8, 1)]
 
     a, b = fixed.merged_state(), moving.merged_state()
     for k in a:

@@ -381,3 +381,69 @@ def test_the_reply_cache_is_bounded_in_bytes_and_old_steps_are_refused_not_reapp
     assert isinstance(s.handle(wire(features(spec, 39)))[-1], fr.Gradients)  # recent: re-delivered
     refused(s.handle(wire(features(spec, 0))), ErrorCode.DUPLICATE_STEP)  # evicted: refused
     assert s.applied_steps == 40
+
+
+def test_class_labels_of_any_integer_dtype_train(spec, cloud):
+    x = features(spec, 0, labels=torch.zeros(BATCH, dtype=torch.int32))
+    assert isinstance(cloud.handle(wire(x))[-1], fr.Gradients)
+
+
+def test_a_config_that_breaks_the_builder_is_refused_as_unknown_model(spec, hello_frame):
+    for config in ({"width": 0}, {"num_classes": -1}, {"dropout": "x"}):
+        err = refused(CloudSession(1).handle(wire(hello_frame(spec, config_json=json.dumps(config)))), ErrorCode.UNKNOWN_MODEL)
+        assert "cannot build" in err.message
+
+
+def test_cut_zero_is_refused_for_token_inputs_and_taken_for_float_inputs(spec, hello_frame):
+    bilstm = ModelPlan.build("bilstm", 0, {}).spec
+    err = refused(CloudSession(1).handle(wire(hello_frame(bilstm, point=0))), ErrorCode.PROTOCOL)
+    assert "not a valid cut" in err.message
+    assert isinstance(CloudSession(1).handle(wire(hello_frame(spec, point=0)))[0], fr.HelloAck)
+
+
+def test_repeated_hellos_plan_the_model_once(spec, hello_frame, monkeypatch):
+    calls = []
+    original = ModelPlan._build.__func__
+
+    def counting(cls, name, seed, kwargs):
+        calls.append(name)
+        return original(cls, name, seed, kwargs)
+
+    monkeypatch.setattr(ModelPlan, "_build", classmethod(counting))
+    config = json.dumps({"width": 24})
+    for _ in range(3):
+        refused(
+            CloudSession(1).handle(wire(hello_frame(spec, config_json=config, model_hash="0" * 64))), ErrorCode.MODEL_MISMATCH
+        )
+    assert calls == ["digits_cnn"]
+
+
+@pytest.mark.parametrize(
+    "entry, value, what",
+    [
+        ("param", float("nan"), "NaN or Inf"),
+        ("exp_avg_sq", -1.0, "second moments"),
+        ("step", -2.0, "step count"),
+        ("step", 1.5, "step count"),
+    ],
+)
+def test_migrated_state_must_be_usable(spec, hello_frame, entry, value, what):
+    adam = OptimizerConfig(name="adam", lr=1e-3)
+    s = CloudSession(1)
+    assert isinstance(s.handle(wire(hello_frame(spec, optimizer_json=adam.to_json())))[0], fr.HelloAck)
+    device = zoo.build("digits_cnn", seed=0)
+    pipe = EdgePipeline(EagerRuntime(device.model.head(POINT)), point=POINT, optimizer=adam, codec="int8", staleness=0)
+    step = pipe.start_step(torch.randn(BATCH, 1, 8, 8), torch.zeros(BATCH, dtype=torch.long), epoch=0)
+    (g,) = [r for r in s.handle(wire(step)) if isinstance(r, fr.Gradients)]
+    pipe.on_gradients(wire(g))
+    before = tail_state(s)
+    errors = []
+    for f in repartition.request_frames(pipe, device.model, 1, codec="int8", staleness=0):
+        if isinstance(f, fr.Weights) and f.name.startswith("blocks.1.") and (f.kind == entry or f.name.endswith("/" + entry)):
+            t = codecs.decode_tensor(f.tensor).clone()
+            t.view(-1)[0] = value
+            f.tensor = codecs.tensor_frame_from_tensor(t)
+        errors += [r for r in s.handle(wire(f)) if isinstance(r, fr.Error)]
+    assert any(what in e.message for e in errors), errors
+    assert s.point == POINT
+    assert_same(before, tail_state(s))

@@ -46,6 +46,12 @@ class TargetSpec:
             return f"targets must be float tensors of shape (B, {', '.join(map(str, self.shape))}), got {shape}"
         return None
 
+    def prepare(self, target: torch.Tensor) -> torch.Tensor:
+        """The target in the dtype the loss computes with (class ids as int64, the rest float32).
+
+        Any integer dtype may carry class ids on the wire; ``cross_entropy`` takes int64 only."""
+        return target.long() if self.kind == "class" else target.float()
+
     def check_values(self, target: torch.Tensor) -> str | None:
         """Why these decoded targets are not acceptable, or None."""
         if target.numel() == 0:
