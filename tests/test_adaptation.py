@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from cloud_backend.server import CloudServer, ServerConfig
 from edge_sdk.client import EdgeClient
 from edge_sdk.decision.controller import DecisionController
 from edge_sdk.emulation.network import PROFILES, LinkProfile
 from edge_sdk.emulation.proxy import ShapingProxy
 from edge_sdk.training import TrainConfig
+
+pytestmark = pytest.mark.slow
 
 SLOW = LinkProfile(name="slow", uplink_bps=0.5e6, downlink_bps=0.5e6, one_way_latency_up_s=0.03, one_way_latency_down_s=0.03)
 

@@ -16,6 +16,8 @@ from edge_sdk.emulation.network import LinkProfile
 from edge_sdk.emulation.proxy import ShapingProxy
 from edge_sdk.training import TrainConfig
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "up_mbps, down_mbps, rtt_ms",

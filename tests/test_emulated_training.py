@@ -28,10 +28,7 @@ async def test_run_through_shaping_proxy_counts_every_step_once():
             cfg = TrainConfig(**QUICK, staleness=3, codec="int8")
             client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, shared_clock=True)
             result = await asyncio.wait_for(client.run(), timeout=120)
-        for _ in range(100):  # the server notes the session's end right after Bye
-            if server.stats.closed:
-                break
-            await asyncio.sleep(0.05)
+        await server.wait_idle(10)  # the server notes the session's end right after Bye
     assert result.steps == 12
     (closed,) = server.stats.closed
     assert closed["steps"] == 12 and closed["last_step"] == 11

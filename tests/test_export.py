@@ -21,6 +21,8 @@ from edge_sdk.runtime.loading import load_runtime
 from edge_sdk.runtime.program import ShortBatchError
 from export.api import export_head, write_manifest
 
+pytestmark = pytest.mark.slow
+
 BATCH = 4
 # (model, point): digits p=4 has BatchNorm and Dropout, p=1 only BatchNorm; mnist1d p=1
 # is the BatchNorm block, p=5 adds three convs and a linear; mobilenetv3 p=2 is the stem

@@ -199,6 +199,7 @@ def _rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to read the server's memory")
 def test_a_flooding_client_leaves_server_memory_bounded(digits_spec, hello_frame):
     """Features sent as fast as possible, replies never read: the server stops reading

@@ -21,6 +21,8 @@ from edge_sdk.training import TrainConfig
 from schemas import frames as fr
 from tests.test_repartition import InProcessRun
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", params=["executorch", "torchscript"])
 def programs(request, tmp_path_factory):
