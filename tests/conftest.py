@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from edge_sdk import zoo
 from edge_sdk.optim import OptimizerConfig
+from schemas import codecs
 from schemas import frames as fr
 
 
@@ -40,3 +42,20 @@ def hello_frame() -> Callable[..., fr.Hello]:
 @pytest.fixture
 def digits_spec() -> zoo.ModelSpec:
     return zoo.build("digits_cnn", seed=0)
+
+
+@pytest.fixture
+def topk_bomb() -> Callable[[int], codecs.TensorFrame]:
+    """A top-k tensor frame of a few bytes that claims ``n`` float32 elements."""
+
+    def make(n: int) -> codecs.TensorFrame:
+        return codecs.TensorFrame(
+            dtype=codecs.DType.F32,
+            shape=(n,),
+            codec=codecs.Codec.TOPK,
+            payload=np.ones(1, np.float32),
+            k=1,
+            indices=np.zeros(1, np.uint32),
+        )
+
+    return make

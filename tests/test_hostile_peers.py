@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from websockets.asyncio.client import connect
@@ -239,17 +238,10 @@ def test_a_flooding_client_leaves_server_memory_bounded(digits_spec, hello_frame
     assert shutdown_s < 10
 
 
-async def test_a_top_k_weights_bomb_is_refused_before_allocation(digits_spec, hello_frame):
+async def test_a_top_k_weights_bomb_is_refused_before_allocation(digits_spec, hello_frame, topk_bomb):
     async with CloudServer(ServerConfig(port=0)) as server, await open_raw(server.port) as ws:
         ack = await hello(ws, digits_spec, hello_frame)
-        bomb = codecs.TensorFrame(
-            dtype=codecs.DType.F32,
-            shape=(1 << 26,),
-            codec=codecs.Codec.TOPK,
-            payload=np.ones(1, np.float32),
-            k=1,
-            indices=np.zeros(1, np.uint32),
-        )
+        bomb = topk_bomb(1 << 26)
         name = next(n for n, _ in digits_spec.model.named_parameters() if n.startswith("blocks.0."))
         frame = raw(fr.Weights(step=0, name=name, kind="param", tensor=bomb))
         assert len(frame) < 400

@@ -285,18 +285,11 @@ def _move_up_frames(spec, cloud, new_point: int) -> list[object]:
     return repartition.request_frames(pipe, device.model, new_point, codec="int8", staleness=0)
 
 
-def test_a_top_k_weights_bomb_is_refused_before_allocation(spec, cloud, monkeypatch):
+def test_a_top_k_weights_bomb_is_refused_before_allocation(spec, cloud, monkeypatch, topk_bomb):
     calls = []
     monkeypatch.setattr(session_mod.codecs, "decode_tensor", lambda tf: calls.append(tf))
     name = next(n for n, _ in spec.model.named_parameters() if n.startswith("blocks.0."))
-    bomb = codecs.TensorFrame(
-        dtype=codecs.DType.F32,
-        shape=(1 << 26,),
-        codec=codecs.Codec.TOPK,
-        payload=np.ones(1, np.float32),
-        k=1,
-        indices=np.zeros(1, np.uint32),
-    )
+    bomb = topk_bomb(1 << 26)
     refused(cloud.handle(wire(fr.Weights(step=0, name=name, kind="param", tensor=bomb))), ErrorCode.BAD_TENSOR)
     refused(cloud.handle(wire(fr.Weights(step=0, name="blocks.9.x", kind="param", tensor=bomb))), ErrorCode.MODEL_MISMATCH)
     tail = next(n for n, _ in spec.model.named_parameters() if n.startswith(f"blocks.{POINT}."))
