@@ -4,7 +4,7 @@ This is the device half of one training step, written as a state machine that
 takes events ("a batch is ready", "these gradients arrived") and returns the frames
 to send. It never touches a socket, so every rule below is tested without one.
 
-Feature replay (DESIGN.md §1): the device keeps at most ``K + 1`` steps in flight
+Feature replay (docs/design.md §1): the device keeps at most ``K + 1`` steps in flight
 (``K`` = staleness bound; ``K = 0`` is plain sequential split learning). For each
 in-flight step it keeps only
 

@@ -1,6 +1,6 @@
 """Moving the cut on the device side (sans-I/O).
 
-Sequence (the client drives it; DESIGN.md §1, point 4):
+Sequence (the client drives it; docs/design.md §1, point 4):
 
 1. drain: no step in flight (a gradient for the old cut cannot be applied to the
    new head);

@@ -1,4 +1,4 @@
-"""The pure cost model: DESIGN.md §1 formula, stage times, memory, migration."""
+"""The pure cost model: docs/design.md §1 formula, stage times, memory, migration."""
 
 from __future__ import annotations
 

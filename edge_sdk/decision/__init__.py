@@ -1,4 +1,4 @@
-"""The decision engine: a pure cost model (DESIGN.md §1) and swappable policies.
+"""The decision engine: a pure cost model (docs/design.md §1) and swappable policies.
 
 ``cost_model`` answers "how long would (point, codec, K) take here?";
 ``policy`` answers "what should we run next, and should we switch?".

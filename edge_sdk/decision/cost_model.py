@@ -1,4 +1,4 @@
-"""The pure cost model of DESIGN.md §1: how long does a (point, codec, K) take?
+"""The pure cost model of docs/design.md §1: how long does a (point, codec, K) take?
 
 Everything here is arithmetic on plain dataclasses: no torch, no sockets, no
 clocks. That keeps the model cheap enough for the policy to evaluate every
@@ -81,7 +81,7 @@ class StageTimes:
 
 
 def pipeline_time(r: int, K: int, stages: StageTimes) -> float:
-    """Wall time of ``r`` steps with at most ``K+1`` in flight (DESIGN.md §1).
+    """Wall time of ``r`` steps with at most ``K+1`` in flight (docs/design.md §1).
 
     ``t(r) = (r-1)*T* + T0 + (ceil(r/(K+1)) - 1) * max(0, T0 - (K+1)*T*)``: the
     pipeline fills once (``T0``), then completes a step every ``T*``; when the window

@@ -1,4 +1,4 @@
-"""Desktop emulation of the device-cloud link (DESIGN.md section 4).
+"""Desktop emulation of the device-cloud link (docs/design.md section 4).
 
 Kept import-light on purpose: ``python -m edge_sdk --help`` and the emulate command
 import this package, so nothing here pulls in torch or the proxy's asyncio code.
