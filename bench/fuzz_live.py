@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge_sdk import zoo
 from edge_sdk.client import EdgeClient, run_training
+from edge_sdk.hello import hello_frame
 from edge_sdk.optim import OptimizerConfig
 from edge_sdk.training import TrainConfig
 from schemas import codecs
@@ -129,23 +130,8 @@ class Fuzzer:
         return fr.encode(fr.Envelope(frame=frame))
 
     def hello(self, point: int, **over) -> fr.Hello:
-        fields = dict(
-            model=self.spec.name,
-            model_hash=self.spec.config_hash,
-            num_blocks=self.model.num_blocks,
-            point=point,
-            codec="int8",
-            staleness=2,
-            optimizer_json=OptimizerConfig().to_json(),
-            token="",
-            batch_size=BATCH,
-            seed=0,
-            config_json="{}",
-            runtime="eager",
-            program_hash="",
-        )
-        fields.update(over)
-        return fr.Hello(**fields)
+        hello = hello_frame(self.spec, point=point, codec="int8", staleness=2, optimizer=OptimizerConfig(), batch_size=BATCH)
+        return dataclasses.replace(hello, **over)
 
     def features(self, point: int, step: int, *, train: bool = True, codec=codecs.Codec.INT8_TENSOR, **over) -> fr.Features:
         tf, _ = codecs.encode_tensor(self.feats[point], codec)

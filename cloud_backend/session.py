@@ -41,6 +41,7 @@ from edge_sdk import zoo
 from edge_sdk.context import ComputeEstimator
 from edge_sdk.migration import (
     StateAssembler,
+    block_index,
     export_state,
     import_state,
     install_optimizer_state,
@@ -460,7 +461,7 @@ class CloudSession:
         elif new < old:  # blocks [new, old) arrive from the device
             moving = set(range(new, old))
             received = incoming.tensors() if incoming is not None else {}
-            tensors = {key: t for key, t in received.items() if self.plan.block_of(key[1].split("/")[0]) in moving}
+            tensors = {key: t for key, t in received.items() if block_index(key[1].split("/")[0]) in moving}
             expected = set(named_tensors(model, moving)[0])
             missing = expected - {name for kind, name in tensors if kind == "param"}
             if missing:

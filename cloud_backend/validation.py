@@ -30,7 +30,7 @@ import torch
 
 from cloud_backend.model_lock import MODEL_LOCK
 from edge_sdk import zoo
-from edge_sdk.migration import chunk_shapes
+from edge_sdk.migration import block_index, chunk_shapes
 from edge_sdk.optim import OptimizerConfig
 from schemas.codecs import Codec, DType, TensorFrame
 from schemas.errors import ErrorCode, WireError
@@ -96,7 +96,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return _numel(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,6 @@ class ModelPlan:
         buffers = {n: TensorSpec(tuple(b.shape), b.dtype) for n, b in model.named_buffers()}
         return cls(spec=spec, features=tuple(feats), params=params, buffers=buffers)
 
-    def block_of(self, name: str) -> int:
-        return int(name.split(".")[1])
-
     def memory_bytes(self, point: int, batch: int, optimizer: OptimizerConfig, *, reply_cache_cap: int) -> int:
         """Estimated peak memory of a session at ``point``.
 
@@ -157,7 +154,7 @@ class ModelPlan:
         and out).
         """
         model = sum(t.nbytes for t in self.params.values()) + sum(t.nbytes for t in self.buffers.values())
-        tail = sum(t.nbytes for n, t in self.params.items() if self.block_of(n) >= point)
+        tail = sum(t.nbytes for n, t in self.params.items() if block_index(n) >= point)
         slots = len(optimizer.state_keys - {"step"})
         reply = min(REPLY_CACHE_SIZE * batch * self.features[point].nbytes, reply_cache_cap)
         train = 2 * batch * sum(f.nbytes for f in self.features[point:])
@@ -234,13 +231,13 @@ class WeightsPlan:
     def __init__(self, plan: ModelPlan, point: int, optimizer: OptimizerConfig) -> None:
         self._entries: dict[tuple[str, str], TensorSpec] = {}
         for name, spec in plan.params.items():
-            if plan.block_of(name) < point:
+            if block_index(name) < point:
                 self._entries[("param", name)] = spec
                 for key in optimizer.state_keys:
                     shape = () if key == "step" else spec.shape
                     self._entries[("optim", f"{name}/{key}")] = TensorSpec(shape, torch.float32)
         for name, spec in plan.buffers.items():
-            if plan.block_of(name) < point:
+            if block_index(name) < point:
                 self._entries[("buffer", name)] = spec
 
     def check(self, frame: Weights) -> int:

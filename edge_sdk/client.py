@@ -14,7 +14,6 @@ schedules work and moves bytes:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
@@ -28,6 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from edge_sdk import repartition
 from edge_sdk.context import ContextTracker, LinkChangeDetector
 from edge_sdk.decision.setup import build_controller, initial_choice
+from edge_sdk.hello import hello_frame
 from edge_sdk.pipeline import EdgePipeline, StepResult
 from edge_sdk.runtime import EagerRuntime, HeadRuntime, load_runtime
 from edge_sdk.training import LocalSetup, TrainConfig, TrainResult, build_local
@@ -235,19 +235,14 @@ class EdgeClient:
 
     # --------------------------------------------------------------- protocol
     def hello(self) -> fr.Hello:
-        spec = self.setup.spec
-        return fr.Hello(
-            model=spec.name,
-            model_hash=spec.config_hash,
-            num_blocks=spec.model.num_blocks,
+        return hello_frame(
+            self.setup.spec,
             point=self.choice.point,
             codec=self.choice.codec,
             staleness=self.choice.staleness,
-            optimizer_json=self.cfg.optimizer_config().to_json(),
-            token=self.cfg.token,
+            optimizer=self.cfg.optimizer_config(),
             batch_size=self.cfg.batch_size,
-            seed=self.cfg.seed,
-            config_json=json.dumps(spec.kwargs, sort_keys=True),
+            token=self.cfg.token,
             runtime=self.runtime.name,
             # programs say which model config they were exported from; the cloud checks it
             program_hash=str(self.setup.manifest.get("config_hash", "")) if self.setup.manifest else "",

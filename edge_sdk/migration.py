@@ -11,6 +11,7 @@ frame-size limit.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -25,7 +26,7 @@ from schemas.frames import Weights
 CHUNK_ELEMENTS = 1 << 20
 
 
-def _block_index(name: str) -> int:
+def block_index(name: str) -> int:
     # full-model names are "blocks.<i>.<...>"
     parts = name.split(".")
     if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit():
@@ -35,8 +36,8 @@ def _block_index(name: str) -> int:
 
 def named_tensors(model: BlockModel, blocks: Iterable[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     wanted = set(blocks)
-    params: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if _block_index(n) in wanted}
-    buffers: dict[str, torch.Tensor] = {n: b for n, b in model.named_buffers() if _block_index(n) in wanted}
+    params: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if block_index(n) in wanted}
+    buffers: dict[str, torch.Tensor] = {n: b for n, b in model.named_buffers() if block_index(n) in wanted}
     return params, buffers
 
 
@@ -48,9 +49,7 @@ def chunk_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     The receiver uses the same rule to know exactly which chunks to expect.
     """
     shape = tuple(int(d) for d in shape)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if not shape or n <= CHUNK_ELEMENTS or shape[0] == 0:
         return [shape]
     row = n // shape[0]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from edge_sdk import zoo
+from edge_sdk.hello import hello_frame as hello_frame_for
 from edge_sdk.optim import OptimizerConfig
 from schemas import codecs
 from schemas import frames as fr
@@ -15,23 +17,8 @@ from schemas import frames as fr
 
 def make_hello(spec: zoo.ModelSpec, **over) -> fr.Hello:
     """A Hello the cloud accepts for ``spec`` (point 2, batch 8, int8, K=2), with ``over`` replacing fields."""
-    fields = dict(
-        model=spec.name,
-        model_hash=spec.config_hash,
-        num_blocks=spec.model.num_blocks,
-        point=2,
-        codec="int8",
-        staleness=2,
-        optimizer_json=OptimizerConfig().to_json(),
-        token="",
-        batch_size=8,
-        seed=0,
-        config_json="{}",
-        runtime="eager",
-        program_hash="",
-    )
-    fields.update(over)
-    return fr.Hello(**fields)
+    hello = hello_frame_for(spec, point=2, codec="int8", staleness=2, optimizer=OptimizerConfig(), batch_size=8)
+    return dataclasses.replace(hello, **over)
 
 
 @pytest.fixture

@@ -231,8 +231,9 @@ def test_a_flooding_client_leaves_server_memory_bounded(digits_spec, hello_frame
         proc.wait(timeout=30)
         shutdown_s = time.monotonic() - t0
     print(
-        f"flood: {sent} frames sent before backpressure; RSS before {before >> 20} MiB, peak {peak >> 20}, after {after >> 20}, shutdown {shutdown_s:.2f} s"
-    )
+        f"flood: {sent} frames sent before backpressure; RSS before {before >> 20} MiB, peak {peak >> 20}, "
+        f"after {after >> 20}; shutdown {shutdown_s:.2f} s"
+    )  # shown with pytest -s
     assert sent < 20_000, "the flood was never pushed back"
     assert peak - before < 150 << 20 and after - before < 150 << 20, (before, peak, after)
     assert shutdown_s < 10

@@ -17,6 +17,7 @@ from torch import nn
 
 from cloud_backend.session import CloudSession
 from edge_sdk import zoo
+from edge_sdk.hello import hello_frame
 from edge_sdk.optim import OptimizerConfig
 from edge_sdk.pipeline import EdgePipeline, StepAccountingError
 from edge_sdk.runtime.eager import EagerRuntime
@@ -35,21 +36,7 @@ def make_split(model_name: str, point: int, *, staleness: int, codec: str, opt: 
     runtime = EagerRuntime(spec.model.head(point), name_map=spec.model.head_name_map(point))
     pipe = EdgePipeline(runtime, point=point, optimizer=opt, codec=codec, staleness=staleness)
     cloud = CloudSession(1)
-    hello = fr.Hello(
-        model=spec.name,
-        model_hash=spec.config_hash,
-        num_blocks=spec.model.num_blocks,
-        point=point,
-        codec=codec,
-        staleness=staleness,
-        optimizer_json=opt.to_json(),
-        token="",
-        batch_size=16,
-        seed=seed,
-        config_json="{}",
-        runtime="eager",
-        program_hash="",
-    )
+    hello = hello_frame(spec, point=point, codec=codec, staleness=staleness, optimizer=opt, batch_size=16)
     (ack,) = cloud.handle(wire(hello))
     assert isinstance(ack, fr.HelloAck) and ack.accepted, ack
     return spec, pipe, cloud

@@ -11,6 +11,7 @@ import torch
 
 from cloud_backend.session import CloudSession
 from edge_sdk import repartition, zoo
+from edge_sdk.hello import hello_frame
 from edge_sdk.optim import OptimizerConfig
 from edge_sdk.pipeline import EdgePipeline
 from edge_sdk.runtime.eager import EagerRuntime
@@ -30,21 +31,7 @@ class InProcessRun:
         self.codec, self.staleness = codec, staleness
         self.pipe = EdgePipeline(self.runtime(point), point=point, optimizer=opt, codec=codec, staleness=staleness)
         self.cloud = CloudSession(1)
-        hello = fr.Hello(
-            model=self.spec.name,
-            model_hash=self.spec.config_hash,
-            num_blocks=self.model.num_blocks,
-            point=point,
-            codec=codec,
-            staleness=staleness,
-            optimizer_json=opt.to_json(),
-            token="",
-            batch_size=16,
-            seed=0,
-            config_json="{}",
-            runtime="eager",
-            program_hash="",
-        )
+        hello = hello_frame(self.spec, point=point, codec=codec, staleness=staleness, optimizer=opt, batch_size=16)
         (ack,) = self.cloud.handle(wire(hello))
         assert isinstance(ack, fr.HelloAck)
 

@@ -3,7 +3,7 @@
 The cloud computes the loss from labels a peer sent, so it must know, before it
 runs anything, what shape, dtype and value range a target may have: a class id
 outside ``[0, num_classes)`` makes ``cross_entropy`` raise deep inside torch, and
-a NaN target poisons the tail's weights. `TargetSpec.check_frame` looks only at
+a NaN target poisons the tail's weights. `TargetSpec.check_claim` looks only at
 what a frame claims (no allocation); `TargetSpec.check_values` looks at the
 decoded values.
 """
