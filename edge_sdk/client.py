@@ -379,6 +379,7 @@ class EdgeClient:
         self.choice = choice
         if self.controller is not None:
             self.controller.current = choice
+            self.controller.switched(self.pipeline.stats.steps_applied)
 
     async def _repartition(self, choice) -> None:
         model = self.setup.spec.model

@@ -22,7 +22,7 @@ from edge_sdk.context import (
     RttEstimator,
 )
 from edge_sdk.decision.cost_model import Choice, LinkEstimate, apply_context
-from tests.test_policy import make
+from tests.decision_inputs import make
 
 MBIT = 1e6
 FEATURE = 32 * 1024  # int8 features of a 32 x 16 x 8 x 8 cut

@@ -1,9 +1,23 @@
-"""When to ask the policy, and what to remember of its answers (sans-I/O).
+"""When to ask the policy, on what evidence, and what to remember of its answers (sans-I/O).
 
 The client calls :meth:`DecisionController.due` after each applied step; when a
 decision is due it hands over the current context snapshot and gets back a
 :class:`Decision` to act on (drain, repartition, change codec or K) or None.
 Every consultation is recorded for the run's ``partition_history``.
+
+Three rules keep the engine from chasing noise (a switch costs a drain, and
+flapping between near-equal configurations costs more than either):
+
+* **Evidence first.** No decision while an input the choice depends on is still
+  assumed: a link direction without its own estimate (the 10 Mbit/s prior, or an
+  estimator that was reset by a link change and has seen too few frames), or too
+  few compute samples. The consultation is recorded as *waiting*.
+* **Surely faster.** The policy gets each input's uncertainty (how much it wandered
+  over recent decisions, :class:`~edge_sdk.decision.uncertainty.SpreadTracker`) and
+  switches only when the saving survives every corner of it.
+* **Dwell.** After a switch the new configuration runs ``min_dwell_steps`` before
+  another switch is considered, unless the link changed (``force``) or the
+  current configuration became illegal.
 """
 
 from __future__ import annotations
@@ -13,6 +27,10 @@ from typing import Any
 
 from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context
 from edge_sdk.decision.policy import Decision, Policy
+from edge_sdk.decision.uncertainty import SpreadTracker
+
+#: samples an estimate needs (since its last reset) before the engine acts on it
+MIN_SAMPLES = {"uplink": 6, "downlink": 6, "rtt": 0, "edge_step": 3, "cloud_step": 3}
 
 
 @dataclass
@@ -27,14 +45,24 @@ class DecisionController:
     #: that just collapsed, 10 steps can take minutes
     every_s: float = 2.0
     min_steps_between: int = 3  # fresh measurements of the current choice first
+    #: steps a new configuration runs before the next switch (a link change overrides)
+    min_dwell_steps: int = 50
+    min_samples: dict[str, int] = field(default_factory=lambda: dict(MIN_SAMPLES))
+    spreads: SpreadTracker = field(default_factory=SpreadTracker)
     history: list[dict[str, Any]] = field(default_factory=list)
     _last_step: int = -1
     _last_time: float = 0.0
     _forced_at: int | None = None
+    _switched_at: int | None = None
 
     def force(self, step: int) -> None:
-        """Re-decide after ``min_steps_between`` more steps (the link just changed)."""
+        """Re-decide after ``min_steps_between`` more steps (the link just changed),
+        dwell or not."""
         self._forced_at = step
+
+    def switched(self, step: int) -> None:
+        """The transport acted on a decision at ``step``: start the dwell."""
+        self._switched_at = step
 
     def due(self, step: int, now_s: float = 0.0) -> bool:
         if step < self.first_after:
@@ -46,14 +74,88 @@ class DecisionController:
         since = step - self._last_step
         return since >= self.every or (since >= self.min_steps_between and now_s - self._last_time >= self.every_s)
 
+    # -- evidence -----------------------------------------------------------
+
+    def needed(self, choice: Choice) -> tuple[str, ...]:
+        """Estimates a decision from ``choice`` depends on. Device-only runs send
+        no features: its link estimates come from the periodic probes, and
+        there is no cloud step to time."""
+        device_only = choice.point >= self.base_inputs.num_blocks
+        names = ["uplink", "downlink", "rtt", "edge_step"]
+        if not device_only:
+            names.append("cloud_step")
+        return tuple(names)
+
+    def missing(self, snapshot: Any) -> list[str]:
+        """Human-readable list of the needed inputs that are still assumed."""
+        samples = getattr(snapshot, "samples", {}) or {}
+        value_of = {
+            "uplink": getattr(snapshot, "uplink_bps", None),
+            "downlink": getattr(snapshot, "downlink_bps", None),
+            "rtt": getattr(snapshot, "rtt_s", None),
+            "edge_step": getattr(snapshot, "edge_step_ms", None),
+            "cloud_step": getattr(snapshot, "cloud_step_ms", None),
+        }
+        link = self.base_inputs.link
+        prior = {
+            "uplink": f"prior {link.uplink_bps / 1e6:g} Mbit/s",
+            "downlink": f"prior {link.downlink_bps / 1e6:g} Mbit/s",
+            "rtt": f"prior {link.rtt_s * 1e3:g} ms",
+        }
+        out = []
+        for name in self.needed(self.current):
+            n = int(samples.get(name, 0))
+            if value_of[name] is None:
+                out.append(f"{name} ({prior.get(name, 'profile')}, {n} samples)")
+            elif n < self.min_samples.get(name, 0):
+                out.append(f"{name} ({n}/{self.min_samples[name]} samples since reset)")
+        return out
+
+    @staticmethod
+    def provenance(snapshot: Any) -> str:
+        """Which inputs were measured, how, and on how many samples."""
+        samples = getattr(snapshot, "samples", {}) or {}
+        methods = getattr(snapshot, "methods", {}) or {}
+        parts = []
+        for name in ("uplink", "downlink"):
+            parts.append(f"{name} {methods.get(name) or 'assumed'} ({samples.get(name, 0)})")
+        for name in ("rtt", "edge_step", "cloud_step"):
+            parts.append(f"{name.replace('_step', '')} ({samples.get(name, 0)})")
+        return "measured: " + ", ".join(parts)
+
+    # -- the decision -------------------------------------------------------
+
     def decide(self, step: int, snapshot: Any, now_s: float = 0.0) -> Decision | None:
         """Consult the policy with calibrated inputs; a Decision when it says switch."""
         self._last_step = step
         self._last_time = now_s
-        self._forced_at = None
+        self.spreads.observe(snapshot)
         remaining = max(1, self.total_steps - step)
         inputs = apply_context(self.base_inputs.with_remaining(remaining), snapshot, self.current)
-        decision = self.policy.decide(inputs, self.current, remaining)
+        missing = self.missing(snapshot)
+        if missing:
+            self._record_wait(step, f"waiting for measurements before deciding: {', '.join(missing)} still assumed", inputs)
+            return None  # a forced decision stays due until the evidence is in
+        forced = self._forced_at is not None
+        self._forced_at = None
+        uncertainty = self.spreads.uncertainty()
+        decision = self.policy.decide(inputs, self.current, remaining, uncertainty)
+        reason = f"{decision.reason}; {self.provenance(snapshot)}"
+        wants_switch = decision.switch and decision.choice != self.current
+        dwelling = self._switched_at is not None and step - self._switched_at < self.min_dwell_steps
+        if wants_switch and dwelling and not forced and not decision.required:
+            reason = (
+                f"dwell: {step - self._switched_at} of {self.min_dwell_steps} steps since the last switch, "
+                f"not switching yet; {reason}"
+            )
+            decision = Decision(self.current, decision.best or decision.prediction, False, reason, best=decision.best)
+            wants_switch = False
+        self._record(step, decision, reason, inputs, uncertainty.to_dict(), switch=wants_switch)
+        return decision if wants_switch else None
+
+    def _record(
+        self, step: int, decision: Decision, reason: str, inputs: DecisionInputs, uncertainty: dict, *, switch: bool
+    ) -> None:
         pred = decision.prediction
         self.history.append(
             dict(
@@ -62,10 +164,34 @@ class DecisionController:
                 codec=decision.choice.codec,
                 staleness=decision.choice.staleness,
                 predicted_step_ms=1e3 * pred.step_time_s,
-                switch=decision.switch,
-                reason=decision.reason,
+                switch=switch,
+                reason=reason,
                 stages_ms={k: (1e3 * v if isinstance(v, float) else v) for k, v in pred.stages.breakdown().items()},
-                link={"uplink_bps": inputs.link.uplink_bps, "downlink_bps": inputs.link.downlink_bps, "rtt_s": inputs.link.rtt_s},
+                link=_link(inputs),
+                uncertainty=uncertainty,
             )
         )
-        return decision if decision.switch and decision.choice != self.current else None
+
+    def _record_wait(self, step: int, reason: str, inputs: DecisionInputs) -> None:
+        last = self.history[-1] if self.history else None
+        if last is not None and last.get("waiting"):
+            last.update(reason=reason, waited_until=step)  # one entry per stretch of waiting
+            return
+        c = self.current
+        self.history.append(
+            dict(
+                step=step,
+                point=c.point,
+                codec=c.codec,
+                staleness=c.staleness,
+                predicted_step_ms=None,
+                switch=False,
+                waiting=True,
+                reason=reason,
+                link=_link(inputs),
+            )
+        )
+
+
+def _link(inputs: DecisionInputs) -> dict[str, float]:
+    return {"uplink_bps": inputs.link.uplink_bps, "downlink_bps": inputs.link.downlink_bps, "rtt_s": inputs.link.rtt_s}

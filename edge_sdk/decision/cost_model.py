@@ -352,7 +352,9 @@ class DecisionInputs:
         head = self.blocks[:point]
         fwd = sum(b.edge_forward_ms for b in head) / 1e3
         bwd = sum(b.edge_backward_ms for b in head) / 1e3
-        return fwd * (2.0 if self.replay else 1.0) + bwd + (self.edge_step_fixed_s if point > 0 else 0.0)
+        # device-only runs one forward (no replay: the loss is right there)
+        replays = 2.0 if self.replay and point < self.num_blocks else 1.0
+        return fwd * replays + bwd + (self.edge_step_fixed_s if point > 0 else 0.0)
 
     def codec_compute_s(self, point: int, codec: str) -> float:
         """Device time of quantizing the features and de-quantizing the gradient."""
@@ -464,9 +466,8 @@ def stage_times(config: Choice, inputs: DecisionInputs) -> StageTimes:
     p, L = config.point, inputs.num_blocks
     if not 0 <= p <= L:
         raise ValueError(f"point {p} outside 0..{L}")
-    if p == L:  # device-only: plain forward + backward, no link, no replay
-        t_edge = sum(b.edge_forward_ms + b.edge_backward_ms for b in inputs.blocks) / 1e3
-        return StageTimes(t_edge, 0.0, 0.0, 0.0, 0.0)
+    if p == L:  # device-only: forward + loss + backward + optimizer, no link, no replay
+        return StageTimes(inputs.edge_compute_s(L) + inputs.edge_step_overhead_s, 0.0, 0.0, 0.0, 0.0)
     feat = inputs.feature_nbytes(p, config.codec)
     if feat is None:
         raise ValueError(f"no feature size for codec {config.codec!r} at point {p}")
@@ -610,7 +611,7 @@ def apply_context(inputs: DecisionInputs, snapshot: Any, current: Choice | None 
     edge_ms = getattr(snapshot, "edge_step_ms", None)
     cpu_ms = getattr(snapshot, "edge_cpu_ms", None)
     compute = st.t1_edge_s - out.edge_step_overhead_s  # predicted compute + codec of `current`
-    if edge_ms and cpu_ms and compute > 0 and current.point < out.num_blocks:
+    if edge_ms and cpu_ms and compute > 0:
         measured_compute = out.device_slowdown * cpu_ms / 1e3
         out = out.scale_edge_compute(measured_compute / compute)
         out = replace(out, edge_step_overhead_s=max(0.0, edge_ms / 1e3 - measured_compute))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .cost_model import (
@@ -27,6 +27,7 @@ from .cost_model import (
     migration_time,
     predict,
 )
+from .uncertainty import Uncertainty
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Decision:
     switch_cost_s: float = 0.0
     #: the best candidate found, whether or not we switch to it
     best: Prediction | None = None
+    #: the current choice became illegal (constraints, memory): switch regardless of dwell
+    required: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly record (a ``partition_history`` entry minus the step)."""
@@ -62,8 +65,15 @@ class Policy(ABC):
     """Base class: one method, so a policy can be swapped without touching the pipeline."""
 
     @abstractmethod
-    def decide(self, inputs: DecisionInputs, current: Choice | None, remaining_steps: int) -> Decision:
-        """Return what to run for the next ``remaining_steps`` steps."""
+    def decide(
+        self,
+        inputs: DecisionInputs,
+        current: Choice | None,
+        remaining_steps: int,
+        uncertainty: Uncertainty | None = None,
+    ) -> Decision:
+        """Return what to run for the next ``remaining_steps`` steps (``uncertainty``:
+        how far the measured inputs may be off; None = trust them exactly)."""
 
 
 class FixedPolicy(Policy):
@@ -72,7 +82,13 @@ class FixedPolicy(Policy):
     def __init__(self, choice: Choice) -> None:
         self.choice = choice
 
-    def decide(self, inputs: DecisionInputs, current: Choice | None, remaining_steps: int) -> Decision:
+    def decide(
+        self,
+        inputs: DecisionInputs,
+        current: Choice | None,
+        remaining_steps: int,
+        uncertainty: Uncertainty | None = None,
+    ) -> Decision:
         pred = predict(self.choice, inputs.with_remaining(remaining_steps))
         switch = current != self.choice
         return Decision(self.choice, pred, switch, f"fixed: {pred.explain()}", best=pred)
@@ -216,8 +232,26 @@ class CostModelPolicy(Policy):
             return 0.0
         return migration_time(inputs, cur.point, new.point) + drain_time(current)
 
-    def decide(self, inputs: DecisionInputs, current: Choice | None, remaining_steps: int) -> Decision:
-        inputs = inputs.with_remaining(remaining_steps)
+    def decide(
+        self,
+        inputs: DecisionInputs,
+        current: Choice | None,
+        remaining_steps: int,
+        uncertainty: Uncertainty | None = None,
+    ) -> Decision:
+        """The best candidate, and whether leaving ``current`` for it surely pays.
+
+        ``uncertainty``: how far each measured input may be off. A switch is taken
+        only when its saving exceeds the threshold in *every* corner of that box
+        (the current configuration and the candidate priced from the same
+        perturbed inputs), and candidates closer than the uncertainty (up to 3 %)
+        count as tied, so the milder codec and the smaller K win among them.
+        """
+        u = uncertainty or Uncertainty()
+        policy = replace(self, tie_tol=max(self.tie_tol, min(u.largest, 0.03))) if u.largest > self.tie_tol else self
+        return policy._decide(inputs.with_remaining(remaining_steps), current, u)
+
+    def _decide(self, inputs: DecisionInputs, current: Choice | None, u: Uncertainty) -> Decision:
         cands = self.candidates(inputs)
         if not cands:
             raise ValueError(
@@ -249,22 +283,32 @@ class CostModelPolicy(Policy):
                 f"current {current} no longer allowed or over the memory budget; switching to {why_best}",
                 switch_cost_s=cost,
                 best=best,
+                required=True,
             )
         if best.choice == current:
             return Decision(current, cur_pred, False, f"current choice is the best: {why_best}", best=best)
 
         saving = cur_pred.total_time_s - best.total_time_s
+        worst = min(
+            predict(current, corner).total_time_s - predict(best.choice, corner).total_time_s
+            for corner in (scale.apply(inputs) for scale in u.corners())
+        )
         cost = self.switch_cost(inputs, cur_pred, best.choice)
         threshold = self.margin * cost + self.min_saving_frac * cur_pred.total_time_s
         r = inputs.remaining_steps
-        if saving > threshold:
+        at_worst = f", {worst:.2f} s at worst within {u.describe()}" if u.largest > 0 else ""
+        weighed = (
+            f"saves {saving:.2f} s over {r} steps{at_worst}; "
+            f"threshold {self.margin:g} x {cost:.2f} s switch cost + {self.min_saving_frac:.0%} of "
+            f"{cur_pred.total_time_s:.2f} s = {threshold:.2f} s"
+        )
+        if min(saving, worst) > threshold:
             return Decision(
                 best.choice,
                 best,
                 True,
-                f"switching {current} -> {why_best}; saves {saving:.2f} s over {r} steps "
-                f"> {self.margin:g} x {cost:.2f} s switch cost + {self.min_saving_frac:.0%} of "
-                f"{cur_pred.total_time_s:.2f} s",
+                f"switching {current} -> {best.choice}: current re-estimated {cur_pred.explain()}, "
+                f"candidate {why_best}; {weighed}",
                 saving_s=saving,
                 switch_cost_s=cost,
                 best=best,
@@ -273,9 +317,7 @@ class CostModelPolicy(Policy):
             current,
             cur_pred,
             False,
-            f"keeping {cur_pred.explain()}; best alternative {best.choice} saves only {saving:.2f} s "
-            f"over {r} steps <= {self.margin:g} x {cost:.2f} s switch cost + "
-            f"{self.min_saving_frac:.0%} of {cur_pred.total_time_s:.2f} s",
+            f"keeping {cur_pred.explain()}; best alternative {best.explain()} {weighed}",
             saving_s=saving,
             switch_cost_s=cost,
             best=best,
