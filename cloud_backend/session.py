@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -52,6 +52,7 @@ from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
 from schemas import codecs
 from schemas.errors import ErrorCode, WireError
 from schemas.frames import (
+    MAX_PADDING,
     Bye,
     Context,
     EpochEnd,
@@ -174,7 +175,11 @@ class CloudSession:
         if isinstance(frame, EpochEnd):
             return self._on_epoch_end(frame)
         if isinstance(frame, Context):
-            return [self.context(frame.step, request_recv_ns=recv_ns)] if frame.request else []
+            if not frame.request:
+                return []
+            if frame.reply_padding > MAX_PADDING:
+                raise WireError(ErrorCode.LIMIT_EXCEEDED, f"Context asks for {frame.reply_padding} filler bytes > {MAX_PADDING}")
+            return [replace(self.context(frame.step, request_recv_ns=recv_ns), padding=frame.reply_padding)]
         if isinstance(frame, Weights):
             return self._on_weights(frame)
         if isinstance(frame, Repartition):
@@ -248,7 +253,10 @@ class CloudSession:
         model = plan.spec.model
         # Cut 0 uploads raw inputs; for token/id inputs the cloud would have to trust
         # every id to be in range of its embeddings, so it takes cut 0 for float inputs only.
+        # Cut L is device-only training: the cloud holds no block but keeps the
+        # session, so the cut can come back.
         valid = [p for p in model.cut_points if p < model.num_blocks and (p > 0 or plan.features[0].dtype.is_floating_point)]
+        valid.append(model.num_blocks)
         if point not in valid:
             raise WireError(ErrorCode.PROTOCOL, f"partition point {point} is not a valid cut for the cloud (valid: {valid})")
 
@@ -273,6 +281,8 @@ class CloudSession:
     def _inputs(self, frame: Features, *, max_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Validated, decoded features and labels; refused before decoding if the claims are wrong."""
         assert self.spec is not None and self.plan is not None
+        if self.point == self.spec.model.num_blocks:
+            raise WireError(ErrorCode.PROTOCOL, f"step {frame.step}: the device trains alone at this cut; no features expected")
         if frame.point != self.point:
             raise WireError(ErrorCode.PROTOCOL, f"features cut at point {frame.point}, session is at point {self.point}")
         target = self.spec.target

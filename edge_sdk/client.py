@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +39,9 @@ from schemas.errors import WireError
 from schemas.transport import clear_text_token_warning
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: while training alone, probe the link this often (s), with at least this many filler bytes
+PROBE_EVERY_S = 2.0
+PROBE_MIN_BYTES = 2048
 
 
 class TrainingError(RuntimeError):
@@ -127,6 +132,8 @@ class EdgeClient:
             error_feedback=cfg.error_feedback,
             topk_ratio=cfg.topk_ratio,
             staleness_guard=cfg.staleness_guard,
+            num_blocks=self.setup.spec.model.num_blocks,
+            loss_fn=self.setup.spec.loss,
         )
         self.edge_busy_s = 0.0  # device time including emulated slowdown
         self._last_compute_s = 0.0
@@ -142,12 +149,19 @@ class EdgeClient:
         # context measurement and the decision engine
         self.tracker = ContextTracker()
         self.link_change = LinkChangeDetector()
+        #: the same for the padded probes while the device trains alone, both ways
+        self.probe_change = LinkChangeDetector(window=8, warmup=3, min_jump_s=0.05, faster=True)
         self.link_changes: list[int] = []  # steps at which the link was seen to change
         self.controller = build_controller(cfg, self.setup, self.choice)
         self._sent_bytes: dict[int, int] = {}
         self._step_compute_s: dict[int, tuple[float, float]] = {}  # step -> (busy, cpu) of its forward
-        self._context_requests: dict[int, int] = {}
+        #: step -> (sent_ns, bytes, padded) of the Context requests waiting for an answer, in order
+        self._context_requests: dict[int, deque[tuple[int, int, bool]]] = {}
+        self._last_probe_s = -math.inf
+        self._probes = 0
         self.repartitions = 0
+        #: applied steps per configuration ("p=2 int8 K=4": n), for the summary
+        self.steps_by_choice: dict[str, int] = {}
 
     def make_runtime(self, point: int) -> HeadRuntime:
         model = self.setup.spec.model
@@ -264,28 +278,45 @@ class EdgeClient:
         if isinstance(frame, fr.Gradients):
             self._observe_gradients(frame)
             result = await self._compute(self.pipeline.on_gradients, frame)
-            self.step_times.append(time.perf_counter() - self._t_run)
             busy_s, cpu_s = self._step_compute_s.pop(result.step, (0.0, 0.0))
-            # this thread's CPU time is the step's compute only without intra-op threads
-            cpu_ms = 1e3 * (cpu_s + self._last_cpu_s) if torch.get_num_threads() == 1 else None
-            self.tracker.observe_edge_step(1e3 * (busy_s + self._last_compute_s), cpu_ms=cpu_ms)
-            means.add(result)
-            if self.progress is not None:
-                elapsed = time.perf_counter() - t_start
-                self.progress(
-                    ProgressEvent(
-                        epoch=epoch,
-                        step=result.step,
-                        loss=means.loss,
-                        accuracy=means.accuracy,
-                        steps_per_s=self.pipeline.stats.steps_applied / elapsed if elapsed > 0 else 0.0,
-                        result=result,
-                    )
-                )
-            if adapt:
-                await self._maybe_adapt(means, epoch, t_start)
+            await self._applied(result, busy_s + self._last_compute_s, cpu_s + self._last_cpu_s, means, epoch, t_start, adapt)
             return result
         return None  # Context and other informational frames
+
+    async def _train_alone(self, x: torch.Tensor, y: torch.Tensor, means: _RunningMeans, epoch: int, t_start: float) -> None:
+        """One device-only step; the link is only probed now and then, so the
+        engine can tell when splitting pays again."""
+        while not self._inbox.empty():
+            await self._apply(await self._next_frame(), means, epoch, t_start)
+        await self._maybe_probe()
+        result = await self._compute(self.pipeline.local_step, x, y, epoch=epoch)
+        await self._applied(result, self._last_compute_s, self._last_cpu_s, means, epoch, t_start, True)
+
+    async def _applied(
+        self, result: StepResult, busy_s: float, cpu_s: float, means: _RunningMeans, epoch: int, t_start: float, adapt: bool
+    ) -> None:
+        """Book-keeping of one applied step, split or alone: timing, means, progress, decisions."""
+        self.step_times.append(time.perf_counter() - self._t_run)
+        # this thread's CPU time is the step's compute only without intra-op threads
+        cpu_ms = 1e3 * cpu_s if torch.get_num_threads() == 1 else None
+        self.tracker.observe_edge_step(1e3 * busy_s, cpu_ms=cpu_ms)
+        means.add(result)
+        key = str(self.choice)
+        self.steps_by_choice[key] = self.steps_by_choice.get(key, 0) + 1
+        if self.progress is not None:
+            elapsed = time.perf_counter() - t_start
+            self.progress(
+                ProgressEvent(
+                    epoch=epoch,
+                    step=result.step,
+                    loss=means.loss,
+                    accuracy=means.accuracy,
+                    steps_per_s=self.pipeline.stats.steps_applied / elapsed if elapsed > 0 else 0.0,
+                    result=result,
+                )
+            )
+        if adapt:
+            await self._maybe_adapt(means, epoch, t_start)
 
     # ---------------------------------------------------------------- context
     def _observe_gradients(self, frame: fr.Gradients) -> None:
@@ -293,12 +324,7 @@ class EdgeClient:
         nbytes = self._sent_bytes.pop(frame.step, 0)
         peer_sent, recv, recv_bytes = self._last_recv
         if sent is not None and self.link_change.observe((recv - sent) / 1e9):
-            # much slower all of a sudden: forget the old link, re-decide soon
-            self.tracker.uplink.reset()
-            self.tracker.downlink.reset()
-            self.link_changes.append(frame.step)
-            if self.controller is not None:
-                self.controller.force(self.pipeline.stats.steps_applied)
+            self._link_changed(frame.step)
         if sent is not None and frame.features_recv_ns:
             self.tracker.observe_uplink(sent, frame.features_recv_ns, nbytes)
             if self.shared_clock:
@@ -309,14 +335,28 @@ class EdgeClient:
         self.tracker.observe_cloud_step(frame.cloud_ms)
         self.tracker.observe_queue_depth(frame.queue_depth)
 
+    def _link_changed(self, step: int) -> None:
+        """The link is not the one measured: forget it, re-decide soon."""
+        self.tracker.uplink.reset()
+        self.tracker.downlink.reset()
+        self.link_changes.append(step)
+        if self.controller is not None:
+            self.controller.force(self.pipeline.stats.steps_applied)
+
     def _observe_context(self, frame: fr.Context) -> None:
         peer_sent, recv, recv_bytes = self._last_recv
         self.tracker.observe_downlink(peer_sent, recv, recv_bytes)
-        asked = self._context_requests.pop(frame.step, None)
+        waiting = self._context_requests.get(frame.step)
+        asked = waiting.popleft() if waiting else None
+        if waiting is not None and not waiting:
+            del self._context_requests[frame.step]
         if asked is not None and frame.recv_ns:
-            sent_ns, sent_bytes = asked
-            self.tracker.observe_rtt(sent_ns, recv, remote_hold_ns=max(0, peer_sent - frame.recv_ns))
+            sent_ns, sent_bytes, padded = asked
+            hold_ns = max(0, peer_sent - frame.recv_ns)
+            self.tracker.observe_rtt(sent_ns, recv, remote_hold_ns=hold_ns)
             self.tracker.observe_uplink(sent_ns, frame.recv_ns, sent_bytes)
+            if padded and self.probe_change.observe((recv - sent_ns - hold_ns) / 1e9):
+                self._link_changed(frame.step)
         point = self.pipeline.point
         self.tracker.observe_remote(
             cloud_step_ms=frame.cloud_step_ms or None,
@@ -337,22 +377,33 @@ class EdgeClient:
                     if frame.recv_ns:
                         break
 
-    async def _request_context(self) -> None:
+    async def _request_context(self, padding: int = 0) -> None:
+        """Ask for the cloud's Context; ``padding`` > 0 makes it a bandwidth probe
+        (that many filler bytes up, and asked for in the answer)."""
         step = self.pipeline.next_step
-        nbytes = await self._send(
-            fr.Context(
-                step=step,
-                uplink_bps=0.0,
-                downlink_bps=0.0,
-                rtt_ms=0.0,
-                cloud_step_ms=0.0,
-                cloud_block_ms=[],
-                queue_depth=0,
-                request=True,
-                recv_ns=0,
-            )
-        )
-        self._context_requests[step] = (time.monotonic_ns(), nbytes)
+        frame = fr.Context(step=step, request=True, padding=padding, reply_padding=padding)
+        nbytes = await self._send(frame)
+        self._context_requests.setdefault(step, deque()).append((time.monotonic_ns(), nbytes, padding > 0))
+
+    async def _maybe_probe(self) -> None:
+        """While the device trains alone, keep the link estimates alive: every
+        ``PROBE_EVERY_S`` one small request (RTT, and the small point of the
+        bandwidth fit) and, half a period later, one padded to ~20 ms of the
+        estimated link. Apart, not back to back: a frame that arrives right
+        behind another tells the estimators nothing about its own size."""
+        now = time.perf_counter()
+        snap = self.tracker.snapshot()
+        # faster while an estimate is missing (a new link): the engine waits for it
+        warming = min(snap.samples.get("uplink", 0), snap.samples.get("downlink", 0)) < 8
+        if now - self._last_probe_s < (PROBE_EVERY_S / 8 if warming else PROBE_EVERY_S / 2):
+            return
+        self._last_probe_s = now
+        self._probes += 1
+        if self._probes % 2:
+            await self._request_context()
+            return
+        bps = min(snap.uplink_bps or 1e6, snap.downlink_bps or 1e6)
+        await self._request_context(padding=int(min(fr.MAX_PADDING, max(PROBE_MIN_BYTES, bps * 0.02 / 8))))
 
     # --------------------------------------------------------------- decisions
     async def _maybe_adapt(self, means: _RunningMeans, epoch: int, t_start: float) -> None:
@@ -367,12 +418,20 @@ class EdgeClient:
     async def _switch(self, choice, means: _RunningMeans, epoch: int, t_start: float) -> None:
         """Act on a decision: drain if needed, move the cut, change codec or K."""
         cur = self.choice
+        if choice == cur:
+            return
         if choice.point == cur.point and choice.codec == cur.codec and choice.staleness >= cur.staleness:
             self.pipeline.window.staleness = choice.staleness  # growing the window needs no drain
         else:
             await self._drain(means, epoch, t_start, adapt=False)
             if choice.point != cur.point:
                 await self._repartition(choice)
+                if self.pipeline.device_only:
+                    # From now on only probes cross the link. The estimators' windows
+                    # count frames, so the split's frames (and the migration's) would
+                    # speak for the link long after it changed: start from the probes.
+                    self.tracker.uplink.reset()
+                    self.tracker.downlink.reset()
             else:
                 self.pipeline.codec = Codec.parse(choice.codec)
                 self.pipeline.window.staleness = choice.staleness
@@ -415,6 +474,12 @@ class EdgeClient:
             await self._apply(await self._next_frame(), means, epoch, t_start, adapt=adapt)
 
     async def _evaluate(self, epoch: int) -> fr.EvalResult:
+        if self.pipeline.device_only:  # the whole model is here: nothing crosses the link
+            loss, correct, count = 0.0, 0, 0
+            for x, y in self.setup.test_loader(self.cfg):
+                batch_loss, batch_correct, n = await self._compute(self.pipeline.local_eval, x, y, train=False)
+                loss, correct, count = loss + batch_loss, correct + batch_correct, count + n
+            return fr.EvalResult(epoch=epoch, loss=loss / count if count else 0.0, correct=correct, count=count)
         for i, (x, y) in enumerate(self.setup.test_loader(self.cfg)):
             feats = await self._compute(self.pipeline.eval_features, x, y, epoch=epoch, batch=i, train=False)
             await self._send(feats)
@@ -438,10 +503,13 @@ class EdgeClient:
                 # dry: steps then travel in convoys of K+1 and the device idles while
                 # the first of each convoy makes its round trip (measured: 46 vs 39
                 # ms/step on wifi at p=1 K=2), which is the latency replay should hide.
-                if not self._inbox.empty():
+                if not self.pipeline.device_only and not self._inbox.empty():
                     await self._apply(await self._next_frame(), means, epoch, t_start)
-                while not self.pipeline.can_start():
+                while not self.pipeline.device_only and not self.pipeline.can_start():
                     await self._apply(await self._next_frame(), means, epoch, t_start)
+                if self.pipeline.device_only:  # from the start, or a decision just now
+                    await self._train_alone(x, y, means, epoch, t_start)
+                    continue
                 if self.pipeline.next_step % self.cfg.decide_every == 0:
                     await self._request_context()
                 feats = await self._compute(self.pipeline.start_step, x, y, epoch=epoch)

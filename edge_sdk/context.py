@@ -412,18 +412,25 @@ class LinkChangeDetector:
     re-decides as soon as a few new frames have been seen.
     """
 
-    def __init__(self, window: int = 20, factor: float = 4.0, min_jump_s: float = 0.2, warmup: int = 5) -> None:
+    def __init__(
+        self, window: int = 20, factor: float = 4.0, min_jump_s: float = 0.2, warmup: int = 5, faster: bool = False
+    ) -> None:
         self.factor = factor
         self.min_jump_s = min_jump_s
         self.warmup = warmup
+        #: also signal a link that got ``factor`` x faster (the device-only probes:
+        #: there a recovered link is the news, and no step's round trip shows it)
+        self.faster = faster
         self._recent: deque[float] = deque(maxlen=window)
 
     def observe(self, round_trip_s: float) -> bool:
-        """Add one step's round trip; True when it signals a link change."""
+        """Add one round trip; True when it signals a link change."""
         changed = False
         if len(self._recent) >= self.warmup:
             med = statistics.median(self._recent)
             changed = round_trip_s > self.factor * med and round_trip_s - med > self.min_jump_s
+            if self.faster:
+                changed = changed or (round_trip_s * self.factor < med and med - round_trip_s > self.min_jump_s)
         if changed:
             self._recent.clear()
         self._recent.append(round_trip_s)

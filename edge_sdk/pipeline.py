@@ -30,7 +30,7 @@ import torch
 
 from edge_sdk.migration import install_optimizer_state, optimizer_state_by_name
 from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
-from edge_sdk.runtime.base import HeadRuntime
+from edge_sdk.runtime.base import HeadRuntime, LossFn
 from schemas import codecs
 from schemas.errors import ErrorCode, WireError
 from schemas.frames import Features, Gradients
@@ -111,6 +111,13 @@ class ReplayWindow:
     def steps(self) -> list[int]:
         return list(self._steps)
 
+    def issue_local(self) -> int:
+        """A step id for a step trained on the device alone (nothing in flight)."""
+        if self._steps:
+            raise RuntimeError(f"{len(self._steps)} steps in flight: drain before training locally")
+        self.next_step += 1
+        return self.next_step - 1
+
 
 @dataclass
 class PipelineStats:
@@ -165,6 +172,11 @@ class EdgePipeline:
     ``runtime`` runs the head (eager, ExecuTorch, TorchScript); the pipeline owns
     the head's optimizer (built over the runtime's live parameters) so that the
     optimizer state can migrate when the cut moves.
+
+    At ``point == num_blocks`` the "head" is the whole model: the device trains
+    alone (:meth:`local_step`, the loss taken here with ``loss_fn``), nothing is
+    in flight, and step ids go on counting so the cloud's accounting stays exact
+    when the cut comes back.
     """
 
     def __init__(
@@ -180,9 +192,13 @@ class EdgePipeline:
         topk_ratio: float = 0.1,
         torch_optimizer: torch.optim.Optimizer | None = None,
         staleness_guard: bool = True,
+        num_blocks: int | None = None,
+        loss_fn: LossFn | None = None,
     ) -> None:
         self.runtime = runtime
         self.point = point
+        self.num_blocks = num_blocks
+        self.loss_fn = loss_fn
         self.optimizer_config = optimizer
         self.codec = codecs.Codec.parse(codec)
         self.grad_codec = codecs.Codec.parse(grad_codec)
@@ -211,12 +227,19 @@ class EdgePipeline:
         return self.window.has_room()
 
     @property
+    def device_only(self) -> bool:
+        """The whole model runs here (no cloud blocks, no link per step)."""
+        return self.num_blocks is not None and self.point >= self.num_blocks
+
+    @property
     def next_step(self) -> int:
         return self.window.next_step
 
     # ---------------------------------------------------------------- events
     def start_step(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int) -> Features:
         """First forward of a new step: returns the ``Features`` frame to upload."""
+        if self.device_only:
+            raise RuntimeError("the device trains alone at this point: use local_step")
         if not self.window.has_room():
             raise RuntimeError(f"{self.in_flight} steps already in flight (K={self.staleness}); apply a gradient first")
         rng_state = torch.get_rng_state()
@@ -267,6 +290,29 @@ class EdgePipeline:
             round_trip_ms=(time.monotonic_ns() - item.started_ns) / 1e6,
             staleness=stale,
         )
+
+    def local_step(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int) -> StepResult:
+        """One step of device-only training: forward, loss, backward, optimizer step."""
+        if not self.device_only or self.loss_fn is None:
+            raise RuntimeError(f"point {self.point} is a split: start_step, then on_gradients")
+        step = self.window.issue_local()
+        loss, correct = self.runtime.train_step(x, y, self.loss_fn)
+        if self.optimizer is not None:
+            set_lr(self.optimizer, self.optimizer_config.lr_at(epoch))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        self.stats.steps_applied += 1
+        return StepResult(step, epoch, loss, correct, int(y.shape[0]), cloud_ms=0.0, round_trip_ms=0.0, staleness=0)
+
+    def local_eval(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        """Device-only evaluation of one batch: (summed loss, correct, count)."""
+        if not self.device_only or self.loss_fn is None:
+            raise RuntimeError(f"point {self.point} is a split: evaluate through eval_features")
+        with torch.no_grad():
+            loss, correct = self.loss_fn(self.runtime.forward(x, train=False), y)
+        n = int(y.shape[0])
+        return float(loss) * n, int(correct), n
 
     def eval_features(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int, batch: int) -> Features:
         """Eval-mode forward; the cloud answers with loss and correct count only."""

@@ -4,6 +4,10 @@ Sequence (the client drives it; docs/design.md §1, point 4):
 
 1. drain: no step in flight (a gradient for the old cut cannot be applied to the
    new head);
+
+Moving the cut to the block count ``L`` is *device-only* training: the cloud hands
+every block down and keeps the (empty) session, so the cut can come back later
+the same way.
 2. :func:`request_frames`: when blocks move *to the cloud* (new point < old), their
    weights, buffers and optimizer state go first as ``Weights`` frames; then the
    ``Repartition`` frame;
@@ -29,8 +33,10 @@ def request_frames(pipeline: EdgePipeline, model: BlockModel, new_point: int, *,
     """The frames that ask the cloud to move the cut to ``new_point``."""
     if pipeline.in_flight:
         raise RuntimeError("drain the pipeline before repartitioning")
-    if new_point not in model.cut_points or not (0 <= new_point < model.num_blocks):
-        raise ValueError(f"cannot move the cut to {new_point}; valid: {[p for p in model.cut_points if p < model.num_blocks]}")
+    # the block count is a cut too: the device takes every block and trains alone
+    valid = sorted({p for p in model.cut_points if 0 <= p < model.num_blocks} | {model.num_blocks})
+    if new_point not in valid:
+        raise ValueError(f"cannot move the cut to {new_point}; valid: {valid}")
     step = pipeline.next_step
     frames: list[object] = []
     if new_point < pipeline.point:

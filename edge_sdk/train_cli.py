@@ -25,9 +25,17 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     g.add_argument(
         "--point",
-        type=_auto_int,
+        type=_point,
         default="auto",
-        help="partition point p: blocks [0,p) run on the device; 'auto' lets the decision engine choose and move it (default: %(default)s)",
+        help="partition point p: blocks [0,p) run on the device; 'device' (or the block count) trains the whole "
+        "model on the device alone; 'auto' lets the decision engine choose and move it, device-only included "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-device-only",
+        dest="allow_device_only",
+        action="store_false",
+        help="with --point auto: never let the engine train on the device alone",
     )
     g.add_argument(
         "--codec", default="auto", help="feature codec: auto, fp32, fp16, bf16, int8, int8c, int4, topk (default: %(default)s)"
@@ -81,6 +89,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _point(text: str) -> int | str:
+    if text == "device":
+        return text
+    return _auto_int(text)
+
+
 def _auto_int(text: str) -> int | str:
     if text == "auto":
         return text
@@ -98,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs,
         batch_size=args.batch_size,
         point=None if args.point == "auto" else args.point,
+        allow_device_only=args.allow_device_only,
         codec=args.codec,
         grad_codec=args.grad_codec,
         staleness=None if args.staleness == "auto" else args.staleness,

@@ -33,8 +33,12 @@ class TrainConfig:
     data_dir: str | None = None
     epochs: int = 10
     batch_size: int = 32
-    point: int | None = None  # None: auto (start at the model's default cut)
+    #: None: auto (start at the model's default cut); "device" (or the block count):
+    #: train the whole model on the device, the cloud keeping the session
+    point: int | str | None = None
     auto_point: bool = True  # let the decision engine move the cut (only when point is None)
+    #: whether the engine may choose device-only training (labels stay on the device)
+    allow_device_only: bool = True
     codec: str = "auto"
     grad_codec: str = "fp16"
     staleness: int | None = None  # None: auto
@@ -197,6 +201,18 @@ def default_point(spec: zoo.ModelSpec) -> int:
     return interior[-1]
 
 
+#: ``--point device``: the device trains the whole model alone
+DEVICE_ONLY = "device"
+
+
+def device_only_possible(cfg: TrainConfig, manifest: dict[str, Any] | None, num_blocks: int) -> bool:
+    """Whether the device can run every block and the loss: eager PyTorch always
+    can; a program runtime only with a program exported at the block count."""
+    if cfg.runtime == "eager":
+        return True
+    return manifest is not None and str(num_blocks) in {str(p) for p in manifest.get("points", {})}
+
+
 def build_local(cfg: TrainConfig) -> LocalSetup:
     """Build the model and load the data, with one clear error for a mismatch."""
     cfg.validate()
@@ -209,13 +225,22 @@ def build_local(cfg: TrainConfig) -> LocalSetup:
         )
     warm_up()
     manifest = _check_programs(cfg, spec) if cfg.runtime != "eager" else None
-    valid = [p for p in spec.model.cut_points if 0 < p < spec.model.num_blocks]
+    L = spec.model.num_blocks
+    valid = [p for p in spec.model.cut_points if 0 < p < L]
     if manifest is not None:
         exported = {int(p) for p in manifest.get("points", {})}
         valid = [p for p in valid if p in exported]
         if not valid:
             raise ValueError(f"the programs in {cfg.programs} cover no interior cut of {cfg.model}")
-    point = cfg.point
+    point = L if cfg.point == DEVICE_ONLY else cfg.point
+    if point == L:
+        if not device_only_possible(cfg, manifest, L):
+            raise ValueError(
+                f"--point {cfg.point}: training alone needs --runtime eager or an exported program of the whole model"
+            )
+        return LocalSetup(spec=spec, splits=splits, point=L, manifest=manifest)
+    if not (point is None or isinstance(point, int)):
+        raise ValueError(f"--point must be 'auto', '{DEVICE_ONLY}' or a block index, got {point!r}")
     if point is None:
         point = default_point(spec)
         if point not in valid:

@@ -71,6 +71,8 @@ WEIGHT_KINDS = ("param", "buffer", "optim")
 #: Protocol rule: an evaluation ``Features`` frame carries at most
 #: ``max(Hello.batch_size, MAX_EVAL_BATCH)`` samples (the device's default eval batch).
 MAX_EVAL_BATCH = 256
+#: the most filler bytes a ``Context`` bandwidth probe carries or asks for
+MAX_PADDING = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,10 @@ class Context:
     queue_depth: int = 0
     request: bool = False
     recv_ns: int = 0
+    #: filler bytes carried (a bandwidth probe: only their count travels in Python)
+    padding: int = 0
+    #: a request asks for this many filler bytes in the answer (at most ``MAX_PADDING``)
+    reply_padding: int = 0
 
 
 @dataclass
@@ -251,7 +257,8 @@ class Envelope:
 # ----------------------------------------------------------------------------- layout
 # (python attribute, kind, wire default) per table, in .fbs field order.
 # kinds: scalars by struct letter, "str", "tensor", "tensor?" (optional),
-# "f32[]", "kind" (WeightKind as str), "ecode" (ErrorCode).
+# "f32[]", "pad" (a ubyte vector of zeros, held as its length), "kind" (WeightKind
+# as str), "ecode" (ErrorCode).
 
 _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
     Hello: (
@@ -306,6 +313,8 @@ _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
         ("queue_depth", "i", 0),
         ("request", "?", False),
         ("recv_ns", "q", 0),
+        ("padding", "pad", 0),
+        ("reply_padding", "I", 0),
     ),
     Repartition: (("step", "q", 0), ("point", "i", 0), ("codec", "str", ""), ("staleness", "i", 0)),
     RepartitionAck: (("step", "q", 0), ("point", "i", 0), ("accepted", "?", False), ("message", "str", "")),
@@ -445,6 +454,8 @@ def _size_hint(frame: Any, big: TensorFrame | None) -> int:
             n += 128 + 8 * len(v.shape) + (v.nbytes - (v.payload.nbytes if big is not None and v is big else 0))
         elif kind == "str" or (kind == "f32[]" and v):
             n += 4 * len(v) + 8
+        elif kind == "pad":
+            n += int(v) + 32
     return n
 
 
@@ -474,6 +485,10 @@ def encode(envelope: Envelope) -> bytes:
                 offsets[name] = enc.tensor(v)
         elif kind == "f32[]":
             offsets[name] = enc.small_vector(np.asarray(v, np.float32), "<f4") if v else 0
+        elif kind == "pad":
+            if not isinstance(v, int) or not 0 <= v <= MAX_PADDING:
+                raise ValueError(f"{type(frame).__name__}.{name} must be an int in [0, {MAX_PADDING}], got {v!r}")
+            offsets[name] = enc.payload(np.zeros(v, np.uint8)) if v else 0
         elif kind == "kind":
             if v not in WEIGHT_KINDS:
                 raise ValueError(f"Weights.kind must be one of {WEIGHT_KINDS}, got {v!r}")
@@ -721,6 +736,9 @@ def _decode(mv: memoryview, limits: Limits) -> Envelope:
         elif kind == "f32[]":
             a = r.array(tab, slot, "<f4", limits.max_list_len, what)
             kw[attr] = [] if a is None else a.tolist()
+        elif kind == "pad":
+            pad = r.vector(tab, slot, 1, MAX_PADDING, what)
+            kw[attr] = 0 if pad is None else pad[1]
         elif kind == "kind":
             v = r.scalar(tab, slot, "B", 0)
             if v >= len(WEIGHT_KINDS):

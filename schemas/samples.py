@@ -73,6 +73,8 @@ def sample_frames(shape=(2, 3, 4, 5), codec: Codec = Codec.INT8_CHANNEL) -> list
             queue_depth=1,
             request=True,
             recv_ns=-3,
+            padding=1000,
+            reply_padding=4096,
         ),
         Repartition(step=100, point=4, codec="fp16", staleness=0),
         RepartitionAck(step=100, point=4, accepted=True, message="moved 2 blocks"),

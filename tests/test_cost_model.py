@@ -14,7 +14,6 @@ from edge_sdk.decision.cost_model import (
     DecisionInputs,
     LinkEstimate,
     StageTimes,
-    _codec_nbytes_fallback,
     apply_context,
     drain_time,
     inputs_from_profile,
@@ -183,9 +182,9 @@ def test_codec_sizes_from_shape_when_table_misses():
     assert n // 2 <= b.nbytes("int4") <= n // 2 + 8 * 16  # per-channel scales
     assert b.nbytes("topk") < b.nbytes("int8")
     assert BlockCost(1, 1, 1).nbytes("fp16") is None
-    assert _codec_nbytes_fallback((4, 3), "int8c") == 12 + 8 * 3
+    assert BlockCost(1, 1, 1, out_shape=(4, 3)).nbytes("int8c") == 12 + 8 * 3  # one fp32 scale + zero point per channel
     with pytest.raises(ValueError):
-        _codec_nbytes_fallback((4,), "zip")
+        BlockCost(1, 1, 1, out_shape=(4,)).nbytes("zip")
 
 
 def test_migration_time_direction_and_bytes():

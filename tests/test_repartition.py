@@ -15,6 +15,7 @@ from edge_sdk.hello import hello_frame
 from edge_sdk.optim import OptimizerConfig
 from edge_sdk.pipeline import EdgePipeline
 from edge_sdk.runtime.eager import EagerRuntime
+from schemas import codecs
 from schemas import frames as fr
 
 
@@ -29,7 +30,15 @@ class InProcessRun:
         self.spec = zoo.build(name, seed=0)
         self.model = self.spec.model
         self.codec, self.staleness = codec, staleness
-        self.pipe = EdgePipeline(self.runtime(point), point=point, optimizer=opt, codec=codec, staleness=staleness)
+        self.pipe = EdgePipeline(
+            self.runtime(point),
+            point=point,
+            optimizer=opt,
+            codec=codec,
+            staleness=staleness,
+            num_blocks=self.model.num_blocks,
+            loss_fn=self.spec.loss,
+        )
         self.cloud = CloudSession(1)
         hello = hello_frame(self.spec, point=point, codec=codec, staleness=staleness, optimizer=opt, batch_size=16)
         (ack,) = self.cloud.handle(wire(hello))
@@ -39,6 +48,9 @@ class InProcessRun:
         return EagerRuntime(self.model.head(point))
 
     def step(self, x, y, epoch: int) -> None:
+        if self.pipe.device_only:
+            self.pipe.local_step(x, y, epoch=epoch)
+            return
         replies = self.cloud.handle(wire(self.pipe.start_step(x, y, epoch=epoch)))
         (g,) = [r for r in replies if isinstance(r, fr.Gradients)]
         self.pipe.on_gradients(wire(g))
@@ -63,16 +75,20 @@ class InProcessRun:
         return {k: (edge[k] if int(k.split(".")[1]) < p else cloud[k]) for k in edge}
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_moving_the_cut_both_ways_matches_a_fixed_cut(opt_name):
-    opt = OptimizerConfig(name=opt_name, lr=0.05 if opt_name == "sgd" else 2e-3, momentum=0.9, schedule="constant")
+def _fixed_and_data(opt: OptimizerConfig) -> tuple[InProcessRun, list[tuple[torch.Tensor, torch.Tensor]]]:
     g = torch.Generator().manual_seed(5)
     data = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(12)]
-
     torch.manual_seed(11)
     fixed = InProcessRun("digits_cnn", 2, opt)
     for x, y in data:
         fixed.step(x, y, 0)
+    return fixed, data
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_moving_the_cut_both_ways_matches_a_fixed_cut(opt_name):
+    opt = OptimizerConfig(name=opt_name, lr=0.05 if opt_name == "sgd" else 2e-3, momentum=0.9, schedule="constant")
+    fixed, data = _fixed_and_data(opt)
 
     torch.manual_seed(11)
     moving = InProcessRun("digits_cnn", 2, opt)
@@ -91,6 +107,48 @@ def test_moving_the_cut_both_ways_matches_a_fixed_cut(opt_name):
     init = zoo.build("digits_cnn", seed=0).model.state_dict()
     assert not torch.allclose(b["blocks.4.weight"], init["blocks.4.weight"])
     assert moving.pipe.stats.steps_applied == moving.cloud.applied_steps == len(data)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_training_alone_and_back_matches_a_fixed_cut(opt_name):
+    """Device-only (p = L) is a cut like the others: every block and its optimizer
+    state come down, the device trains alone with the loss taken locally, then the
+    tail goes back up; at K=0 fp32 the model is the one a fixed split trains."""
+    opt = OptimizerConfig(name=opt_name, lr=0.05 if opt_name == "sgd" else 2e-3, momentum=0.9, schedule="constant")
+    fixed, data = _fixed_and_data(opt)
+    L = fixed.model.num_blocks
+
+    torch.manual_seed(11)
+    moving = InProcessRun("digits_cnn", 2, opt)
+    for i, (x, y) in enumerate(data):
+        if i == 4:
+            moving.move_to(L)  # the whole model comes to the device
+            assert moving.cloud.blocks == [] and moving.cloud.optimizer is None
+        if i == 8:
+            moving.move_to(1)  # blocks 1..L go back to the cloud
+        moving.step(x, y, 0)
+    assert list(moving.cloud.partition_history) == [(4, L), (8, 1)]
+
+    a, b = fixed.merged_state(), moving.merged_state()
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-5, atol=1e-5, msg=f"{k} differs after training alone")
+    # exact step accounting: 12 steps, of which the cloud applied the 8 split ones,
+    # and the step ids went on counting through the device-only stretch
+    assert moving.pipe.stats.steps_applied == 12 and moving.cloud.applied_steps == 8
+    assert moving.pipe.next_step == 12 and moving.cloud.last_step == 11
+
+
+def test_cloud_refuses_features_while_the_device_trains_alone():
+    run = InProcessRun("digits_cnn", 2, OptimizerConfig())
+    run.move_to(run.model.num_blocks)
+    feats, _ = codecs.encode_tensor(torch.zeros(4, 8, 4, 4), codecs.Codec.NONE)
+    frame = fr.Features(
+        step=0, epoch=0, point=2, tensor=feats, labels=codecs.tensor_frame_from_tensor(torch.zeros(4, dtype=torch.long))
+    )
+    (err,) = run.cloud.handle(wire(frame))
+    assert isinstance(err, fr.Error) and "trains alone" in err.message
+    with pytest.raises(RuntimeError, match="local_step"):
+        run.pipe.start_step(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), epoch=0)
 
 
 def test_repartition_requires_a_drained_pipeline():

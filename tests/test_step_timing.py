@@ -44,9 +44,13 @@ def test_build_controller_times_every_point_and_codec_without_training_the_model
     before = {k: v.clone() for k, v in setup.spec.model.state_dict().items()}
     controller = build_controller(cfg, setup, Choice(setup.point, "int8", 2))
     inputs = controller.base_inputs
-    interior = [p for p in setup.spec.model.cut_points if 0 < p < setup.spec.model.num_blocks]
-    assert sorted(inputs.head_step_s) == interior
+    L = setup.spec.model.num_blocks
+    interior = [p for p in setup.spec.model.cut_points if 0 < p < L]
+    # every interior cut, and the device training alone (p = L: no codec there)
+    assert sorted(inputs.head_step_s) == [*interior, L]
     assert set(inputs.codec_step_s) == {(p, c) for p in interior for c in AUTO_CODECS}
+    # training alone does one forward, a split step two (upload, then replay)
+    assert inputs.head_step_s[L] < inputs.head_step_s[interior[-1]] * 1.5
     assert inputs.device_slowdown == 10.0
     # the deepest head does about 4x the shallowest one's work (timed round-robin)
     assert inputs.head_step_s[interior[-1]] > inputs.head_step_s[interior[0]]

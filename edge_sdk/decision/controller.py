@@ -142,12 +142,9 @@ class DecisionController:
         decision = self.policy.decide(inputs, self.current, remaining, uncertainty)
         reason = f"{decision.reason}; {self.provenance(snapshot)}"
         wants_switch = decision.switch and decision.choice != self.current
-        dwelling = self._switched_at is not None and step - self._switched_at < self.min_dwell_steps
-        if wants_switch and dwelling and not forced and not decision.required:
-            reason = (
-                f"dwell: {step - self._switched_at} of {self.min_dwell_steps} steps since the last switch, "
-                f"not switching yet; {reason}"
-            )
+        since = step - self._switched_at if self._switched_at is not None else None
+        if wants_switch and since is not None and since < self.min_dwell_steps and not forced and not decision.required:
+            reason = f"dwell: {since} of {self.min_dwell_steps} steps since the last switch, not switching yet; {reason}"
             decision = Decision(self.current, decision.best or decision.prediction, False, reason, best=decision.best)
             wants_switch = False
         self._record(step, decision, reason, inputs, uncertainty.to_dict(), switch=wants_switch)

@@ -1,7 +1,8 @@
 """The pure cost model of docs/design.md §1: how long does a (point, codec, K) take?
 
-Everything here is arithmetic on plain dataclasses: no torch, no sockets, no
-clocks. That keeps the model cheap enough for the policy to evaluate every
+Everything here is arithmetic on plain dataclasses: no tensors, no sockets, no
+clocks (codec sizes are `schemas.codecs.encoded_nbytes`, the codec's own answer).
+That keeps the model cheap enough for the policy to evaluate every
 (point, codec, K) at every decision, and lets tests check it against numbers
 worked out by hand.
 
@@ -25,6 +26,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
+
+from schemas.codecs import Codec, encoded_nbytes
 
 #: Codec labels the project uses (``schemas.codecs.Codec.parse`` accepts them).
 CODEC_LABELS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int8c", "int4", "topk")
@@ -66,7 +69,7 @@ class StageTimes:
         vals = (self.t1_edge_s, self.t2_up_s, self.t3_cloud_s, self.t4_down_s)
         return names[max(range(4), key=lambda i: vals[i])]
 
-    def breakdown(self) -> dict[str, float]:
+    def breakdown(self) -> dict[str, float | str]:
         """A JSON-friendly dict (seconds) for logs and ``partition_history``."""
         return {
             "t1_edge_s": self.t1_edge_s,
@@ -125,47 +128,17 @@ def min_staleness_to_fill(stages: StageTimes) -> int:
 # --------------------------------------------------------------------------- inputs
 
 
-def _codec_nbytes_fallback(shape: Sequence[int], codec: str, topk_ratio: float = 0.1) -> int:
-    """Our own payload-size estimate, used until/unless ``schemas.codecs`` answers.
-
-    Mirrors ``schemas.codecs``: ``int8`` carries one fp32 scale + zero point per
-    tensor, ``int8c`` and ``int4`` one per channel on axis 1; top-k sends fp32
-    values + int32 indices.
-    """
-    n = math.prod(int(s) for s in shape)
-    if codec == "fp32":
-        return 4 * n
-    if codec in ("fp16", "bf16"):
-        return 2 * n
-    if codec == "int8":
-        return n + 8
-    if codec == "int8c":
-        channels = int(shape[1]) if len(shape) > 1 else 1
-        return n + 8 * channels
-    if codec == "int4":  # per channel on axis 1, like int8c
-        channels = int(shape[1]) if len(shape) > 1 else 1
-        return (n + 1) // 2 + 8 * channels
-    if codec == "topk":
-        k = max(1, math.ceil(topk_ratio * n))
-        return 8 * k
-    raise ValueError(f"unknown codec label {codec!r}")
-
-
 @functools.lru_cache(maxsize=4096)
 def _codec_nbytes_cached(shape: tuple[int, ...], codec: str, topk_ratio: float) -> int:
-    try:
-        from schemas.codecs import Codec, encoded_nbytes  # type: ignore[attr-defined]
-    except ImportError:
-        return _codec_nbytes_fallback(shape, codec, topk_ratio)
     return int(encoded_nbytes(shape, Codec.parse(codec), topk_ratio=topk_ratio))
 
 
 def codec_nbytes(shape: Sequence[int], codec: str, topk_ratio: float = 0.1) -> int:
     """Encoded payload bytes of a tensor of ``shape`` under ``codec`` (a label).
 
-    Asks ``schemas.codecs.encoded_nbytes`` when it exists (the codec's own answer),
-    else falls back to :func:`_codec_nbytes_fallback`. Cached: the policy asks
-    for the same few sizes hundreds of times per decision.
+    The codec's own answer (``schemas.codecs.encoded_nbytes``: exactly what
+    ``encode_tensor`` produces), cached: the policy asks for the same few sizes
+    hundreds of times per decision.
     """
     return _codec_nbytes_cached(tuple(int(s) for s in shape), codec, float(topk_ratio))
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from edge_sdk.decision.controller import DecisionController
 from edge_sdk.decision.cost_model import Choice, LinkEstimate, inputs_from_profile
 from edge_sdk.decision.policy import CostModelPolicy
-from edge_sdk.training import LocalSetup, TrainConfig
+from edge_sdk.training import LocalSetup, TrainConfig, device_only_possible
 
 #: codecs the engine may pick on its own; top-k is left to explicit requests
 #: (its accuracy cost is not in the cost model)
@@ -19,6 +21,8 @@ PRIOR_LINK = LinkEstimate(uplink_bps=10e6, downlink_bps=10e6, rtt_s=0.05)
 
 
 def initial_choice(cfg: TrainConfig, setup: LocalSetup) -> Choice:
+    if setup.point == setup.spec.model.num_blocks:
+        return Choice(setup.point, "fp32", 0)  # device-only: no codec, nothing in flight
     codec = INITIAL_CODEC if cfg.codec == "auto" else cfg.codec
     staleness = INITIAL_STALENESS if cfg.staleness is None else cfg.staleness
     return Choice(setup.point, codec, staleness)
@@ -41,7 +45,8 @@ def scale_to_runtime(inputs, cfg: TrainConfig, setup: LocalSetup):
 
     from edge_sdk.profile import profile_heads
 
-    heads = profile_heads(setup.spec, cfg.runtime, cfg.programs, cfg.batch_size, repeats=3)
+    assert cfg.programs is not None  # TrainConfig.validate: program runtimes need --programs
+    heads = profile_heads(setup.spec, cfg.runtime, Path(cfg.programs), cfg.batch_size, repeats=3)
     blocks = list(inputs.blocks)
     prev_point, prev_e, prev_r = 0, 0.0, 0.0
     for h in heads:
@@ -86,8 +91,8 @@ def with_measured_head_steps(
     import time
     from dataclasses import replace
 
-    from edge_sdk.runtime import EagerRuntime, load_runtime
-    from edge_sdk.runtime.timing import CodecStepTimer, SplitStepTimer, median_interleaved
+    from edge_sdk.runtime import EagerRuntime, HeadRuntime, load_runtime
+    from edge_sdk.runtime.timing import CodecStepTimer, LocalStepTimer, SplitStepTimer, median_interleaved
 
     spec = setup.spec
     model = copy.deepcopy(spec.model)  # the timing trains: never touch the real weights
@@ -98,16 +103,21 @@ def with_measured_head_steps(
     for p in sorted(points):
         if timers and time.perf_counter() - start > budget_s / 2:
             break  # the shallowest point is always timed
-        runtime = (
-            EagerRuntime(model.head(p), name_map=model.head_name_map(p))
-            if cfg.runtime == "eager"
-            else load_runtime(cfg.runtime, cfg.programs, p, model.state_dict())
-        )
-        timers[p] = SplitStepTimer(runtime, x, y, point=p, optimizer=cfg.optimizer_config())
+        runtime: HeadRuntime
+        if cfg.runtime == "eager":
+            runtime = EagerRuntime(model.head(p), name_map=model.head_name_map(p))
+        else:
+            assert cfg.programs is not None  # TrainConfig.validate: program runtimes need --programs
+            runtime = load_runtime(cfg.runtime, cfg.programs, p, model.state_dict())
+        if p == inputs.num_blocks:  # device-only: the whole model and its loss
+            timers[p] = LocalStepTimer(runtime, x, y, point=p, optimizer=cfg.optimizer_config(), loss_fn=spec.loss)
+        else:
+            timers[p] = SplitStepTimer(runtime, x, y, point=p, optimizer=cfg.optimizer_config())
         timers[p]()  # warm-up, and tells how long a step at this point takes
-        shape = inputs.blocks[p - 1].out_shape
-        for codec in codecs if shape is not None else ():
-            timers[(p, codec)] = CodecStepTimer(shape, codec, inputs.grad_codec or codec)
+        shape = inputs.blocks[p - 1].out_shape if p < inputs.num_blocks else None
+        if shape is not None:
+            for codec in codecs:
+                timers[(p, codec)] = CodecStepTimer(shape, codec, inputs.grad_codec or codec)
     if not timers:  # no split point to time (a device-only or cloud-only run)
         return inputs
     ms = median_interleaved(timers, repeats, warmup=1, budget_s=max(0.0, budget_s - (time.perf_counter() - start)))
@@ -133,23 +143,27 @@ def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> De
     spec = setup.spec
     model = spec.model
     profile = profile_model(spec, cfg.batch_size, optimizer=cfg.optimizer, repeats=3, warmup=1)
-    interior = [p for p in model.cut_points if 0 < p < model.num_blocks]
+    L = model.num_blocks
+    interior = [p for p in model.cut_points if 0 < p < L]
     if setup.program_points is not None:  # only points with an exported program
         interior = [p for p in interior if p in setup.program_points]
+    # device-only (p = L) is a placement like any cut, where the device can run it
+    alone = cfg.allow_device_only and device_only_possible(cfg, setup.manifest, L)
+    points = interior + ([L] if alone or current.point == L else [])
     inputs = inputs_from_profile(
         profile,
         link=PRIOR_LINK,
         device_slowdown=cfg.device_slowdown,
         label_bytes=cfg.batch_size * 8,
         remaining_steps=setup.total_steps(cfg),
-        cut_points=interior,
+        cut_points=points,
         grad_codec=cfg.grad_codec,
     )
     if cfg.runtime != "eager":
         inputs = scale_to_runtime(inputs, cfg, setup)
     codecs = AUTO_CODECS if cfg.codec == "auto" else (cfg.codec,)
-    allowed_points = interior if cfg.auto_point else [current.point]
-    inputs = with_measured_head_steps(inputs, cfg, setup, [p for p in allowed_points if p in interior], codecs)
+    allowed_points = points if cfg.auto_point else [current.point]
+    inputs = with_measured_head_steps(inputs, cfg, setup, allowed_points, codecs)
     policy = CostModelPolicy(
         allowed_points=allowed_points,
         allowed_codecs=list(codecs),

@@ -16,8 +16,12 @@ program. It needs exactly four things from a runtime:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
+
+#: ``spec.loss``: (model output, labels) -> (mean loss, number correct)
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | int]]
 
 
 class HeadRuntime(ABC):
@@ -56,6 +60,21 @@ class HeadRuntime(ABC):
         Must not update BatchNorm running statistics: they were updated by the
         step's first forward. The caller restores the RNG state for dropout.
         """
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[float, int]:
+        """Device-only training: forward the whole model, take the loss here and
+        write every parameter's ``.grad``; returns (loss, correct).
+
+        This generic version reuses the two calls every runtime has (a train
+        forward, then a replayed backward of d loss / d output), so it costs one
+        extra forward; runtimes that keep the graph override it.
+        """
+        out = self.forward(x, train=True).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, correct = loss_fn(out, y)
+            (grad,) = torch.autograd.grad(loss, out)
+        self.replay_backward(x, grad)
+        return float(loss.detach()), int(correct)
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.named_parameters().values())

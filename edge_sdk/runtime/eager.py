@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from edge_sdk.runtime.base import HeadRuntime
+from edge_sdk.runtime.base import HeadRuntime, LossFn
 
 
 @contextlib.contextmanager
@@ -70,3 +70,12 @@ class EagerRuntime(HeadRuntime):
         with frozen_batchnorm_stats(self.module):
             out = self.module(x)
             out.backward(grad)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[float, int]:
+        """One forward with its graph, the loss, one backward: what training alone costs."""
+        self.module.train(True)
+        for p in self.module.parameters():
+            p.grad = None
+        loss, correct = loss_fn(self.module(x), y)
+        loss.backward()
+        return float(loss.detach()), int(correct)

@@ -110,6 +110,26 @@ class SplitStepTimer:
         return (c1 - c0 + clock() - c2) * 1e3
 
 
+class LocalStepTimer:
+    """Times one device-only step through ``EdgePipeline.local_step`` per call (CPU ms):
+    forward, loss, backward, optimizer step, as training alone runs them. The
+    runtime's weights are trained: pass one built on a copy."""
+
+    def __init__(self, runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer, loss_fn) -> None:
+        from edge_sdk.pipeline import EdgePipeline
+
+        self.pipe = EdgePipeline(
+            runtime, point=point, optimizer=optimizer, codec="fp32", num_blocks=point, loss_fn=loss_fn, staleness_guard=False
+        )
+        self.x, self.y = x, y
+
+    def __call__(self) -> float:
+        clock = compute_clock()
+        c0 = clock()
+        self.pipe.local_step(self.x, self.y, epoch=0)
+        return (clock() - c0) * 1e3
+
+
 class CodecStepTimer:
     """Times the device's codec work of one step at a cut of ``shape`` (CPU ms):
     encode the features with ``codec``, decode the gradient sent with

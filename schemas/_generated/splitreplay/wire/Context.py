@@ -111,8 +111,42 @@ class Context(object):
             return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
         return 0
 
+    # Context
+    def Padding(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 1))
+        return 0
+
+    # Context
+    def PaddingAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint8Flags, o)
+        return 0
+
+    # Context
+    def PaddingLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Context
+    def PaddingIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        return o == 0
+
+    # Context
+    def ReplyPadding(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
+        return 0
+
 def ContextStart(builder):
-    builder.StartObject(9)
+    builder.StartObject(11)
 
 def Start(builder):
     ContextStart(builder)
@@ -176,6 +210,24 @@ def ContextAddRecvNs(builder, recvNs):
 
 def AddRecvNs(builder, recvNs):
     ContextAddRecvNs(builder, recvNs)
+
+def ContextAddPadding(builder, padding):
+    builder.PrependUOffsetTRelativeSlot(9, flatbuffers.number_types.UOffsetTFlags.py_type(padding), 0)
+
+def AddPadding(builder, padding):
+    ContextAddPadding(builder, padding)
+
+def ContextStartPaddingVector(builder, numElems):
+    return builder.StartVector(1, numElems, 1)
+
+def StartPaddingVector(builder, numElems):
+    return ContextStartPaddingVector(builder, numElems)
+
+def ContextAddReplyPadding(builder, replyPadding):
+    builder.PrependUint32Slot(10, replyPadding, 0)
+
+def AddReplyPadding(builder, replyPadding):
+    ContextAddReplyPadding(builder, replyPadding)
 
 def ContextEnd(builder):
     return builder.EndObject()
