@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-every", type=int, default=10, help="send a Context report every N train steps (default: %(default)s)"
     )
     s.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    s.add_argument(
+        "--cloud-slowdown",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="emulation: make every session's compute take S times longer, as a loaded or smaller cloud would "
+        "(default: %(default)s)",
+    )
     s.add_argument("-v", "--verbose", action="store_true", help="log every session open/close")
     return parser
 
@@ -128,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_sessions", "max_frame_bytes", "max_unauthenticated", "hello_timeout", "idle_timeout", "max_session_memory"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not (args.cloud_slowdown >= 1.0 and math.isfinite(args.cloud_slowdown)):
+        parser.error(f"--cloud-slowdown must be >= 1, got {args.cloud_slowdown}")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("TLS needs both --tls-cert and --tls-key")
     token = read_token(parser, args)
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         max_session_bytes=args.max_session_memory << 20,
         max_frame_bytes=args.max_frame_bytes,
         context_every=args.context_every,
+        cloud_slowdown=args.cloud_slowdown,
     )
     try:
         asyncio.run(serve_forever(config))

@@ -27,6 +27,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from websockets.http11 import Request, Response
 
 from cloud_backend.session import DEFAULT_SESSION_BYTES, CloudSession, Phase, SessionConfig
 from schemas.errors import ErrorCode, WireError
-from schemas.frames import Envelope, Error, Hello, HelloAck, Limits, decode, encode
+from schemas.frames import Envelope, Error, Gradients, Hello, HelloAck, Limits, decode, encode
 from schemas.transport import is_loopback
 
 log = logging.getLogger("cloud_backend")
@@ -72,6 +73,8 @@ class ServerConfig:
     inbox_frames: int = 8
     max_session_bytes: int = DEFAULT_SESSION_BYTES
     context_every: int = 10
+    #: emulation: every session's compute takes this many times longer
+    cloud_slowdown: float = 1.0
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
@@ -89,6 +92,8 @@ class ServerConfig:
         for name in ("hello_timeout_s", "idle_timeout_s", "ping_interval_s", "ping_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if not (self.cloud_slowdown >= 1.0 and math.isfinite(self.cloud_slowdown)):
+            raise ValueError(f"cloud_slowdown must be >= 1, got {self.cloud_slowdown}")
 
     @property
     def token_in_clear(self) -> bool:
@@ -292,7 +297,12 @@ class CloudServer:
                 raise _Refused from None
             session = CloudSession(
                 session_id,
-                SessionConfig(token=cfg.token, context_every=cfg.context_every, max_session_bytes=cfg.max_session_bytes),
+                SessionConfig(
+                    token=cfg.token,
+                    context_every=cfg.context_every,
+                    max_session_bytes=cfg.max_session_bytes,
+                    compute_slowdown=cfg.cloud_slowdown,
+                ),
             )
             try:
                 session.authenticate(hello)
@@ -417,6 +427,16 @@ class CloudServer:
         if not put.done():
             put.cancel()
 
+    @staticmethod
+    async def _emulate_slower_compute(session: CloudSession, replies: list[object]) -> None:
+        """With ``compute_slowdown`` s > 1 the session reported s x its step time;
+        wait the part it did not spend, as the slower cloud would have."""
+        s = session.config.compute_slowdown
+        if s > 1.0:
+            for reply in replies:
+                if isinstance(reply, Gradients):
+                    await asyncio.sleep(reply.cloud_ms * (1.0 - 1.0 / s) / 1e3)
+
     async def _work(self, ws: ServerConnection, session: CloudSession, inbox: asyncio.Queue, seq: itertools.count) -> None:
         """Apply frames in arrival order, one at a time, off the event loop."""
         while True:
@@ -426,6 +446,7 @@ class CloudServer:
             envelope, recv_ns = item
             session.queue_depth = inbox.qsize()
             replies = await asyncio.to_thread(session.handle, envelope.frame, recv_ns=recv_ns)
+            await self._emulate_slower_compute(session, replies)
             try:
                 for reply in replies:
                     await self._send(ws, session.session_id, seq, reply)

@@ -90,6 +90,10 @@ class SessionConfig:
     max_session_bytes: int = DEFAULT_SESSION_BYTES
     #: byte bound of the reply cache; None: a quarter of ``max_session_bytes``
     reply_cache_bytes: int | None = None
+    #: emulation: this session's compute costs ``s`` x what it measures (a loaded or
+    #: smaller cloud); the session reports the scaled time and the transport
+    #: waits the difference (``serve --cloud-slowdown``)
+    compute_slowdown: float = 1.0
 
     @property
     def reply_cache_cap(self) -> int:
@@ -349,7 +353,7 @@ class CloudSession:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
         grad_frame, _ = codecs.encode_tensor(grad, grad_codec)
-        cloud_ms = (time.perf_counter() - t0) * 1e3
+        cloud_ms = (time.perf_counter() - t0) * 1e3 * self.config.compute_slowdown
         self.step_ms.observe(cloud_ms)
         reply = Gradients(
             step=frame.step,
