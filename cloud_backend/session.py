@@ -47,6 +47,7 @@ from edge_sdk.migration import (
     install_optimizer_state,
     named_tensors,
     optimizer_state_by_name,
+    state_hash,
 )
 from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
 from schemas import codecs
@@ -470,7 +471,12 @@ class CloudSession:
         self._check_memory(self.plan, new, self.batch_size, self.optimizer_config)
         state = optimizer_state_by_name(self.optimizer, self._tail_params())
         out: list[object] = []
-        if new > old:  # blocks [old, new) go to the device
+        matched = (
+            new > old
+            and bool(frame.state_hash)
+            and hmac.compare_digest(frame.state_hash, state_hash(model, range(old, new), state))
+        )
+        if new > old and not matched:  # blocks [old, new) go to the device
             out += export_state(model, range(old, new), state, step=frame.step)
         elif new < old:  # blocks [new, old) arrive from the device
             moving = set(range(new, old))
@@ -491,7 +497,12 @@ class CloudSession:
         if self.optimizer is not None:
             install_optimizer_state(self.optimizer, self._tail_params(), state)
         self.partition_history.append((frame.step, new))
-        out.append(RepartitionAck(step=frame.step, point=new, accepted=True, message=f"cut moved {old} -> {new}"))
+        note = " (the device's copy of the blocks matched: no weights sent)" if matched else ""
+        out.append(
+            RepartitionAck(
+                step=frame.step, point=new, accepted=True, message=f"cut moved {old} -> {new}{note}", state_matched=matched
+            )
+        )
         return out
 
     # ---------------------------------------------------------------- context

@@ -38,10 +38,14 @@ from schemas.codecs import Codec
 from schemas.errors import WireError
 from schemas.transport import clear_text_token_warning
 
+log = logging.getLogger("edge_sdk")
+
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 #: while training alone, probe the link this often (s), with at least this many filler bytes
 PROBE_EVERY_S = 2.0
 PROBE_MIN_BYTES = 2048
+#: probes (small and padded alternating) before the engine's start-up decision
+INITIAL_PROBES = 14
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +162,7 @@ class EdgeClient:
         #: step -> (sent_ns, bytes, padded) of the Context requests waiting for an answer, in order
         self._context_requests: dict[int, deque[tuple[int, int, bool]]] = {}
         self._last_probe_s = -math.inf
+        self._interval_reset = False  # the next interval spans a switch: not a step time
         self._probes = 0
         self.repartitions = 0
         #: applied steps per configuration ("p=2 int8 K=4": n), for the summary
@@ -296,7 +301,11 @@ class EdgeClient:
         self, result: StepResult, busy_s: float, cpu_s: float, means: _RunningMeans, epoch: int, t_start: float, adapt: bool
     ) -> None:
         """Book-keeping of one applied step, split or alone: timing, means, progress, decisions."""
-        self.step_times.append(time.perf_counter() - self._t_run)
+        now = time.perf_counter() - self._t_run
+        if self.step_times and not self._interval_reset:
+            self.tracker.observe_step_interval(1e3 * (now - self.step_times[-1]))
+        self._interval_reset = False
+        self.step_times.append(now)
         # this thread's CPU time is the step's compute only without intra-op threads
         cpu_ms = 1e3 * cpu_s if torch.get_num_threads() == 1 else None
         self.tracker.observe_edge_step(1e3 * busy_s, cpu_ms=cpu_ms)
@@ -377,6 +386,31 @@ class EdgeClient:
                     if frame.recv_ns:
                         break
 
+    async def _initial_decision(self) -> None:
+        """Probe the link's bandwidth both ways, then let the engine pick the start
+        configuration (device-only included) before the first step."""
+        assert self.controller is not None
+        for i in range(INITIAL_PROBES):
+            # one at a time, small and padded alternating: no frame queues behind another
+            await self._request_context(padding=self._probe_bytes() if i % 2 else 0)
+            while True:
+                frame = await self._next_frame()
+                if isinstance(frame, fr.Context):
+                    self._observe_context(frame)
+                    if frame.recv_ns:
+                        break
+        now = time.perf_counter() - self._t_run
+        decision = self.controller.initial(self.tracker.snapshot(), now)
+        if decision is not None:
+            log.info("start: %s", decision.reason)
+            await self._switch(decision.choice, _RunningMeans(), 0, time.perf_counter())
+
+    def _probe_bytes(self) -> int:
+        """Filler for a bandwidth probe: ~20 ms of the estimated link, within bounds."""
+        snap = self.tracker.snapshot()
+        bps = min(snap.uplink_bps or 1e6, snap.downlink_bps or 1e6)
+        return int(min(fr.MAX_PADDING, max(PROBE_MIN_BYTES, bps * 0.02 / 8)))
+
     async def _request_context(self, padding: int = 0) -> None:
         """Ask for the cloud's Context; ``padding`` > 0 makes it a bandwidth probe
         (that many filler bytes up, and asked for in the answer)."""
@@ -402,8 +436,7 @@ class EdgeClient:
         if self._probes % 2:
             await self._request_context()
             return
-        bps = min(snap.uplink_bps or 1e6, snap.downlink_bps or 1e6)
-        await self._request_context(padding=int(min(fr.MAX_PADDING, max(PROBE_MIN_BYTES, bps * 0.02 / 8))))
+        await self._request_context(padding=self._probe_bytes())
 
     # --------------------------------------------------------------- decisions
     async def _maybe_adapt(self, means: _RunningMeans, epoch: int, t_start: float) -> None:
@@ -413,6 +446,7 @@ class EdgeClient:
             return
         decision = self.controller.decide(step, self.tracker.snapshot(), now)
         if decision is not None:
+            log.info("step %d, %.1f s: %s", step, now, decision.reason)
             await self._switch(decision.choice, means, epoch, t_start)
 
     async def _switch(self, choice, means: _RunningMeans, epoch: int, t_start: float) -> None:
@@ -436,6 +470,8 @@ class EdgeClient:
                 self.pipeline.codec = Codec.parse(choice.codec)
                 self.pipeline.window.staleness = choice.staleness
         self.choice = choice
+        self.tracker.reset_step_interval()  # a new configuration, a new step time
+        self._interval_reset = True
         if self.controller is not None:
             self.controller.current = choice
             self.controller.switched(self.pipeline.stats.steps_applied)
@@ -498,6 +534,9 @@ class EdgeClient:
             for i, (x, y) in enumerate(self.setup.train_loader(self.cfg, epoch)):
                 if self.cfg.max_steps_per_epoch is not None and i >= self.cfg.max_steps_per_epoch:
                     break
+                if self.cfg.max_train_s is not None and result.train_s + time.perf_counter() - t_epoch > self.cfg.max_train_s:
+                    result.stopped_early = True
+                    break
                 # One frame that already arrived, then a new step as soon as the window
                 # has room. Applying *every* waiting gradient first lets the window run
                 # dry: steps then travel in convoys of K+1 and the device idles while
@@ -518,6 +557,8 @@ class EdgeClient:
                 self._sent_bytes[feats.step] = await self._send(feats)
             await self._drain(means, epoch, t_start)
             result.train_s += time.perf_counter() - t_epoch
+            if result.stopped_early:
+                break  # a partial epoch: no evaluation, no record
             await self._probe_rtt(1)
             await self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=True))
             if self.cfg.evaluate:
@@ -534,6 +575,7 @@ class EdgeClient:
                     test_loss=ev.loss,
                     test_accuracy=test_acc,
                     wall_s=wall,
+                    train_s=result.train_s,
                     steps=self.pipeline.stats.steps_applied,
                 )
             )
@@ -567,7 +609,7 @@ class EdgeClient:
         )
         t0 = self._t_run = time.perf_counter()
         if cfg.token and (warning := clear_text_token_warning(self.url)):
-            logging.getLogger("edge_sdk").warning("warning: %s", warning)
+            log.warning("warning: %s", warning)
         tls = None
         if self.url.startswith("wss://"):
             try:
@@ -585,6 +627,8 @@ class EdgeClient:
         try:
             await self._handshake()
             await self._probe_rtt()
+            if self.controller is not None:
+                await self._initial_decision()
             await self._train(result)
             self.sync_head_to_model()
             await self._send(fr.Bye(reason="training finished"))
@@ -616,6 +660,10 @@ class EdgeClient:
             ]
         result.context = self.tracker.snapshot().to_dict()
         result.step_times = self.step_times
+        result.steps_by_choice = dict(self.steps_by_choice)
+        result.num_blocks = self.setup.spec.model.num_blocks
+        if self.controller is not None:
+            result.device_only_estimate = self.controller.device_only_estimate(self.tracker.snapshot(), result.steps)
         return result
 
 

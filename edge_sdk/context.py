@@ -386,6 +386,9 @@ class ContextSnapshot:
     #: it the cost model tells compute (scales with the cut) from waiting (does not)
     edge_cpu_ms: float | None = None
     cloud_step_ms: float | None = None
+    #: the device's measured time between two applied steps (the pipeline's real
+    #: step time, everything included: compute, the event loop's own work, waits)
+    step_interval_ms: float | None = None
     cloud_block_ms: Mapping[int, float] = field(default_factory=dict)
     edge_block_ms: Mapping[int, float] = field(default_factory=dict)
     queue_depth: int | None = None
@@ -463,6 +466,7 @@ class ContextTracker:
         self.edge_step = ComputeEstimator(**self._compute_kw)
         self.edge_cpu = ComputeEstimator(**self._compute_kw)
         self.cloud_step = ComputeEstimator(**self._compute_kw)
+        self.step_interval = ComputeEstimator(**self._compute_kw)
         self.edge_blocks: dict[int, ComputeEstimator] = {}
         self.cloud_blocks: dict[int, ComputeEstimator] = {}
         self.queue_depth: int | None = None
@@ -486,6 +490,14 @@ class ContextTracker:
         self.edge_step.observe(ms)
         if cpu_ms is not None:
             self.edge_cpu.observe(cpu_ms)
+
+    def observe_step_interval(self, ms: float) -> None:
+        """Time since the previous applied step (device clock); reset it with the
+        configuration, since a new one has a new step time."""
+        self.step_interval.observe(ms)
+
+    def reset_step_interval(self) -> None:
+        self.step_interval = ComputeEstimator(**self._compute_kw)
 
     def observe_cloud_step(self, ms: float) -> None:
         self.cloud_step.observe(ms)
@@ -557,6 +569,7 @@ class ContextTracker:
             edge_step_ms=self.edge_step.value_ms,
             edge_cpu_ms=self.edge_cpu.value_ms,
             cloud_step_ms=cloud_step,
+            step_interval_ms=self.step_interval.value_ms,
             cloud_block_ms=cloud_blocks,
             edge_block_ms={i: e.value_ms for i, e in self.edge_blocks.items() if e.value_ms is not None},
             queue_depth=self.queue_depth,
@@ -566,6 +579,7 @@ class ContextTracker:
                 "downlink": self.downlink.count,
                 "edge_step": self.edge_step.count,
                 "cloud_step": self.cloud_step.count,
+                "step_interval": self.step_interval.count,
             },
             methods={"uplink": up_m, "downlink": down_m},
         )

@@ -11,6 +11,7 @@ frame-size limit.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -39,6 +40,26 @@ def named_tensors(model: BlockModel, blocks: Iterable[int]) -> tuple[dict[str, t
     params: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if block_index(n) in wanted}
     buffers: dict[str, torch.Tensor] = {n: b for n, b in model.named_buffers() if block_index(n) in wanted}
     return params, buffers
+
+
+def state_hash(model: BlockModel, blocks: Iterable[int], optimizer_state: dict[str, dict[str, torch.Tensor]]) -> str:
+    """SHA-256 of the parameters, buffers and optimizer state of ``blocks`` (hex).
+
+    Why: both ends build the whole model from the same seed, so before the blocks
+    have trained on one side (the first steps of a run) the device already holds
+    exactly what the cloud would send it. Equal hashes let the cut move without
+    sending a byte of weights (14 s of weights on a 250 kbit/s link, for the
+    digits CNN). Names, dtypes, shapes and values all enter the hash.
+    """
+    params, buffers = named_tensors(model, blocks)
+    h = hashlib.sha256()
+    entries = [("param", n, t) for n, t in params.items()] + [("buffer", n, t) for n, t in buffers.items()]
+    entries += [("optim", f"{n}/{k}", t) for n in sorted(params) for k, t in sorted(optimizer_state.get(n, {}).items())]
+    for kind, name, t in sorted(entries, key=lambda e: (e[0], e[1])):
+        value = t.detach().contiguous().cpu()
+        h.update(f"{kind}:{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return h.hexdigest()
 
 
 def chunk_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:

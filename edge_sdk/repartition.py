@@ -12,7 +12,9 @@ the same way.
    weights, buffers and optimizer state go first as ``Weights`` frames; then the
    ``Repartition`` frame;
 3. the cloud answers with ``Weights`` frames (when blocks move *to the device*)
-   and a ``RepartitionAck``;
+   and a ``RepartitionAck``; none when the device's own copy of those blocks
+   has the cloud's state hash (``Repartition.state_hash``: both ends built the
+   model from the same seed, and the blocks have not trained since);
 4. :func:`complete`: install what arrived and switch the pipeline to the new head
    with the optimizer state carried over.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from edge_sdk.blocks import BlockModel
-from edge_sdk.migration import StateAssembler, export_state, import_state, named_tensors
+from edge_sdk.migration import StateAssembler, export_state, import_state, named_tensors, state_hash
 from edge_sdk.pipeline import EdgePipeline
 from edge_sdk.runtime.base import HeadRuntime
 from schemas.errors import ErrorCode, WireError
@@ -41,7 +43,9 @@ def request_frames(pipeline: EdgePipeline, model: BlockModel, new_point: int, *,
     frames: list[object] = []
     if new_point < pipeline.point:
         frames += export_state(model, range(new_point, pipeline.point), pipeline.optimizer_state_by_name(), step=step)
-    frames.append(Repartition(step=step, point=new_point, codec=codec, staleness=staleness))
+    # blocks coming down: say what our own copy of them is, so an unchanged one need not travel
+    digest = state_hash(model, range(pipeline.point, new_point), {}) if new_point > pipeline.point else ""
+    frames.append(Repartition(step=step, point=new_point, codec=codec, staleness=staleness, state_hash=digest))
     return frames
 
 
@@ -60,7 +64,11 @@ def complete(
         raise WireError(ErrorCode.PROTOCOL, f"cloud refused to move the cut: {ack.message}")
     new_point = ack.point
     state = pipeline.optimizer_state_by_name()
-    if new_point > pipeline.point:
+    if new_point > pipeline.point and ack.state_matched:
+        if received:
+            raise WireError(ErrorCode.PROTOCOL, "the cloud said our copy of the blocks matched, yet sent weights")
+        # our own copy is the cloud's (same hash), with no optimizer state yet
+    elif new_point > pipeline.point:
         assembler = StateAssembler()
         for frame in received:
             assembler.add(frame)

@@ -27,6 +27,8 @@ def write_report(result: TrainResult, out_dir: Path) -> list[Path]:
     ax_acc.plot(t, [100 * r["test_accuracy"] for r in result.timeline], "s-", color="tab:blue", label="test accuracy")
     ax_acc.set_ylabel("test accuracy (%)", color="tab:blue")
     ax_loss.set_title(f"{result.model} on {result.dataset}: p={result.point}, {result.codec}, K={result.staleness}")
+    mark_switches(ax_loss, result)
+    ax_loss.set_xlim(left=0)
 
     stages = {k: v for k, v in result.stage_ms.items() if k in ("edge", "up", "cloud", "down")}
     ax_stage.bar(list(stages), list(stages.values()), color=["tab:green", "tab:orange", "tab:purple", "tab:brown"][: len(stages)])
@@ -39,3 +41,26 @@ def write_report(result: TrainResult, out_dir: Path) -> list[Path]:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return [json_path, png]
+
+
+def mark_switches(ax, result: TrainResult) -> None:
+    """A dashed line where the engine switched, labelled with what it switched to."""
+    for h in result.partition_history:
+        if not h.get("switch") or h.get("time_s") is None:
+            continue
+        label = (
+            "device-only"
+            if result.num_blocks and h["point"] == result.num_blocks
+            else f"p={h['point']} {h['codec']} K={h['staleness']}"
+        )
+        ax.axvline(h["time_s"], color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(
+            label,
+            (h["time_s"], 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color="grey",
+        )

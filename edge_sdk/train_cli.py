@@ -87,6 +87,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--json", dest="json_path", help="write the run's report as JSON here")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument(
+        "-v", "--verbose", action="store_true", help="print each decision-engine switch as it happens, with its reason"
+    )
 
 
 def _point(text: str) -> int | str:
@@ -104,7 +107,16 @@ def _auto_int(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
 
 
+def setup_logging(args: argparse.Namespace) -> None:
+    """Warnings always; with ``-v`` the engine's switches too, one line each."""
+    import logging
+
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    logging.getLogger("edge_sdk").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    setup_logging(args)
     return TrainConfig(
         model=args.model,
         dataset=args.dataset,
@@ -140,9 +152,10 @@ def write_json(result: TrainResult, path: str | None) -> None:
 
 
 def summary_table(result: TrainResult) -> str:
+    alone = result.num_blocks and result.point == result.num_blocks
     rows = [
         ("model / dataset", f"{result.model} / {result.dataset}"),
-        ("partition point", str(result.point)),
+        ("partition point", f"{result.point}" + (" (device-only: every block on the device)" if alone else "")),
         ("codec, staleness K", f"{result.codec}, {result.staleness}" + ("" if result.error_feedback else " (no error feedback)")),
         ("network, device slowdown", f"{result.network}, {result.device_slowdown:g}x"),
         ("epochs, steps", f"{result.epochs}, {result.steps}"),
@@ -153,8 +166,50 @@ def summary_table(result: TrainResult) -> str:
     ]
     for k, v in result.stage_ms.items():
         rows.append((f"stage {k}", f"{v:.2f} ms/step"))
+    rows += decision_rows(result)
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+
+def decision_rows(result: TrainResult) -> list[tuple[str, str]]:
+    """The decision timeline in a few lines: switches, share of steps per
+    configuration, the last reason, and what training alone would have cost."""
+    rows: list[tuple[str, str]] = []
+    history = result.partition_history
+    switches = [h for h in history if h.get("switch")]
+    if history and history[0].get("reason") != "fixed by the user":
+        late = sum(1 for h in switches if h["step"] > 50)
+        rows.append(("engine switches", f"{len(switches)} ({late} after step 50)"))
+    total = sum(result.steps_by_choice.values())
+    if total:
+        alone = f"p={result.num_blocks} fp32 K=0"
+        shares = sorted(result.steps_by_choice.items(), key=lambda kv: -kv[1])
+        rows.append(
+            (
+                "steps per configuration",
+                ", ".join(f"{'device-only' if k == alone else k} {100 * n / total:.0f} %" for k, n in shares),
+            )
+        )
+    decided = [h for h in history if not h.get("waiting") and h.get("reason") != "fixed by the user"]
+    if decided:
+        reason = decided[-1]["reason"]
+        rows.append(("last decision", f"step {decided[-1]['step']}: {reason[:200]}{'...' if len(reason) > 200 else ''}"))
+    est = result.device_only_estimate
+    trained_alone = result.steps_by_choice.get(f"p={result.num_blocks} fp32 K=0", 0)
+    if est and result.train_s > 0 and trained_alone < total:
+        ratio = est["train_s"] / result.train_s
+        verdict = (
+            f"splitting was {ratio:.1f}x faster" if ratio >= 1 else f"training alone would have been {1 / ratio:.1f}x faster"
+        )
+        how = "measured step" if est["measured"] else "profiled blocks"
+        rows.append(
+            (
+                "device alone (predicted)",
+                f"{est['step_ms']:.1f} ms/step ({how}), {est['train_s']:.1f} s for these steps vs {result.train_s:.1f} s "
+                f"here: {verdict}",
+            )
+        )
+    return rows
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

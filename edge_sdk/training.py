@@ -60,6 +60,8 @@ class TrainConfig:
     token: str = ""
     tls_ca: str | None = None  # CA bundle to trust for wss:// (e.g. a self-signed server certificate)
     max_steps_per_epoch: int | None = None  # for quick tests
+    #: benchmarks: stop after this many seconds of training (the report says ``stopped_early``)
+    max_train_s: float | None = None
     eval_batch_size: int = MAX_EVAL_BATCH  # the cloud refuses larger eval batches (unless batch_size is larger)
     evaluate: bool = True  # run the test split through the link after every epoch
     topk_ratio: float = 0.1
@@ -135,10 +137,15 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch records
     timeline: list[dict[str, float]] = field(default_factory=list)  # (wall_s, loss, acc) samples
     partition_history: list[dict[str, Any]] = field(default_factory=list)
-    context: dict[str, Any] = field(default_factory=dict)
-    step_times: list[float] = field(
-        default_factory=list
-    )  # seconds from connect to each applied step  # the last context snapshot (estimated link, compute)
+    context: dict[str, Any] = field(default_factory=dict)  # the last context snapshot (estimated link, compute)
+    step_times: list[float] = field(default_factory=list)  # seconds from connect to each applied step
+    num_blocks: int = 0  # of the model: point == num_blocks is device-only
+    stopped_early: bool = False  # ``max_train_s`` ran out before the last epoch
+    #: applied steps per configuration ("p=2 int8 K=4": n); device-only is "p=L fp32 K=0"
+    steps_by_choice: dict[str, int] = field(default_factory=dict)
+    #: what the same steps would have cost on the device alone, from the calibrated
+    #: cost model: {"step_ms", "train_s", "measured"} (None: no engine, not estimated)
+    device_only_estimate: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -164,6 +164,9 @@ class Repartition:
     point: int = 0
     codec: str = ""
     staleness: int = 0
+    #: SHA-256 (hex) of the device's copy of the blocks coming down, when it has one
+    #: (it builds the whole model from the seed): equal to the cloud's, none travel
+    state_hash: str = ""
 
 
 @dataclass
@@ -172,6 +175,8 @@ class RepartitionAck:
     point: int = 0
     accepted: bool = False
     message: str = ""
+    #: the cloud's copy matched ``Repartition.state_hash``: no Weights were sent
+    state_matched: bool = False
 
 
 @dataclass
@@ -316,8 +321,14 @@ _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
         ("padding", "pad", 0),
         ("reply_padding", "I", 0),
     ),
-    Repartition: (("step", "q", 0), ("point", "i", 0), ("codec", "str", ""), ("staleness", "i", 0)),
-    RepartitionAck: (("step", "q", 0), ("point", "i", 0), ("accepted", "?", False), ("message", "str", "")),
+    Repartition: (("step", "q", 0), ("point", "i", 0), ("codec", "str", ""), ("staleness", "i", 0), ("state_hash", "str", "")),
+    RepartitionAck: (
+        ("step", "q", 0),
+        ("point", "i", 0),
+        ("accepted", "?", False),
+        ("message", "str", ""),
+        ("state_matched", "?", False),
+    ),
     Weights: (
         ("step", "q", 0),
         ("name", "str", ""),

@@ -25,7 +25,7 @@ QUICK = dict(epochs=1, max_steps_per_epoch=12, batch_size=32)
 async def test_run_through_shaping_proxy_counts_every_step_once():
     async with CloudServer(ServerConfig(port=0)) as server:
         async with ShapingProxy(target=("127.0.0.1", server.port), network=parse_network("wifi")) as proxy:
-            cfg = TrainConfig(**QUICK, staleness=3, codec="int8")
+            cfg = TrainConfig(**QUICK, point=2, staleness=3, codec="int8")
             client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, shared_clock=True)
             result = await asyncio.wait_for(client.run(), timeout=120)
         await server.wait_idle(10)  # the server notes the session's end right after Bye
@@ -103,6 +103,8 @@ def test_emulate_command_writes_the_report(tmp_path):
             "4g",
             "--device-slowdown",
             "2",
+            "--point",
+            "2",  # a split (the engine would train this small model alone on 4g)
             "--json",
             str(out),
             "--report",
@@ -129,6 +131,7 @@ def test_emulate_command_writes_the_report(tmp_path):
         "staleness",
         "network",
         "device_slowdown",
+        "steps_by_choice",
     ):
         assert key in data, key
     assert data["steps"] == 15 and data["network"] == "4g" and data["device_slowdown"] == 2

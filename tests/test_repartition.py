@@ -55,7 +55,7 @@ class InProcessRun:
         (g,) = [r for r in replies if isinstance(r, fr.Gradients)]
         self.pipe.on_gradients(wire(g))
 
-    def move_to(self, point: int) -> None:
+    def move_to(self, point: int) -> list[fr.Weights]:
         replies: list[object] = []
         for frame in repartition.request_frames(self.pipe, self.model, point, codec=self.codec, staleness=self.staleness):
             replies += self.cloud.handle(wire(frame))
@@ -66,6 +66,7 @@ class InProcessRun:
         weights = [r for r in replies if isinstance(r, fr.Weights)]
         repartition.complete(self.pipe, self.model, ack, weights, self.runtime, codec=self.codec, staleness=self.staleness)
         assert self.pipe.point == self.cloud.point == point
+        return weights
 
     def merged_state(self) -> dict[str, torch.Tensor]:
         """Head tensors from the device, tail tensors from the cloud."""
@@ -136,6 +137,27 @@ def test_training_alone_and_back_matches_a_fixed_cut(opt_name):
     # and the step ids went on counting through the device-only stretch
     assert moving.pipe.stats.steps_applied == 12 and moving.cloud.applied_steps == 8
     assert moving.pipe.next_step == 12 and moving.cloud.last_step == 11
+
+
+def test_blocks_the_device_already_holds_do_not_travel():
+    """Both ends build the model from the seed: before those blocks trained, the
+    device's copy has the cloud's hash, and moving the cut sends no weights."""
+    opt = OptimizerConfig(lr=0.05, momentum=0.9, schedule="constant")
+    fixed, data = _fixed_and_data(opt)
+    torch.manual_seed(11)
+    moving = InProcessRun("digits_cnn", 2, opt)
+    L = moving.model.num_blocks
+    assert moving.move_to(L) == []  # step 0: nothing trained yet, nothing sent
+    for x, y in data[:4]:
+        moving.step(x, y, 0)
+    moving.move_to(2)  # blocks 2.. trained on the device: they go up (checked by the state below)
+    for x, y in data[4:]:
+        moving.step(x, y, 0)
+    a, b = fixed.merged_state(), moving.merged_state()
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-5, atol=1e-5, msg=k)
+    # blocks 2.. trained on the cloud since: the device's copy is stale, the weights travel
+    assert len(moving.move_to(L)) > 0
 
 
 def test_cloud_refuses_features_while_the_device_trains_alone():

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context
+from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context, predict
 from edge_sdk.decision.policy import Decision, Policy
 from edge_sdk.decision.uncertainty import SpreadTracker
 
@@ -134,7 +134,9 @@ class DecisionController:
         inputs = apply_context(self.base_inputs.with_remaining(remaining), snapshot, self.current)
         missing = self.missing(snapshot)
         if missing:
-            self._record_wait(step, f"waiting for measurements before deciding: {', '.join(missing)} still assumed", inputs)
+            self._record_wait(
+                step, f"waiting for measurements before deciding: {', '.join(missing)} still assumed", inputs, now_s
+            )
             return None  # a forced decision stays due until the evidence is in
         forced = self._forced_at is not None
         self._forced_at = None
@@ -147,16 +149,59 @@ class DecisionController:
             reason = f"dwell: {since} of {self.min_dwell_steps} steps since the last switch, not switching yet; {reason}"
             decision = Decision(self.current, decision.best or decision.prediction, False, reason, best=decision.best)
             wants_switch = False
-        self._record(step, decision, reason, inputs, uncertainty.to_dict(), switch=wants_switch)
+        self._record(step, decision, reason, inputs, uncertainty.to_dict(), switch=wants_switch, time_s=now_s)
         return decision if wants_switch else None
 
+    def initial(self, snapshot: Any, now_s: float = 0.0) -> Decision | None:
+        """The choice before the first step, once the link was probed.
+
+        Nothing is in flight and both ends hold the seed's weights (the cut moves
+        for one round trip, see ``Repartition.state_hash``), so the best candidate
+        is taken outright, with no switch cost to weigh. Device and cloud compute
+        come from the start-up timing, not from an assumption; without a measured
+        link the start-up choice stays and the normal decisions take over.
+        """
+        link_missing = [m for m in self.missing(snapshot) if m.split()[0] in ("uplink", "downlink", "rtt")]
+        inputs = apply_context(self.base_inputs.with_remaining(self.total_steps), snapshot, None)
+        if link_missing:
+            self._record_wait(0, f"no initial decision: {', '.join(link_missing)} still assumed", inputs, now_s)
+            return None
+        self.spreads.observe(snapshot)
+        decision = self.policy.decide(inputs, None, self.total_steps)
+        switch = decision.choice != self.current
+        reason = f"{decision.reason}; {self.provenance(snapshot)}; device and cloud compute from the start-up timing"
+        self._record(0, decision, reason, inputs, self.spreads.uncertainty().to_dict(), switch=switch, time_s=now_s)
+        return decision if switch else None
+
+    def device_only_estimate(self, snapshot: Any, steps: int) -> dict[str, Any]:
+        """Predicted cost of ``steps`` steps of training alone, calibrated by the
+        measurements in ``snapshot`` as every decision is; ``measured`` says whether
+        the device-only step itself was timed (start-up, or the run trained alone)."""
+        L = self.base_inputs.num_blocks
+        inputs = apply_context(self.base_inputs.with_remaining(max(1, steps)), snapshot, self.current)
+        pred = predict(Choice(L, "fp32", 0), inputs)
+        return {
+            "step_ms": 1e3 * pred.step_time_s,
+            "train_s": pred.step_time_s * steps,
+            "measured": L in self.base_inputs.head_step_s or self.current.point == L,
+        }
+
     def _record(
-        self, step: int, decision: Decision, reason: str, inputs: DecisionInputs, uncertainty: dict, *, switch: bool
+        self,
+        step: int,
+        decision: Decision,
+        reason: str,
+        inputs: DecisionInputs,
+        uncertainty: dict,
+        *,
+        switch: bool,
+        time_s: float,
     ) -> None:
         pred = decision.prediction
         self.history.append(
             dict(
                 step=step,
+                time_s=time_s,
                 point=decision.choice.point,
                 codec=decision.choice.codec,
                 staleness=decision.choice.staleness,
@@ -169,7 +214,7 @@ class DecisionController:
             )
         )
 
-    def _record_wait(self, step: int, reason: str, inputs: DecisionInputs) -> None:
+    def _record_wait(self, step: int, reason: str, inputs: DecisionInputs, time_s: float) -> None:
         last = self.history[-1] if self.history else None
         if last is not None and last.get("waiting"):
             last.update(reason=reason, waited_until=step)  # one entry per stretch of waiting
@@ -178,6 +223,7 @@ class DecisionController:
         self.history.append(
             dict(
                 step=step,
+                time_s=time_s,
                 point=c.point,
                 codec=c.codec,
                 staleness=c.staleness,

@@ -89,14 +89,26 @@ class SpreadTracker:
 
     ``floor``: the least uncertainty ever assumed; ``cap``: the most (beyond it
     the engine would never switch at all); ``window``: decisions remembered;
-    ``z``: standard deviations the band spans.
+    ``z``: standard deviations the band spans; ``unknown``: the uncertainty assumed
+    while fewer than ``min_values`` values are known (the first decisions, a new
+    link): wide enough to ignore small savings, narrow enough that a clearly
+    better configuration is taken at once.
     An estimator reset (a link change) clears that input's history, so the
     spread of a new link is judged on the new link alone.
     """
 
-    def __init__(self, window: int = 8, floor: float = 0.05, cap: float = 0.35, min_values: int = 3, z: float = 2.0) -> None:
+    def __init__(
+        self,
+        window: int = 8,
+        floor: float = 0.05,
+        cap: float = 0.35,
+        min_values: int = 3,
+        z: float = 2.0,
+        unknown: float = 0.15,
+    ) -> None:
         self.floor = floor
         self.z = z
+        self.unknown = unknown
         self.cap = cap
         self.min_values = min_values
         self._values: dict[str, deque[float]] = {name: deque(maxlen=window) for name in TRACKED.values()}
@@ -116,14 +128,14 @@ class SpreadTracker:
                 self._values[name].append(float(value))
 
     def spread(self, name: str) -> float:
-        """Relative MAD of ``name``'s recent values, within [floor, cap]; the cap
-        while fewer than ``min_values`` are known."""
+        """Relative MAD of ``name``'s recent values, within [floor, cap];
+        ``unknown`` while fewer than ``min_values`` are known."""
         values = self._values[name]
         if len(values) < self.min_values:
-            return self.cap
+            return self.unknown
         med = statistics.median(values)
         if med <= 0:
-            return self.cap
+            return self.unknown
         mad = statistics.median(abs(v - med) for v in values)
         # 1.4826 x MAD estimates one standard deviation of a normal spread; z of
         # them cover the next snapshot's value about 95 % of the time (z = 2)

@@ -56,8 +56,15 @@ class Repartition(object):
             return self._tab.Get(flatbuffers.number_types.Int32Flags, o + self._tab.Pos)
         return 0
 
+    # Repartition
+    def StateHash(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def RepartitionStart(builder):
-    builder.StartObject(4)
+    builder.StartObject(5)
 
 def Start(builder):
     RepartitionStart(builder)
@@ -85,6 +92,12 @@ def RepartitionAddStaleness(builder, staleness):
 
 def AddStaleness(builder, staleness):
     RepartitionAddStaleness(builder, staleness)
+
+def RepartitionAddStateHash(builder, stateHash):
+    builder.PrependUOffsetTRelativeSlot(4, flatbuffers.number_types.UOffsetTFlags.py_type(stateHash), 0)
+
+def AddStateHash(builder, stateHash):
+    RepartitionAddStateHash(builder, stateHash)
 
 def RepartitionEnd(builder):
     return builder.EndObject()

@@ -56,8 +56,15 @@ class RepartitionAck(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # RepartitionAck
+    def StateMatched(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def RepartitionAckStart(builder):
-    builder.StartObject(4)
+    builder.StartObject(5)
 
 def Start(builder):
     RepartitionAckStart(builder)
@@ -85,6 +92,12 @@ def RepartitionAckAddMessage(builder, message):
 
 def AddMessage(builder, message):
     RepartitionAckAddMessage(builder, message)
+
+def RepartitionAckAddStateMatched(builder, stateMatched):
+    builder.PrependBoolSlot(4, stateMatched, 0)
+
+def AddStateMatched(builder, stateMatched):
+    RepartitionAckAddStateMatched(builder, stateMatched)
 
 def RepartitionAckEnd(builder):
     return builder.EndObject()
