@@ -426,9 +426,10 @@ class EdgeClient:
         estimated link. Apart, not back to back: a frame that arrives right
         behind another tells the estimators nothing about its own size."""
         now = time.perf_counter()
-        snap = self.tracker.snapshot()
+        if now - self._last_probe_s < PROBE_EVERY_S / 8:
+            return  # checked first: a device-only step can take a few milliseconds
         # faster while an estimate is missing (a new link): the engine waits for it
-        warming = min(snap.samples.get("uplink", 0), snap.samples.get("downlink", 0)) < 8
+        warming = min(self.tracker.uplink.count, self.tracker.downlink.count) < 8
         if now - self._last_probe_s < (PROBE_EVERY_S / 8 if warming else PROBE_EVERY_S / 2):
             return
         self._last_probe_s = now

@@ -440,3 +440,14 @@ def test_migrated_state_must_be_usable(spec, hello_frame, entry, value, what):
     assert any(what in e.message for e in errors), errors
     assert s.point == POINT
     assert_same(before, tail_state(s))
+
+
+def test_a_bandwidth_probe_is_answered_with_the_filler_it_asks_for_and_no_more_than_the_cap(cloud):
+    (reply,) = cloud.handle(wire(fr.Context(step=0, request=True, padding=3000, reply_padding=5000)), recv_ns=7)
+    reply = wire(reply)
+    assert isinstance(reply, fr.Context) and reply.padding == 5000 and reply.recv_ns == 7
+    (err,) = cloud.handle(fr.Context(step=0, request=True, reply_padding=fr.MAX_PADDING + 1))
+    assert isinstance(err, fr.Error) and err.code == ErrorCode.LIMIT_EXCEEDED
+    assert cloud.phase is Phase.TRAINING  # refused, the session goes on
+    with pytest.raises(ValueError, match="padding"):  # our encoder will not write more filler than the cap
+        fr.encode(fr.Envelope(frame=fr.Context(padding=fr.MAX_PADDING + 1)))

@@ -77,8 +77,8 @@ class SplitStepTimer:
     """Times one whole split step through ``EdgePipeline`` per call (CPU ms).
 
     Why not the head's forward + backward alone: the device's step also takes the
-    optimizer step, captures the RNG for replay, builds the label frame and keeps
-    the window; per-block timings miss those, and they do not grow with the cut,
+    optimizer step, captures the RNG for replay, builds, frames and decodes the
+    frames (the features up, the gradients down) and keeps the window; per-block timings miss those, and they do not grow with the cut,
     so a model calibrated on block sums mispredicts every other point. This times
     the very code the device runs (lossless codec: the codec is priced apart).
     CPU time rather than wall time where it is the whole compute (see
@@ -96,17 +96,19 @@ class SplitStepTimer:
 
     def __call__(self) -> float:
         from schemas import codecs
-        from schemas.frames import Gradients
+        from schemas import frames as fr
 
         clock = compute_clock()
         c0 = clock()
         feats = self.pipe.start_step(self.x, self.y, epoch=0)
+        fr.encode(fr.Envelope(frame=feats))  # the device frames what it sends ...
         c1 = clock()
         if self._grad_frame is None:
             g = 1e-3 * torch.randn(tuple(feats.tensor.shape), generator=torch.Generator().manual_seed(0))
             self._grad_frame, _ = codecs.encode_tensor(g, codecs.Codec.parse("fp32"))
+        reply = fr.encode(fr.Envelope(frame=fr.Gradients(step=feats.step, tensor=self._grad_frame)))
         c2 = clock()
-        self.pipe.on_gradients(Gradients(step=feats.step, tensor=self._grad_frame))
+        self.pipe.on_gradients(fr.decode(reply).frame)  # ... and decodes what comes back
         return (c1 - c0 + clock() - c2) * 1e3
 
 
