@@ -45,6 +45,10 @@ class DecisionController:
     #: that just collapsed, 10 steps can take minutes
     every_s: float = 2.0
     min_steps_between: int = 3  # fresh measurements of the current choice first
+    #: and no regular decision sooner than this after the last: a decision prices a
+    #: few hundred candidates on the device's own CPU (~10 ms here), which a 5 ms
+    #: step must not pay every 10 steps
+    min_interval_s: float = 1.0
     #: steps a new configuration runs before the next switch (a link change overrides)
     min_dwell_steps: int = 50
     min_samples: dict[str, int] = field(default_factory=lambda: dict(MIN_SAMPLES))
@@ -71,8 +75,10 @@ class DecisionController:
             return True
         if self._last_step < 0:
             return True
-        since = step - self._last_step
-        return since >= self.every or (since >= self.min_steps_between and now_s - self._last_time >= self.every_s)
+        since, elapsed = step - self._last_step, now_s - self._last_time
+        if elapsed < self.min_interval_s:
+            return False
+        return since >= self.every or (since >= self.min_steps_between and elapsed >= self.every_s)
 
     # -- evidence -----------------------------------------------------------
 
