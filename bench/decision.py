@@ -11,8 +11,10 @@ this one process and against one cloud backend process, real emulated training:
   split learning run), at the cut the cost model finds best for it;
 * **device-only**: the device trains the whole model alone (``--point device``).
 
-Each run reports its total training time (evaluation excluded), the time until the
-test accuracy first reached the recipe's target, and, for auto, its switches.
+Each run reports its total time: start-up (handshake, link probes, the engine's
+start-up decision and any migration) plus training, evaluation excluded (auto's
+~3 s of profiling before it connects is one-off and not counted); the time until
+the test accuracy first reached the recipe's target; and, for auto, its switches.
 A static run longer than ``--max-run-s`` (on a trace: past its last change) stops
 there and the rest of its steps is extrapolated from its last step times (marked in the JSON;
 its time to target is then unknown unless it got there before the cut). The cost
@@ -69,7 +71,7 @@ def total_steps(cfg: TrainConfig) -> int:
 
 def summarize(result: TrainResult, steps: int, target: float) -> dict:
     """Total training time (extrapolated past an early stop), time to target, switches."""
-    train_s = result.train_s
+    train_s = result.startup_s + result.train_s
     extrapolated = result.steps < steps
     if extrapolated:
         times = result.step_times[-11:]
@@ -77,11 +79,12 @@ def summarize(result: TrainResult, steps: int, target: float) -> dict:
             statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else train_s / max(1, result.steps)
         )
         train_s += (steps - result.steps) * per_step
-    to_target = next((h["train_s"] for h in result.history if h["test_accuracy"] >= target), None)
+    to_target = next((result.startup_s + h["train_s"] for h in result.history if h["test_accuracy"] >= target), None)
     switches = [h for h in result.partition_history if h.get("switch")]
     return dict(
         train_s=train_s,
         measured_steps=result.steps,
+        startup_s=result.startup_s,
         extrapolated=extrapolated,
         step_ms=1e3 * result.train_s / max(1, result.steps),
         time_to_target_s=to_target,

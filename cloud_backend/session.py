@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
@@ -69,6 +70,8 @@ from schemas.frames import (
 )
 
 log = logging.getLogger("cloud_backend")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 #: Default memory budget of one session (model, tail optimizer, reply cache, one
 #: step's activations, migrating weights); ``serve --max-session-memory``.
@@ -182,8 +185,13 @@ class CloudSession:
         if isinstance(frame, Context):
             if not frame.request:
                 return []
-            if frame.reply_padding > MAX_PADDING:
-                raise WireError(ErrorCode.LIMIT_EXCEEDED, f"Context asks for {frame.reply_padding} filler bytes > {MAX_PADDING}")
+            if frame.reply_padding > min(MAX_PADDING, frame.padding):
+                # no amplification: the answer carries at most what the request did
+                raise WireError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"Context asks for {frame.reply_padding} filler bytes; at most what it carries "
+                    f"({frame.padding}) and {MAX_PADDING}",
+                )
             return [replace(self.context(frame.step, request_recv_ns=recv_ns), padding=frame.reply_padding)]
         if isinstance(frame, Weights):
             return self._on_weights(frame)
@@ -471,9 +479,15 @@ class CloudSession:
         self._check_memory(self.plan, new, self.batch_size, self.optimizer_config)
         state = optimizer_state_by_name(self.optimizer, self._tail_params())
         out: list[object] = []
+        if frame.state_hash and not _HEX64.fullmatch(frame.state_hash):
+            raise WireError(ErrorCode.MALFORMED, "Repartition.state_hash must be 64 lowercase hex digits (SHA-256)")
+        moving = set(named_tensors(model, range(old, new))[0]) if new > old else set()
+        # the device hashes its copy with no optimizer state: trained blocks cannot match
+        untrained = not any(state.get(name) for name in moving)
         matched = (
             new > old
             and bool(frame.state_hash)
+            and untrained
             and hmac.compare_digest(frame.state_hash, state_hash(model, range(old, new), state))
         )
         if new > old and not matched:  # blocks [old, new) go to the device

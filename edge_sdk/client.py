@@ -85,12 +85,13 @@ class _RunningMeans:
     cloud_ms: list[float] = field(default_factory=list)
     rtt_ms: list[float] = field(default_factory=list)
 
-    def add(self, r: StepResult) -> None:
+    def add(self, r: StepResult, *, split: bool = True) -> None:
         self.loss_sum += r.loss * r.count
         self.correct += r.correct
         self.count += r.count
-        self.cloud_ms.append(r.cloud_ms)
-        self.rtt_ms.append(r.round_trip_ms)
+        if split:  # a step trained alone has no cloud time and no round trip
+            self.cloud_ms.append(r.cloud_ms)
+            self.rtt_ms.append(r.round_trip_ms)
 
     @property
     def loss(self) -> float:
@@ -293,7 +294,8 @@ class EdgeClient:
         engine can tell when splitting pays again."""
         while not self._inbox.empty():
             await self._apply(await self._next_frame(), means, epoch, t_start)
-        await self._maybe_probe()
+        if self.controller is not None:  # nobody reads the link estimates otherwise
+            await self._maybe_probe()
         result = await self._compute(self.pipeline.local_step, x, y, epoch=epoch)
         await self._applied(result, self._last_compute_s, self._last_cpu_s, means, epoch, t_start, True)
 
@@ -309,7 +311,7 @@ class EdgeClient:
         # this thread's CPU time is the step's compute only without intra-op threads
         cpu_ms = 1e3 * cpu_s if torch.get_num_threads() == 1 else None
         self.tracker.observe_edge_step(1e3 * busy_s, cpu_ms=cpu_ms)
-        means.add(result)
+        means.add(result, split=not self.pipeline.device_only)
         key = str(self.choice)
         self.steps_by_choice[key] = self.steps_by_choice.get(key, 0) + 1
         if self.progress is not None:
@@ -461,6 +463,7 @@ class EdgeClient:
             await self._drain(means, epoch, t_start, adapt=False)
             if choice.point != cur.point:
                 await self._repartition(choice)
+                self.tracker.reset_compute()  # other blocks per step on each side now
                 if self.pipeline.device_only:
                     # From now on only probes cross the link. The estimators' windows
                     # count frames, so the split's frames (and the migration's) would
@@ -531,6 +534,7 @@ class EdgeClient:
         all_means = _RunningMeans()
         for epoch in range(self.cfg.epochs):
             means = _RunningMeans()
+            self._interval_reset = True  # evaluation and the epoch's drain are not a step
             t_epoch = time.perf_counter()
             for i, (x, y) in enumerate(self.setup.train_loader(self.cfg, epoch)):
                 if self.cfg.max_steps_per_epoch is not None and i >= self.cfg.max_steps_per_epoch:
@@ -566,7 +570,7 @@ class EdgeClient:
                 ev = await self._evaluate(epoch)
             else:
                 ev = fr.EvalResult(epoch=epoch, loss=float("nan"), correct=0, count=0)
-            wall = time.perf_counter() - t_start
+            wall = time.perf_counter() - self._t_run  # the time base of step_times and decisions
             test_acc = ev.correct / ev.count if ev.count else float("nan")
             result.history.append(
                 dict(
@@ -630,6 +634,7 @@ class EdgeClient:
             await self._probe_rtt()
             if self.controller is not None:
                 await self._initial_decision()
+            result.startup_s = time.perf_counter() - t0
             await self._train(result)
             self.sync_head_to_model()
             await self._send(fr.Bye(reason="training finished"))

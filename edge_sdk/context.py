@@ -499,6 +499,13 @@ class ContextTracker:
     def reset_step_interval(self) -> None:
         self.step_interval = ComputeEstimator(**self._compute_kw)
 
+    def reset_compute(self) -> None:
+        """The cut moved: device and cloud do other work per step now."""
+        self.edge_step = ComputeEstimator(**self._compute_kw)
+        self.edge_cpu = ComputeEstimator(**self._compute_kw)
+        self.cloud_step = ComputeEstimator(**self._compute_kw)
+        self.reset_step_interval()
+
     def observe_cloud_step(self, ms: float) -> None:
         self.cloud_step.observe(ms)
 

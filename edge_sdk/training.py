@@ -141,6 +141,9 @@ class TrainResult:
     step_times: list[float] = field(default_factory=list)  # seconds from connect to each applied step
     num_blocks: int = 0  # of the model: point == num_blocks is device-only
     stopped_early: bool = False  # ``max_train_s`` ran out before the last epoch
+    #: connect to first step: handshake, link probes, the engine's start-up decision
+    #: and any migration it made (the profiling before connecting is not in it)
+    startup_s: float = 0.0
     #: applied steps per configuration ("p=2 int8 K=4": n); device-only is "p=L fp32 K=0"
     steps_by_choice: dict[str, int] = field(default_factory=dict)
     #: what the same steps would have cost on the device alone, from the calibrated

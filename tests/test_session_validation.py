@@ -17,7 +17,7 @@ import torch
 from cloud_backend import session as session_mod
 from cloud_backend.session import CloudSession, Phase, SessionConfig
 from cloud_backend.validation import ModelPlan
-from edge_sdk import repartition, zoo
+from edge_sdk import migration, repartition, zoo
 from edge_sdk.optim import OptimizerConfig
 from edge_sdk.pipeline import EdgePipeline
 from edge_sdk.runtime.eager import EagerRuntime
@@ -443,11 +443,26 @@ def test_migrated_state_must_be_usable(spec, hello_frame, entry, value, what):
 
 
 def test_a_bandwidth_probe_is_answered_with_the_filler_it_asks_for_and_no_more_than_the_cap(cloud):
-    (reply,) = cloud.handle(wire(fr.Context(step=0, request=True, padding=3000, reply_padding=5000)), recv_ns=7)
+    (reply,) = cloud.handle(wire(fr.Context(step=0, request=True, padding=5000, reply_padding=5000)), recv_ns=7)
     reply = wire(reply)
     assert isinstance(reply, fr.Context) and reply.padding == 5000 and reply.recv_ns == 7
-    (err,) = cloud.handle(fr.Context(step=0, request=True, reply_padding=fr.MAX_PADDING + 1))
-    assert isinstance(err, fr.Error) and err.code == ErrorCode.LIMIT_EXCEEDED
+    # no amplification: a small request cannot ask for a big answer
+    for asked in (100_000, 5001):
+        (err,) = cloud.handle(fr.Context(step=0, request=True, padding=5000, reply_padding=asked))
+        assert isinstance(err, fr.Error) and err.code == ErrorCode.LIMIT_EXCEEDED
     assert cloud.phase is Phase.TRAINING  # refused, the session goes on
     with pytest.raises(ValueError, match="padding"):  # our encoder will not write more filler than the cap
         fr.encode(fr.Envelope(frame=fr.Context(padding=fr.MAX_PADDING + 1)))
+
+
+def test_a_malformed_state_hash_is_refused_and_a_trained_block_never_matches(cloud, spec):
+    (err,) = cloud.handle(wire(fr.Repartition(step=0, point=4, codec="int8", staleness=0, state_hash="é" * 64)))
+    assert isinstance(err, fr.Error) and err.code == ErrorCode.MALFORMED and cloud.point == POINT
+    # the cloud trains its tail one step: its blocks now carry optimizer state, so
+    # even the right hash of the values is no reason to skip sending them
+    (_trained,) = [r for r in cloud.handle(wire(features(spec))) if isinstance(r, fr.Gradients)]
+    digest = migration.state_hash(cloud.spec.model, range(POINT, 4), {})
+    replies = cloud.handle(wire(fr.Repartition(step=1, point=4, codec="int8", staleness=0, state_hash=digest)))
+    ack = replies[-1]
+    assert isinstance(ack, fr.RepartitionAck) and ack.accepted and not ack.state_matched
+    assert any(isinstance(r, fr.Weights) for r in replies)

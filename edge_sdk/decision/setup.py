@@ -136,8 +136,8 @@ def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> De
     device slowdown (in emulation) — the *measured* edge step time then
     recalibrates it (``apply_context``) once training runs.
     """
-    if not is_adaptive(cfg):
-        return None
+    if not is_adaptive(cfg) or (not cfg.auto_point and current.point == setup.spec.model.num_blocks):
+        return None  # static, or device-only pinned: codec and K mean nothing there
     from edge_sdk.profile import profile_model
 
     spec = setup.spec

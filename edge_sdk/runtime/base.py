@@ -69,11 +69,14 @@ class HeadRuntime(ABC):
         forward, then a replayed backward of d loss / d output), so it costs one
         extra forward; runtimes that keep the graph override it.
         """
+        rng_state = torch.get_rng_state()  # the replay must draw the same dropout masks
         out = self.forward(x, train=True).detach().requires_grad_(True)
         with torch.enable_grad():
             loss, correct = loss_fn(out, y)
             (grad,) = torch.autograd.grad(loss, out)
-        self.replay_backward(x, grad)
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(rng_state)
+            self.replay_backward(x, grad)
         return float(loss.detach()), int(correct)
 
     def parameters(self) -> list[torch.Tensor]:
