@@ -481,9 +481,9 @@ class CloudSession:
         out: list[object] = []
         if frame.state_hash and not _HEX64.fullmatch(frame.state_hash):
             raise WireError(ErrorCode.MALFORMED, "Repartition.state_hash must be 64 lowercase hex digits (SHA-256)")
-        moving = set(named_tensors(model, range(old, new))[0]) if new > old else set()
+        coming_down = set(named_tensors(model, range(old, new))[0]) if new > old else set()
         # the device hashes its copy with no optimizer state: trained blocks cannot match
-        untrained = not any(state.get(name) for name in moving)
+        untrained = not any(state.get(name) for name in coming_down)
         matched = (
             new > old
             and bool(frame.state_hash)
