@@ -31,7 +31,9 @@ def steps_alone(client: EdgeClient) -> int:
 
 
 async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down():
-    cfg = TrainConfig(epochs=2, batch_size=32, device_slowdown=4.0, evaluate=False)
+    # among splits: at 4x, WiFi splitting and training alone nearly tie, and the
+    # device-only path has its own test below
+    cfg = TrainConfig(epochs=2, batch_size=32, device_slowdown=4.0, evaluate=False, allow_device_only=False)
     async with CloudServer(ServerConfig(port=0)) as server:
         async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
 
@@ -50,7 +52,7 @@ async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down():
     assert first["step"] - 30 <= 30
     feature_bytes = client.controller.base_inputs.feature_nbytes
     assert feature_bytes(first["point"], first["codec"]) < feature_bytes(in_force["point"], in_force["codec"]), (in_force, first)
-    assert client.tracker.snapshot().uplink_bps < 1e6  # it measured the slow link
+    assert first["link"]["uplink_bps"] < 1e6  # it decided on the measured slow link, not the old one
     assert result.steps == client.setup.total_steps(cfg)  # every step applied once, across the moves
     (closed,) = server.stats.closed
     assert closed["steps"] == result.steps - steps_alone(client)  # the cloud applied every split step once

@@ -40,4 +40,5 @@ async def test_estimates_match_the_configured_link(up_mbps, down_mbps, rtt_ms):
     snap = client.tracker.snapshot()
     assert snap.uplink_bps == pytest.approx(up_mbps * 1e6, rel=0.2), snap
     assert snap.downlink_bps == pytest.approx(down_mbps * 1e6, rel=0.2), snap
-    assert snap.rtt_s == pytest.approx(rtt_ms / 1e3, rel=0.2), snap
+    # a late read or a busy loop only ever adds delay: tight below, looser above
+    assert 0.9 * rtt_ms / 1e3 <= snap.rtt_s <= 1.35 * rtt_ms / 1e3, snap
