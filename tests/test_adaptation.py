@@ -85,7 +85,7 @@ async def test_engine_moves_work_to_the_device_when_the_cloud_slows_down():
 async def test_engine_trains_alone_while_the_link_is_poor_and_splits_again_when_it_recovers():
     # a Pi-class device: on WiFi splitting pays; on a 250 kbit/s radio every split is
     # slower than training alone; then the WiFi comes back
-    cfg = TrainConfig(epochs=4, batch_size=32, device_slowdown=10.0, evaluate=False)
+    cfg = TrainConfig(epochs=6, batch_size=32, device_slowdown=10.0, evaluate=False)
     poor = PROFILES["iot"]
     async with CloudServer(ServerConfig(port=0)) as server:
         async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
