@@ -375,12 +375,13 @@ class EdgeClient:
             queue_depth=frame.queue_depth,
         )
 
-    async def _probe_rtt(self, count: int = 3) -> None:
+    async def _probe_rtt(self, count: int = 3, *, bandwidth: bool = False) -> None:
         """Round trips of small frames on an idle link (after the handshake, after a
-        drain): in-band requests sent while training queue behind features, so they
-        measure queueing too; the RTT estimator keeps the minimum."""
-        for _ in range(count):
-            await self._request_context()
+        drain), one at a time: in-band requests sent while training queue behind
+        features, so they measure queueing too; the RTT estimator keeps the minimum.
+        ``bandwidth``: every other request padded, so the bandwidth fit sees two sizes."""
+        for i in range(count):
+            await self._request_context(padding=self._probe_bytes() if bandwidth and i % 2 else 0)
             while True:
                 frame = await self._next_frame()
                 if isinstance(frame, fr.Context):
@@ -392,15 +393,7 @@ class EdgeClient:
         """Probe the link's bandwidth both ways, then let the engine pick the start
         configuration (device-only included) before the first step."""
         assert self.controller is not None
-        for i in range(INITIAL_PROBES):
-            # one at a time, small and padded alternating: no frame queues behind another
-            await self._request_context(padding=self._probe_bytes() if i % 2 else 0)
-            while True:
-                frame = await self._next_frame()
-                if isinstance(frame, fr.Context):
-                    self._observe_context(frame)
-                    if frame.recv_ns:
-                        break
+        await self._probe_rtt(INITIAL_PROBES, bandwidth=True)
         now = time.perf_counter() - self._t_run
         decision = self.controller.initial(self.tracker.snapshot(), now)
         if decision is not None:
