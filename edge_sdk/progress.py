@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from edge_sdk.client import ProgressEvent
+from edge_sdk.session import ProgressEvent
 from edge_sdk.training import TrainConfig
 
 

@@ -218,8 +218,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_sdk.client import TrainingError, run_training
+    from edge_sdk.client import run_training
     from edge_sdk.progress import ProgressBar
+    from edge_sdk.session import TrainingError
     from edge_sdk.training import build_local
 
     cfg = config_from_args(args)

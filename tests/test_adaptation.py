@@ -27,7 +27,7 @@ SLOW = LinkProfile(name="slow", uplink_bps=0.5e6, downlink_bps=0.5e6, one_way_la
 
 def steps_alone(client: EdgeClient) -> int:
     """Steps the device trained alone (device-only: the cloud never saw them)."""
-    return client.steps_by_choice.get(f"p={client.setup.spec.model.num_blocks} fp32 K=0", 0)
+    return client.session.steps_by_choice.get(f"p={client.setup.spec.model.num_blocks} fp32 K=0", 0)
 
 
 async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down():
@@ -43,14 +43,14 @@ async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down():
 
             client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, progress=on_step)
             result = await asyncio.wait_for(client.run(), timeout=240)
-    assert isinstance(client.controller, DecisionController)
+    assert isinstance(client.session.controller, DecisionController)
     history = result.partition_history
     in_force = [h for h in history if h["step"] <= 30 and (h["switch"] or h is history[0])][-1]
     after = [h for h in history if h["step"] > 30 and h["switch"]]
     assert after, history
     first = after[0]
     assert first["step"] - 30 <= 30
-    feature_bytes = client.controller.base_inputs.feature_nbytes
+    feature_bytes = client.session.controller.base_inputs.feature_nbytes
     assert feature_bytes(first["point"], first["codec"]) < feature_bytes(in_force["point"], in_force["codec"]), (in_force, first)
     assert first["link"]["uplink_bps"] < 1e6  # it decided on the measured slow link, not the old one
     assert result.steps == client.setup.total_steps(cfg)  # every step applied once, across the moves
@@ -93,7 +93,7 @@ async def test_engine_trains_alone_while_the_link_is_poor_and_splits_again_when_
             def on_step(ev):
                 if ev.step == 30:
                     proxy.network = poor
-                if client.pipeline.device_only and proxy.network is poor and ev.step >= 60:
+                if client.session.pipeline.device_only and proxy.network is poor and ev.step >= 60:
                     proxy.network = PROFILES["wifi"]  # recovers while the device trains alone
                     recovered.append(ev.step)
 
@@ -109,7 +109,7 @@ async def test_engine_trains_alone_while_the_link_is_poor_and_splits_again_when_
     assert recovered, "the device never trained alone long enough to see the link recover"
     back = [h for h in switches if h["step"] > recovered[0] and h["point"] < L]
     assert back, switches  # and the cut came back once the probes saw the link recover
-    assert client.link_changes and max(client.link_changes) >= recovered[0]
+    assert client.session.link_changes and max(client.session.link_changes) >= recovered[0]
     assert result.steps == client.setup.total_steps(cfg)
     (closed,) = server.stats.closed
     # the cloud applied exactly the steps that were split; the device trained the rest

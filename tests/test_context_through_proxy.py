@@ -37,7 +37,7 @@ async def test_estimates_match_the_configured_link(up_mbps, down_mbps, rtt_ms):
         async with ShapingProxy(target=("127.0.0.1", server.port), network=link) as proxy:
             client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg)
             await asyncio.wait_for(client.run(), timeout=120)
-    snap = client.tracker.snapshot()
+    snap = client.session.tracker.snapshot()
     assert snap.uplink_bps == pytest.approx(up_mbps * 1e6, rel=0.2), snap
     assert snap.downlink_bps == pytest.approx(down_mbps * 1e6, rel=0.2), snap
     # a late read or a busy loop only ever adds delay: tight below, looser above

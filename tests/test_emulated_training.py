@@ -11,10 +11,11 @@ import pytest
 from websockets.asyncio.client import connect
 
 from cloud_backend.server import CloudServer, ServerConfig
-from edge_sdk.client import EdgeClient, TrainingError
+from edge_sdk.client import EdgeClient
 from edge_sdk.emulation.cli import cloud_process
 from edge_sdk.emulation.network import parse_network
 from edge_sdk.emulation.proxy import ShapingProxy
+from edge_sdk.session import TrainingError
 from edge_sdk.training import TrainConfig
 from schemas import frames as fr
 from schemas.errors import ErrorCode
@@ -78,7 +79,7 @@ def test_killing_the_cloud_mid_run_ends_the_edge_with_a_clear_message():
 
         with pytest.raises(TrainingError, match=r"(lost|closed)"):
             asyncio.run(run())
-    assert client.pipeline.stats.steps_applied < 60
+    assert client.session.pipeline.stats.steps_applied < 60
 
 
 def test_unreachable_cloud_is_a_clear_error():

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from cloud_backend.server import CloudServer, ServerConfig
-from edge_sdk.client import EdgeClient, TrainingError
+from edge_sdk.client import EdgeClient
 from edge_sdk.optim import OptimizerConfig
-from edge_sdk.runtime import load_runtime
+from edge_sdk.session import TrainingError
 from edge_sdk.training import TrainConfig
 from schemas import frames as fr
-from tests.test_repartition import InProcessRun
+from tests.inprocess import InProcessRun
 
 pytestmark = pytest.mark.slow
 
@@ -51,42 +51,19 @@ def programs(request, tmp_path_factory):
     return request.param, out
 
 
-class ProgramRun(InProcessRun):
-    """The in-process run of test_repartition with the head in a program runtime."""
-
-    def __init__(self, kind, programs_dir, *a, **kw) -> None:
-        self.kind, self.programs_dir = kind, programs_dir
-        super().__init__(*a, **kw)
-
-    def runtime(self, point: int):
-        return load_runtime(self.kind, self.programs_dir, point, self.model.state_dict())
-
-    def sync(self) -> None:
-        state = self.model.state_dict()
-        with torch.no_grad():
-            for name, t in {**self.pipe.runtime.named_parameters(), **self.pipe.runtime.named_buffers()}.items():
-                state[name].copy_(t)
-
-    def move_to(self, point: int) -> None:
-        self.sync()
-        super().move_to(point)
-
-
 def test_program_training_and_repartition_track_eager(programs):
     kind, path = programs
     opt = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, schedule="constant")
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
     runs = []
-    for make in (lambda: InProcessRun("digits_cnn", 1, opt), lambda: ProgramRun(kind, path, "digits_cnn", 1, opt)):
+    for runtime, programs in (("eager", None), (kind, str(path))):
         torch.manual_seed(9)
-        run = make()
+        run = InProcessRun("digits_cnn", 1, opt, runtime=runtime, programs=programs)
         for i, (x, y) in enumerate(data):
             if i == 4:
                 run.move_to(2)  # block 1 comes from the cloud into the program of point 2
             run.step(x, y, 0)
-        if isinstance(run, ProgramRun):
-            run.sync()
         runs.append(run.merged_state())
     eager, program = runs
     for k in eager:
@@ -105,8 +82,9 @@ async def test_client_trains_through_programs_and_cloud_checks_their_origin(prog
         assert 0.0 <= result.test_accuracy <= 1.0
 
         liar = EdgeClient(f"ws://127.0.0.1:{server.port}", cfg)
-        hello = liar.hello()
-        liar.hello = lambda: fr.Hello(**{**hello.__dict__, "program_hash": "f" * 64})
+        session = liar.prepare()
+        hello = session.hello()
+        session.hello = lambda: fr.Hello(**{**hello.__dict__, "program_hash": "f" * 64})
         with pytest.raises(TrainingError, match="exported from another model config"):
             await asyncio.wait_for(liar.run(), timeout=60)
 

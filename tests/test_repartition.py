@@ -1,7 +1,7 @@
 """Moving the cut mid-training gives the same model as never moving it (K=0, fp32).
 
-Runs the device pipeline and the cloud session in-process, every frame through the
-real encoder/decoder, with the repartition sequence of `edge_sdk.repartition`.
+Runs the device session and the cloud session in-process (`tests.inprocess`),
+every frame through the real encoder/decoder.
 """
 
 from __future__ import annotations
@@ -9,71 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloud_backend.session import CloudSession
 from edge_sdk import repartition, zoo
-from edge_sdk.hello import hello_frame
 from edge_sdk.optim import OptimizerConfig
-from edge_sdk.pipeline import EdgePipeline
-from edge_sdk.runtime.eager import EagerRuntime
 from schemas import codecs
 from schemas import frames as fr
-
-
-def wire(frame):
-    return fr.decode(fr.encode(fr.Envelope(frame=frame))).frame
-
-
-class InProcessRun:
-    """Device + cloud joined by function calls instead of a socket."""
-
-    def __init__(self, name: str, point: int, opt: OptimizerConfig, *, codec: str = "fp32", staleness: int = 0) -> None:
-        self.spec = zoo.build(name, seed=0)
-        self.model = self.spec.model
-        self.codec, self.staleness = codec, staleness
-        self.pipe = EdgePipeline(
-            self.runtime(point),
-            point=point,
-            optimizer=opt,
-            codec=codec,
-            staleness=staleness,
-            num_blocks=self.model.num_blocks,
-            loss_fn=self.spec.loss,
-        )
-        self.cloud = CloudSession(1)
-        hello = hello_frame(self.spec, point=point, codec=codec, staleness=staleness, optimizer=opt, batch_size=16)
-        (ack,) = self.cloud.handle(wire(hello))
-        assert isinstance(ack, fr.HelloAck)
-
-    def runtime(self, point: int) -> EagerRuntime:
-        return EagerRuntime(self.model.head(point))
-
-    def step(self, x, y, epoch: int) -> None:
-        if self.pipe.device_only:
-            self.pipe.local_step(x, y, epoch=epoch)
-            return
-        replies = self.cloud.handle(wire(self.pipe.start_step(x, y, epoch=epoch)))
-        (g,) = [r for r in replies if isinstance(r, fr.Gradients)]
-        self.pipe.on_gradients(wire(g))
-
-    def move_to(self, point: int) -> list[fr.Weights]:
-        replies: list[object] = []
-        for frame in repartition.request_frames(self.pipe, self.model, point, codec=self.codec, staleness=self.staleness):
-            replies += self.cloud.handle(wire(frame))
-        replies = [wire(r) for r in replies]
-        errors = [r for r in replies if isinstance(r, fr.Error)]
-        assert not errors, errors
-        (ack,) = [r for r in replies if isinstance(r, fr.RepartitionAck)]
-        weights = [r for r in replies if isinstance(r, fr.Weights)]
-        repartition.complete(self.pipe, self.model, ack, weights, self.runtime, codec=self.codec, staleness=self.staleness)
-        assert self.pipe.point == self.cloud.point == point
-        return weights
-
-    def merged_state(self) -> dict[str, torch.Tensor]:
-        """Head tensors from the device, tail tensors from the cloud."""
-        edge = self.model.state_dict()
-        cloud = self.cloud.spec.model.state_dict()
-        p = self.pipe.point
-        return {k: (edge[k] if int(k.split(".")[1]) < p else cloud[k]) for k in edge}
+from tests.inprocess import InProcessRun, wire
 
 
 def _fixed_and_data(opt: OptimizerConfig) -> tuple[InProcessRun, list[tuple[torch.Tensor, torch.Tensor]]]:

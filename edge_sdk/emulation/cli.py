@@ -99,6 +99,7 @@ async def run_through_proxy(cfg, network_spec: str, cloud_port: int, progress=No
 
     network = parse_network(network_spec)
     client = EdgeClient("ws://127.0.0.1:0", cfg, progress=progress, network=network_spec, setup=setup, shared_clock=True)
+    client.prepare()  # profile the device before the link exists
     if network is None:
         client.url = f"ws://127.0.0.1:{cloud_port}"
         return await client.run()
@@ -109,8 +110,8 @@ async def run_through_proxy(cfg, network_spec: str, cloud_port: int, progress=No
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_sdk.client import TrainingError
     from edge_sdk.progress import ProgressBar
+    from edge_sdk.session import TrainingError
 
     try:
         args.device_slowdown, budget = resolve_device(args)

@@ -1,0 +1,740 @@
+"""The device's training session: the protocol as a sans-I/O state machine.
+
+This is the device twin of `cloud_backend.session.CloudSession`. It owns the
+feature-replay pipeline, the context tracker, the decision controller and the
+run's records, and it never touches a socket, a thread or a clock. The transport
+(`edge_sdk.client.EdgeClient` over WebSockets, `edge_sdk.emulation.inprocess` by
+function calls in tests) drives it.
+
+Why a generator of commands rather than one callback per event: the device's
+protocol is a *sequence* (handshake, probes, the start-up decision, steps, drains,
+the repartition exchange, evaluation), and each part waits for particular frames.
+Written as generators, that sequence reads top to bottom, and every place the
+session needs the outside world is one ``yield``:
+
+* ``yield Send(frame)``      -> `Sent` (when it left, how many bytes)
+* ``yield Receive(wait)``    -> `Received`, `Closed`, or None (``wait=False``, nothing arrived)
+* ``yield Compute(fn, ...)`` -> `Computed` (the value, device busy time, CPU time)
+* ``yield Now()``            -> the transport's clock, in seconds
+
+Events in (frames, compute results, the time), frames and work out: the same
+split as ``websockets``' ``protocol.py`` and ``asyncio/connection.py``. Entry
+points are `EdgeSession.run` (a whole run), and the pieces a test drives on its
+own: `handshake`, `train_batch`, `drain`, `switch`, `evaluate`.
+
+The scheduling rule (what to do with the next batch) is `next_move`, a pure
+function with its own unit tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, TypeVar
+
+import torch
+
+from edge_sdk import repartition
+from edge_sdk.context import ContextTracker, LinkChangeDetector
+from edge_sdk.decision.controller import DecisionController
+from edge_sdk.decision.cost_model import Choice
+from edge_sdk.decision.setup import initial_choice
+from edge_sdk.hello import hello_frame
+from edge_sdk.pipeline import EdgePipeline, StepResult
+from edge_sdk.runtime import EagerRuntime, HeadRuntime, load_runtime
+from edge_sdk.training import LocalSetup, TrainConfig, TrainResult
+from schemas import frames as fr
+from schemas.codecs import Codec
+
+log = logging.getLogger("edge_sdk")
+
+T = TypeVar("T")
+
+#: while training alone, probe the link this often (s), with at least this many filler bytes
+PROBE_EVERY_S = 2.0
+PROBE_MIN_BYTES = 2048
+#: probes (small and padded alternating) before the engine's start-up decision
+INITIAL_PROBES = 14
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is meant for the user as is."""
+
+
+# ------------------------------------------------------------------ commands
+@dataclass(frozen=True)
+class Send:
+    """Send ``frame`` to the cloud (the transport wraps it in an `Envelope`)."""
+
+    frame: Any
+
+
+@dataclass(frozen=True)
+class Sent:
+    """The answer to `Send`: when the envelope was stamped, and its size on the wire."""
+
+    sent_ns: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Receive:
+    """The next frame from the cloud; ``wait=False`` only takes one that has already arrived."""
+
+    wait: bool = True
+
+
+@dataclass(frozen=True)
+class Received:
+    """A decoded envelope, when it arrived, and its size on the wire."""
+
+    envelope: fr.Envelope
+    recv_ns: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The link is gone (or the cloud sent something undecodable); ``reason`` is for the user."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Run ``fn(*args, **kwargs)`` where the device computes (off the event loop)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: emulation: whether the device slowdown applies (training and evaluation
+    #: compute); the migration's bookkeeping runs at host speed
+    scaled: bool = True
+
+
+@dataclass(frozen=True)
+class Computed:
+    """The answer to `Compute`: the value, the device's busy time (slowdown and
+    hand-offs included: that, not the kernel time alone, limits the pipeline), and
+    the CPU time of the thread that ran it."""
+
+    value: Any
+    busy_s: float
+    cpu_s: float
+
+
+@dataclass(frozen=True)
+class Now:
+    """Read the transport's monotonic clock (answered with seconds, a float)."""
+
+
+Command = Send | Receive | Compute | Now
+#: a session coroutine: yields commands, is sent their answers, returns ``T``
+Steps = Generator[Command, Any, T]
+
+
+# ----------------------------------------------------------- scheduling rule
+class Next(Enum):
+    """What the session does next with the batch in hand."""
+
+    ALONE = "train the batch on the device alone"
+    POLL = "apply one frame that has already arrived, if any"
+    WAIT = "wait for a frame: the window is full"
+    START = "start the split step"
+
+
+def next_move(*, device_only: bool, polled: bool, window_full: bool) -> Next:
+    """The rule for one batch: apply at most one frame that already arrived, wait
+    only while the window is full, then start the step.
+
+    Why at most one: applying *every* waiting gradient first lets the window run
+    dry; steps then travel in convoys of K+1 and the device idles while the first
+    of each convoy makes its round trip (measured: 46 vs 39 ms/step on wifi at p=1
+    K=2), which is the latency replay should hide. A device-only placement never
+    waits for the link.
+    """
+    if device_only:
+        return Next.ALONE
+    if not polled:
+        return Next.POLL
+    if window_full:
+        return Next.WAIT
+    return Next.START
+
+
+# --------------------------------------------------------------- bookkeeping
+@dataclass
+class ProgressEvent:
+    """Handed to the progress callback after every applied step."""
+
+    epoch: int
+    step: int
+    loss: float
+    accuracy: float
+    steps_per_s: float
+    result: StepResult | None = None
+
+
+@dataclass
+class RunningMeans:
+    """Loss, accuracy and per-step timings over the steps of one epoch."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+    cloud_ms: list[float] = field(default_factory=list)
+    rtt_ms: list[float] = field(default_factory=list)
+
+    def add(self, r: StepResult, *, split: bool = True) -> None:
+        self.loss_sum += r.loss * r.count
+        self.correct += r.correct
+        self.count += r.count
+        if split:  # a step trained alone has no cloud time and no round trip
+            self.cloud_ms.append(r.cloud_ms)
+            self.rtt_ms.append(r.round_trip_ms)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else float("nan")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+class EdgeSession:
+    """One training run of one device against one cloud, as a state machine.
+
+    ``controller`` is the decision engine (None: a static run); building it
+    profiles the device, which is the caller's explicit step
+    (`edge_sdk.decision.setup.build_controller`), not this constructor's.
+    ``shared_clock``: both ends read the same monotonic clock (emulation), so
+    one-way delays are directly measurable; on a real link only their
+    differences are.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        setup: LocalSetup,
+        *,
+        controller: DecisionController | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
+        shared_clock: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.setup = setup
+        self.progress = progress
+        self.shared_clock = shared_clock
+        self.session_id = 0  # the cloud's, from HelloAck
+        self.choice = initial_choice(cfg, setup)
+        self.controller = controller
+        if controller is not None:
+            controller.current = self.choice
+        self.runtime = self.make_runtime(self.choice.point)
+        self.pipeline = EdgePipeline(
+            self.runtime,
+            point=self.choice.point,
+            optimizer=cfg.optimizer_config(),
+            codec=self.choice.codec,
+            grad_codec=cfg.grad_codec,
+            staleness=self.choice.staleness,
+            error_feedback=cfg.error_feedback,
+            topk_ratio=cfg.topk_ratio,
+            staleness_guard=cfg.staleness_guard,
+            num_blocks=setup.spec.model.num_blocks,
+            loss_fn=setup.spec.loss,
+        )
+        self.tracker = ContextTracker()
+        self.link_change = LinkChangeDetector()
+        #: the same for the padded probes while the device trains alone, both ways
+        self.probe_change = LinkChangeDetector(window=8, warmup=3, min_jump_s=0.05, faster=True)
+        self.link_changes: list[int] = []  # steps at which the link was seen to change
+        self.edge_busy_s = 0.0  # device time including emulated slowdown
+        self.step_times: list[float] = []  # seconds since the run started, per applied step
+        self.one_way_ms: dict[str, list[float]] = {"up": [], "down": []}
+        self.repartitions = 0
+        self.last_migration: list[fr.Weights] = []  # the Weights frames of the latest repartition
+        #: applied steps per configuration ("p=2 int8 K=4": n), for the summary
+        self.steps_by_choice: dict[str, int] = {}
+        self._t_run = 0.0  # the run's time base (transport clock at its start)
+        self._last: Computed = Computed(None, 0.0, 0.0)  # the latest compute's timing
+        self._last_recv: tuple[int, int, int] = (0, 0, 0)  # (peer sent_ns, our recv_ns, bytes) of the last frame
+        self._sent: dict[int, Sent] = {}  # step -> its Features upload
+        self._step_compute: dict[int, Computed] = {}  # step -> timing of its forward
+        #: step -> (sent_ns, bytes, padded) of the Context requests waiting for an answer, in order
+        self._context_requests: dict[int, deque[tuple[int, int, bool]]] = {}
+        self._last_probe_s = -math.inf
+        self._interval_reset = False  # the next interval spans a switch: not a step time
+        self._probes = 0
+        self._means = RunningMeans()
+        self._epoch = 0
+        self._t_train = 0.0  # when training started (progress rate)
+
+    # ----------------------------------------------------------- runtimes
+    def make_runtime(self, point: int) -> HeadRuntime:
+        model = self.setup.spec.model
+        if self.cfg.runtime == "eager":
+            return EagerRuntime(model.head(point), name_map=model.head_name_map(point))
+        assert self.cfg.programs is not None  # TrainConfig.validate: program runtimes need --programs
+        return load_runtime(self.cfg.runtime, self.cfg.programs, point, model.state_dict())
+
+    def sync_head_to_model(self) -> None:
+        """Copy a program runtime's live weights and statistics into the model
+        (eager runtimes train the model's own tensors, nothing to do)."""
+        if isinstance(self.runtime, EagerRuntime):
+            return
+        state = self.setup.spec.model.state_dict()
+        with torch.no_grad():
+            for name, t in {**self.runtime.named_parameters(), **self.runtime.named_buffers()}.items():
+                state[name].copy_(t)
+
+    # ----------------------------------------------------- I/O primitives
+    def _send(self, frame: Any) -> Steps[Sent]:
+        sent: Sent = yield Send(frame)
+        return sent
+
+    def _now(self) -> Steps[float]:
+        """Seconds since the run started, on the transport's clock."""
+        now: float = yield Now()
+        return now - self._t_run
+
+    def _receive(self, *, wait: bool = True) -> Steps[Any]:
+        """The next frame (None: ``wait=False`` and nothing arrived); an Error frame
+        or a closed link ends the run with the reason."""
+        got = yield Receive(wait)
+        if got is None:
+            return None
+        if isinstance(got, Closed):
+            raise TrainingError(got.reason)
+        self._last_recv = (got.envelope.sent_ns, got.recv_ns, got.nbytes)
+        frame = got.envelope.frame
+        if isinstance(frame, fr.Error):
+            raise TrainingError(f"cloud refused: {frame.message} ({frame.code.name})")
+        return frame
+
+    def _compute(self, fn: Callable[..., T], *args: Any, train: bool = True, scaled: bool = True, **kwargs: Any) -> Steps[T]:
+        done: Computed = yield Compute(fn, args, kwargs, scaled)
+        if train:
+            self.edge_busy_s += done.busy_s
+        self._last = done
+        return done.value
+
+    # ------------------------------------------------------------- protocol
+    def hello(self) -> fr.Hello:
+        return hello_frame(
+            self.setup.spec,
+            point=self.choice.point,
+            codec=self.choice.codec,
+            staleness=self.choice.staleness,
+            optimizer=self.cfg.optimizer_config(),
+            batch_size=self.cfg.batch_size,
+            token=self.cfg.token,
+            runtime=self.runtime.name,
+            # programs say which model config they were exported from; the cloud checks it
+            program_hash=str(self.setup.manifest.get("config_hash", "")) if self.setup.manifest else "",
+        )
+
+    def handshake(self) -> Steps[None]:
+        yield from self._send(self.hello())
+        frame = yield from self._receive()
+        if not isinstance(frame, fr.HelloAck) or not frame.accepted:
+            raise TrainingError(f"cloud did not accept the session: {getattr(frame, 'message', type(frame).__name__)}")
+        self.session_id = frame.session
+
+    def _apply(self, frame: Any, *, adapt: bool = True) -> Steps[StepResult | None]:
+        """Act on one frame from the cloud; a Gradients frame completes its step."""
+        if isinstance(frame, fr.Context):
+            self._observe_context(frame)
+            return None
+        if isinstance(frame, fr.Gradients):
+            self._observe_gradients(frame)
+            result = yield from self._compute(self.pipeline.on_gradients, frame)
+            forward = self._step_compute.pop(result.step, Computed(None, 0.0, 0.0))
+            busy_s, cpu_s = forward.busy_s + self._last.busy_s, forward.cpu_s + self._last.cpu_s
+            yield from self._applied(result, busy_s, cpu_s, adapt=adapt)
+            return result
+        return None  # other informational frames
+
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> Steps[None]:
+        """One batch: by `next_move`, apply what arrived, wait for room, then start
+        its split step (or train it alone). Its gradient is applied later."""
+        self._epoch = epoch
+        polled = False
+        while True:
+            move = next_move(device_only=self.pipeline.device_only, polled=polled, window_full=not self.pipeline.can_start())
+            if move is Next.ALONE:
+                yield from self._train_alone(x, y, epoch)
+                return
+            if move is Next.POLL:
+                polled = True
+                frame = yield from self._receive(wait=False)
+                if frame is not None:
+                    yield from self._apply(frame)
+                continue
+            if move is Next.WAIT:
+                yield from self._apply((yield from self._receive()))
+                continue
+            break
+        if self.pipeline.next_step % self.cfg.decide_every == 0:
+            yield from self._request_context()
+        feats = yield from self._compute(self.pipeline.start_step, x, y, epoch=epoch)
+        self._step_compute[feats.step] = self._last
+        self._sent[feats.step] = yield from self._send(feats)
+
+    def _train_alone(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> Steps[None]:
+        """One device-only step; the link is only probed now and then, so the
+        engine can tell when splitting pays again."""
+        while (frame := (yield from self._receive(wait=False))) is not None:
+            yield from self._apply(frame)
+        if self.controller is not None:  # nobody reads the link estimates otherwise
+            yield from self._maybe_probe()
+        result = yield from self._compute(self.pipeline.local_step, x, y, epoch=epoch)
+        yield from self._applied(result, self._last.busy_s, self._last.cpu_s, adapt=True)
+
+    def _applied(self, result: StepResult, busy_s: float, cpu_s: float, *, adapt: bool) -> Steps[None]:
+        """Book-keeping of one applied step, split or alone: timing, means, progress, decisions."""
+        now = yield from self._now()
+        if self.step_times and not self._interval_reset:
+            self.tracker.observe_step_interval(1e3 * (now - self.step_times[-1]))
+        self._interval_reset = False
+        self.step_times.append(now)
+        # this thread's CPU time is the step's compute only without intra-op threads
+        cpu_ms = 1e3 * cpu_s if torch.get_num_threads() == 1 else None
+        self.tracker.observe_edge_step(1e3 * busy_s, cpu_ms=cpu_ms)
+        self._means.add(result, split=not self.pipeline.device_only)
+        key = str(self.choice)
+        self.steps_by_choice[key] = self.steps_by_choice.get(key, 0) + 1
+        if self.progress is not None:
+            elapsed = now - self._t_train
+            self.progress(
+                ProgressEvent(
+                    epoch=self._epoch,
+                    step=result.step,
+                    loss=self._means.loss,
+                    accuracy=self._means.accuracy,
+                    steps_per_s=self.pipeline.stats.steps_applied / elapsed if elapsed > 0 else 0.0,
+                    result=result,
+                )
+            )
+        if adapt:
+            yield from self._maybe_adapt()
+
+    def drain(self, *, adapt: bool = True) -> Steps[None]:
+        """Apply gradients until nothing is in flight."""
+        while self.pipeline.in_flight:
+            yield from self._apply((yield from self._receive()), adapt=adapt)
+
+    # ------------------------------------------------------------- context
+    def _observe_gradients(self, frame: fr.Gradients) -> None:
+        sent = self._sent.pop(frame.step, None)
+        peer_sent, recv, recv_bytes = self._last_recv
+        if sent is not None and self.link_change.observe((recv - sent.sent_ns) / 1e9):
+            self._link_changed(frame.step)
+        if sent is not None and frame.features_recv_ns:
+            self.tracker.observe_uplink(sent.sent_ns, frame.features_recv_ns, sent.nbytes)
+            if self.shared_clock:
+                self.one_way_ms["up"].append((frame.features_recv_ns - sent.sent_ns) / 1e6)
+        self.tracker.observe_downlink(peer_sent, recv, recv_bytes)
+        if self.shared_clock:
+            self.one_way_ms["down"].append((recv - peer_sent) / 1e6)
+        self.tracker.observe_cloud_step(frame.cloud_ms)
+        self.tracker.observe_queue_depth(frame.queue_depth)
+
+    def _link_changed(self, step: int) -> None:
+        """The link is not the one measured: forget it, re-decide soon."""
+        self.tracker.uplink.reset()
+        self.tracker.downlink.reset()
+        self.link_changes.append(step)
+        if self.controller is not None:
+            self.controller.force(self.pipeline.stats.steps_applied)
+
+    def _observe_context(self, frame: fr.Context) -> None:
+        peer_sent, recv, recv_bytes = self._last_recv
+        self.tracker.observe_downlink(peer_sent, recv, recv_bytes)
+        waiting = self._context_requests.get(frame.step)
+        asked = waiting.popleft() if waiting else None
+        if waiting is not None and not waiting:
+            del self._context_requests[frame.step]
+        if asked is not None and frame.recv_ns:
+            sent_ns, sent_bytes, padded = asked
+            hold_ns = max(0, peer_sent - frame.recv_ns)
+            self.tracker.observe_rtt(sent_ns, recv, remote_hold_ns=hold_ns)
+            self.tracker.observe_uplink(sent_ns, frame.recv_ns, sent_bytes)
+            if padded and self.probe_change.observe((recv - sent_ns - hold_ns) / 1e9):
+                self._link_changed(frame.step)
+        point = self.pipeline.point
+        self.tracker.observe_remote(
+            cloud_step_ms=frame.cloud_step_ms or None,
+            cloud_block_ms={point + i: v for i, v in enumerate(frame.cloud_block_ms)},
+            queue_depth=frame.queue_depth,
+        )
+
+    def probe_rtt(self, count: int = 3, *, bandwidth: bool = False) -> Steps[None]:
+        """Round trips of small frames on an idle link (after the handshake, after a
+        drain), one at a time: in-band requests sent while training queue behind
+        features, so they measure queueing too; the RTT estimator keeps the minimum.
+        ``bandwidth``: every other request padded, so the bandwidth fit sees two sizes."""
+        for i in range(count):
+            yield from self._request_context(padding=self._probe_bytes() if bandwidth and i % 2 else 0)
+            while True:
+                frame = yield from self._receive()
+                if isinstance(frame, fr.Context):
+                    self._observe_context(frame)
+                    if frame.recv_ns:
+                        break
+
+    def _initial_decision(self) -> Steps[None]:
+        """Probe the link's bandwidth both ways, then let the engine pick the start
+        configuration (device-only included) before the first step."""
+        assert self.controller is not None
+        yield from self.probe_rtt(INITIAL_PROBES, bandwidth=True)
+        now = yield from self._now()
+        decision = self.controller.initial(self.tracker.snapshot(), now)
+        if decision is not None:
+            log.info("start: %s", decision.reason)
+            yield from self.switch(decision.choice)
+
+    def _probe_bytes(self) -> int:
+        """Filler for a bandwidth probe: ~20 ms of the estimated link, within bounds."""
+        snap = self.tracker.snapshot()
+        bps = min(snap.uplink_bps or 1e6, snap.downlink_bps or 1e6)
+        return int(min(fr.MAX_PADDING, max(PROBE_MIN_BYTES, bps * 0.02 / 8)))
+
+    def _request_context(self, padding: int = 0) -> Steps[None]:
+        """Ask for the cloud's Context; ``padding`` > 0 makes it a bandwidth probe
+        (that many filler bytes up, and asked for in the answer)."""
+        step = self.pipeline.next_step
+        frame = fr.Context(step=step, request=True, padding=padding, reply_padding=padding)
+        sent = yield from self._send(frame)
+        self._context_requests.setdefault(step, deque()).append((sent.sent_ns, sent.nbytes, padding > 0))
+
+    def _maybe_probe(self) -> Steps[None]:
+        """While the device trains alone, keep the link estimates alive: every
+        ``PROBE_EVERY_S`` one small request (RTT, and the small point of the
+        bandwidth fit) and, half a period later, one padded to ~20 ms of the
+        estimated link. Apart, not back to back: a frame that arrives right
+        behind another tells the estimators nothing about its own size."""
+        now = yield from self._now()
+        if now - self._last_probe_s < PROBE_EVERY_S / 8:
+            return  # checked first: a device-only step can take a few milliseconds
+        # faster while an estimate is missing (a new link): the engine waits for it
+        warming = min(self.tracker.uplink.count, self.tracker.downlink.count) < 8
+        if now - self._last_probe_s < (PROBE_EVERY_S / 8 if warming else PROBE_EVERY_S / 2):
+            return
+        self._last_probe_s = now
+        self._probes += 1
+        if self._probes % 2:
+            yield from self._request_context()
+            return
+        yield from self._request_context(padding=self._probe_bytes())
+
+    # ------------------------------------------------------------ decisions
+    def _maybe_adapt(self) -> Steps[None]:
+        step = self.pipeline.stats.steps_applied
+        now = yield from self._now()
+        if self.controller is None or not self.controller.due(step, now):
+            return
+        decision = self.controller.decide(step, self.tracker.snapshot(), now)
+        if decision is not None:
+            log.info("step %d, %.1f s: %s", step, now, decision.reason)
+            yield from self.switch(decision.choice)
+
+    def switch(self, choice: Choice) -> Steps[None]:
+        """Act on a decision: drain if needed, move the cut, change codec or K."""
+        cur = self.choice
+        if choice == cur:
+            return
+        if choice.point == cur.point and choice.codec == cur.codec and choice.staleness >= cur.staleness:
+            self.pipeline.window.staleness = choice.staleness  # growing the window needs no drain
+        else:
+            yield from self.drain(adapt=False)
+            if choice.point != cur.point:
+                yield from self._repartition(choice)
+                self.tracker.reset_compute()  # other blocks per step on each side now
+                if self.pipeline.device_only:
+                    # From now on only probes cross the link. The estimators' windows
+                    # count frames, so the split's frames (and the migration's) would
+                    # speak for the link long after it changed: start from the probes.
+                    self.tracker.uplink.reset()
+                    self.tracker.downlink.reset()
+            else:
+                self.pipeline.codec = Codec.parse(choice.codec)
+                self.pipeline.window.staleness = choice.staleness
+        self.choice = choice
+        self.tracker.reset_step_interval()  # a new configuration, a new step time
+        self._interval_reset = True
+        if self.controller is not None:
+            self.controller.current = choice
+            self.controller.switched(self.pipeline.stats.steps_applied)
+
+    def _repartition(self, choice: Choice) -> Steps[list[fr.Weights]]:
+        """The repartition exchange (`edge_sdk.repartition`); returns the weights that came down."""
+        model = self.setup.spec.model
+        self.sync_head_to_model()
+        for frame in repartition.request_frames(
+            self.pipeline, model, choice.point, codec=choice.codec, staleness=choice.staleness
+        ):
+            yield from self._send(frame)
+        received: list[fr.Weights] = []
+        while True:
+            frame = yield from self._receive()
+            if isinstance(frame, fr.Weights):
+                received.append(frame)
+            elif isinstance(frame, fr.RepartitionAck):
+                break
+            elif isinstance(frame, fr.Context):
+                self._observe_context(frame)
+        yield from self._compute(
+            repartition.complete,
+            self.pipeline,
+            model,
+            frame,
+            received,
+            self.make_runtime,
+            codec=choice.codec,
+            staleness=choice.staleness,
+            train=False,
+            scaled=False,
+        )
+        self.runtime = self.pipeline.runtime
+        self.repartitions += 1
+        self.last_migration = received
+        return received
+
+    def evaluate(self, epoch: int) -> Steps[fr.EvalResult]:
+        if self.pipeline.device_only:  # the whole model is here: nothing crosses the link
+            loss, correct, count = 0.0, 0, 0
+            for x, y in self.setup.test_loader(self.cfg):
+                batch_loss, batch_correct, n = yield from self._compute(self.pipeline.local_eval, x, y, train=False)
+                loss, correct, count = loss + batch_loss, correct + batch_correct, count + n
+            return fr.EvalResult(epoch=epoch, loss=loss / count if count else 0.0, correct=correct, count=count)
+        for i, (x, y) in enumerate(self.setup.test_loader(self.cfg)):
+            feats = yield from self._compute(self.pipeline.eval_features, x, y, epoch=epoch, batch=i, train=False)
+            yield from self._send(feats)
+        yield from self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=False))
+        while True:
+            frame = yield from self._receive()
+            if isinstance(frame, fr.EvalResult):
+                return frame
+
+    # ------------------------------------------------------------- the run
+    def _train(self, result: TrainResult) -> Steps[None]:
+        self._t_train = yield from self._now()
+        all_means = RunningMeans()
+        for epoch in range(self.cfg.epochs):
+            self._means = RunningMeans()
+            self._interval_reset = True  # evaluation and the epoch's drain are not a step
+            t_epoch = yield from self._now()
+            for i, (x, y) in enumerate(self.setup.train_loader(self.cfg, epoch)):
+                if self.cfg.max_steps_per_epoch is not None and i >= self.cfg.max_steps_per_epoch:
+                    break
+                if self.cfg.max_train_s is not None:
+                    now = yield from self._now()
+                    if result.train_s + now - t_epoch > self.cfg.max_train_s:
+                        result.stopped_early = True
+                        break
+                yield from self.train_batch(x, y, epoch)
+            yield from self.drain()
+            result.train_s += (yield from self._now()) - t_epoch
+            if result.stopped_early:
+                break  # a partial epoch: no evaluation, no record
+            yield from self.probe_rtt(1)
+            yield from self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=True))
+            if self.cfg.evaluate:
+                ev = yield from self.evaluate(epoch)
+            else:
+                ev = fr.EvalResult(epoch=epoch, loss=float("nan"), correct=0, count=0)
+            wall = yield from self._now()  # the time base of step_times and decisions
+            means = self._means
+            test_acc = ev.correct / ev.count if ev.count else float("nan")
+            result.history.append(
+                dict(
+                    epoch=epoch,
+                    train_loss=means.loss,
+                    train_accuracy=means.accuracy,
+                    test_loss=ev.loss,
+                    test_accuracy=test_acc,
+                    wall_s=wall,
+                    train_s=result.train_s,
+                    steps=self.pipeline.stats.steps_applied,
+                )
+            )
+            result.timeline.append(dict(wall_s=wall, train_loss=means.loss, test_accuracy=test_acc))
+            result.train_loss, result.train_accuracy = means.loss, means.accuracy
+            result.test_loss, result.test_accuracy = ev.loss, test_acc
+            all_means.cloud_ms += means.cloud_ms
+            all_means.rtt_ms += means.rtt_ms
+        steps = self.pipeline.stats.steps_applied
+        cloud = sum(all_means.cloud_ms) / len(all_means.cloud_ms) if all_means.cloud_ms else 0.0
+        rtt = _median(all_means.rtt_ms) if all_means.rtt_ms else 0.0
+        result.stage_ms = {"edge": 1e3 * self.edge_busy_s / steps if steps else 0.0, "cloud": cloud}
+        if self.one_way_ms["up"]:
+            # medians: one-way time per frame including any queueing behind earlier frames
+            result.stage_ms["up"] = _median(self.one_way_ms["up"])
+            result.stage_ms["down"] = _median(self.one_way_ms["down"])
+        result.stage_ms["round_trip"] = rtt
+
+    def run(self, t_start: float, *, network: str = "none") -> Steps[TrainResult]:
+        """The whole run on a connected link: handshake, probes, the engine's
+        start-up decision, the epochs, Bye. ``t_start`` is the transport's clock
+        when the run began (before connecting): the time base of every record."""
+        cfg = self.cfg
+        self._t_run = t_start
+        result = TrainResult(
+            point=self.choice.point,
+            codec=self.choice.codec,
+            staleness=self.choice.staleness,
+            network=network,
+            device_slowdown=cfg.device_slowdown,
+            model=cfg.model,
+            dataset=cfg.dataset,
+            runtime=self.runtime.name,
+            error_feedback=cfg.error_feedback,
+        )
+        yield from self.handshake()
+        yield from self.probe_rtt()
+        if self.controller is not None:
+            yield from self._initial_decision()
+        result.startup_s = yield from self._now()
+        yield from self._train(result)
+        self.sync_head_to_model()
+        yield from self._send(fr.Bye(reason="training finished"))
+        result.wall_s = yield from self._now()
+        self._report(result)
+        return result
+
+    def _report(self, result: TrainResult) -> None:
+        """The run's figures that the session holds (the transport adds its byte counts)."""
+        result.steps = self.pipeline.stats.steps_applied
+        result.epochs = self.cfg.epochs
+        result.point, result.codec, result.staleness = self.choice.point, self.choice.codec, self.choice.staleness
+        if self.controller is not None:
+            result.partition_history = self.controller.history
+        else:
+            result.partition_history = [
+                dict(
+                    step=0,
+                    point=self.choice.point,
+                    codec=self.choice.codec,
+                    staleness=self.choice.staleness,
+                    predicted_step_ms=None,
+                    switch=False,
+                    reason="fixed by the user",
+                )
+            ]
+        result.context = self.tracker.snapshot().to_dict()
+        result.step_times = self.step_times
+        result.steps_by_choice = dict(self.steps_by_choice)
+        result.num_blocks = self.setup.spec.model.num_blocks
+        if self.controller is not None:
+            result.device_only_estimate = self.controller.device_only_estimate(self.tracker.snapshot(), result.steps)
