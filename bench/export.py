@@ -2,7 +2,7 @@
 
 Writes ``bench/results/export.json``: per model, per exported point the program
 size and export time; at the timed point the per-step time (forward + replayed
-forward + backward, see ``edge_sdk.runtime.timing``) of the eager head, the
+forward + backward, see ``edge_sdk.timing``) of the eager head, the
 ExecuTorch program (with and, for small models, without the layer rewrites) and the
 TorchScript program, with ratios measured in the same run.
 
@@ -25,7 +25,7 @@ import torch
 from edge_sdk import zoo
 from edge_sdk.runtime.eager import EagerRuntime
 from edge_sdk.runtime.loading import load_runtime
-from edge_sdk.runtime.timing import profile_runtime, profile_runtimes
+from edge_sdk.timing import profile_runtime, profile_runtimes
 from export.api import export_head, exporter_versions, write_manifest
 
 # model -> (points to export, point to time)

@@ -125,7 +125,7 @@ def _lowered(fn, args, keep=()):
 
 
 def compare_kernels(repeats: int) -> dict:
-    from export.layout import _tap_slices
+    from export.kernels import _tap_slices
 
     aten = torch.ops.aten
     dy, x = torch.randn(64, 32768), torch.randn(16, 32768)

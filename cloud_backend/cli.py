@@ -11,8 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
-from cloud_backend.server import DEFAULT_MAX_FRAME_BYTES, CloudServer, ServerConfig
+from cloud_backend.server import CloudServer, ServerConfig
 from cloud_backend.session import DEFAULT_SESSION_BYTES
+from schemas.frames import MAX_FRAME_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-frame-bytes",
         type=int,
-        default=DEFAULT_MAX_FRAME_BYTES,
+        default=MAX_FRAME_BYTES,
         help="largest accepted frame (default: %(default)s = 64 MiB)",
     )
     s.add_argument(

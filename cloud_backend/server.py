@@ -39,12 +39,11 @@ from websockets.http11 import Request, Response
 
 from cloud_backend.session import DEFAULT_SESSION_BYTES, CloudSession, Phase, SessionConfig
 from schemas.errors import ErrorCode, WireError
-from schemas.frames import Envelope, Error, Gradients, Hello, HelloAck, Limits, decode, encode
+from schemas.frames import MAX_FRAME_BYTES, Envelope, Error, Gradients, Hello, HelloAck, Limits, decode, encode
 from schemas.transport import is_loopback
 
 log = logging.getLogger("cloud_backend")
 
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 #: Frames before authentication: a Hello is a few hundred bytes.
 DEFAULT_MAX_HELLO_BYTES = 64 * 1024
 
@@ -67,7 +66,7 @@ class ServerConfig:
     #: (this also ends a frame trickled byte by byte: its pong cannot arrive)
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 60.0  # a pong can wait behind a large frame on a slow uplink
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_frame_bytes: int = MAX_FRAME_BYTES
     max_hello_bytes: int = DEFAULT_MAX_HELLO_BYTES
     #: decoded frames waiting for a session's worker; beyond that, reading stops
     inbox_frames: int = 8

@@ -43,6 +43,7 @@ from edge_sdk.context import ComputeEstimator
 from edge_sdk.migration import (
     StateAssembler,
     block_index,
+    check_complete,
     export_state,
     import_state,
     install_optimizer_state,
@@ -496,10 +497,7 @@ class CloudSession:
             moving = set(range(new, old))
             received = incoming.tensors() if incoming is not None else {}
             tensors = {key: t for key, t in received.items() if block_index(key[1].split("/")[0]) in moving}
-            expected = set(named_tensors(model, moving)[0])
-            missing = expected - {name for kind, name in tensors if kind == "param"}
-            if missing:
-                raise WireError(ErrorCode.MALFORMED, f"repartition to {new}: weights missing for {sorted(missing)[:5]}")
+            check_complete(model, moving, tensors, new)
             keys: dict[str, set[str]] = {}
             for kind, name in tensors:
                 if kind == "optim":

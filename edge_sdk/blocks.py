@@ -95,6 +95,11 @@ class BlockModel(nn.Module):
     def cut_points(self) -> list[int]:
         return list(self._cut_points)
 
+    @property
+    def interior_points(self) -> list[int]:
+        """The cuts that split the model: a non-empty head and a non-empty tail."""
+        return [p for p in self._cut_points if 0 < p < self.num_blocks]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)

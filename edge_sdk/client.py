@@ -53,8 +53,6 @@ log = logging.getLogger("edge_sdk")
 
 T = TypeVar("T")
 
-MAX_FRAME_BYTES = 64 * 1024 * 1024
-
 
 @dataclass
 class LinkCounters:
@@ -189,7 +187,13 @@ class EdgeClient:
                 raise TrainingError(f"cannot read the CA certificate {self.cfg.tls_ca}: {exc}") from None
         try:
             return await connect(
-                self.url, compression=None, max_size=MAX_FRAME_BYTES, open_timeout=15, ping_interval=20, ping_timeout=60, ssl=tls
+                self.url,
+                compression=None,
+                max_size=fr.MAX_FRAME_BYTES,
+                open_timeout=15,
+                ping_interval=20,
+                ping_timeout=60,
+                ssl=tls,
             )
         except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
             raise TrainingError(f"cannot connect to the cloud at {self.url}: {exc}") from None

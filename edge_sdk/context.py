@@ -441,14 +441,15 @@ class LinkChangeDetector:
 
 
 class ContextTracker:
-    """All estimators of one side of a session, fed by ``observe_*`` calls.
+    """The device's estimators of a session, fed by ``observe_*`` calls.
 
-    Both ends use it. The device observes RTT, the downlink (it receives the
-    gradients: the cloud's ``sent_ns`` in the envelope, its own ``recv_ns``), the
-    uplink when the cloud echoes its receive time (``Gradients.features_recv_ns``)
-    and its own compute. The cloud observes the uplink and its compute and puts a
-    :meth:`snapshot` in ``Context`` frames; the device merges one with
-    :meth:`observe_remote`. Local estimates win over reported ones.
+    The device observes RTT, the downlink (it receives the gradients: the cloud's
+    ``sent_ns`` in the envelope, its own ``recv_ns``), the uplink when the cloud
+    echoes its receive time (``Gradients.features_recv_ns``, ``Context.recv_ns``)
+    and its own compute. The cloud keeps only compute estimators
+    (`ComputeEstimator`, per step and per block) and reports them in ``Context``
+    frames; the device merges those with :meth:`observe_remote`. Local estimates
+    win over reported ones.
     """
 
     def __init__(

@@ -62,6 +62,15 @@ def state_hash(model: BlockModel, blocks: Iterable[int], optimizer_state: dict[s
     return h.hexdigest()
 
 
+def check_complete(model: BlockModel, blocks: Iterable[int], tensors: Iterable[tuple[str, str]], new_point: int) -> None:
+    """Refuse a migration that lacks a parameter of the moving ``blocks``: both
+    sides check what arrived before they install any of it."""
+    expected = set(named_tensors(model, blocks)[0])
+    missing = expected - {name for kind, name in tensors if kind == "param"}
+    if missing:
+        raise WireError(ErrorCode.MALFORMED, f"repartition to {new_point}: weights missing for {sorted(missing)[:5]}")
+
+
 def chunk_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The shapes of the chunks a tensor of ``shape`` travels in.
 
@@ -129,7 +138,6 @@ class StateAssembler:
     def __init__(self) -> None:
         self._parts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
         self._counts: dict[tuple[str, str], int] = {}
-        self.done = False
 
     def add(self, frame: Weights) -> None:
         key = (frame.kind, frame.name)
@@ -138,8 +146,6 @@ class StateAssembler:
         # copy: the decoded tensor is a view over a receive buffer that is reused
         self._parts[key][frame.chunk] = codecs.decode_tensor(frame.tensor).clone()
         self._counts[key] = frame.chunks
-        if frame.last:
-            self.done = True
 
     def tensors(self) -> dict[tuple[str, str], torch.Tensor]:
         out = {}

@@ -119,11 +119,6 @@ class ReplayWindow:
         return self.next_step - 1
 
 
-@dataclass
-class PipelineStats:
-    steps_applied: int = 0
-
-
 class StalenessGuard:
     """Caps the head's gradient norm when updates are stale (K > 0).
 
@@ -212,7 +207,7 @@ class EdgePipeline:
         )
         self.updates = 0  # head optimizer steps taken so far
         self._updates_at_start: dict[int, int] = {}
-        self.stats = PipelineStats()
+        self.steps_applied = 0  # gradients applied plus steps trained alone
 
     # ----------------------------------------------------------------- state
     @property
@@ -278,7 +273,7 @@ class EdgePipeline:
         item = self.window.pop(frame.step)
         grad = self.corrected_gradient(codecs.decode_tensor(frame.tensor), item.error)
         self.apply(item, grad)
-        self.stats.steps_applied += 1
+        self.steps_applied += 1
         stale = self.updates - 1 - self._updates_at_start.pop(item.step)
         return StepResult(
             step=item.step,
@@ -302,7 +297,7 @@ class EdgePipeline:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        self.stats.steps_applied += 1
+        self.steps_applied += 1
         return StepResult(step, epoch, loss, correct, int(y.shape[0]), cloud_ms=0.0, round_trip_ms=0.0, staleness=0)
 
     def local_eval(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-DEFAULT_CODECS = ("fp32", "fp16", "int8", "int8c", "int4")
+from edge_sdk.decision.cost_model import AUTO_CODECS
 
 
 def encoded_nbytes(shape: tuple[int, ...], codec: str, dtype: torch.dtype = torch.float32) -> int:
@@ -207,7 +207,7 @@ def profile_model(
     runtime: str = "eager",
     repeats: int = 5,
     warmup: int = 1,
-    codecs: tuple[str, ...] = DEFAULT_CODECS,
+    codecs: tuple[str, ...] = AUTO_CODECS,
 ) -> ModelProfile:
     """Profile every block of ``spec.model`` (a copy: the caller's weights, BatchNorm
     statistics and RNG are untouched) in train mode at ``batch_size``."""
@@ -326,9 +326,9 @@ def profile_heads(spec, runtime: str, programs: Path, batch_size: int, repeats: 
     """Time the head of every exported point as ``runtime`` runs it, against eager.
 
     The decision engine must see the speed of the runtime that really runs the
-    head; this is that measurement (``edge_sdk.runtime.profile_runtime``)."""
+    head; this is that measurement (``edge_sdk.timing.profile_runtime``)."""
     from edge_sdk.runtime import EagerRuntime, load_manifest, load_runtime
-    from edge_sdk.runtime.timing import profile_runtimes
+    from edge_sdk.timing import profile_runtimes
 
     manifest = load_manifest(programs)
     if manifest.get("config_hash") != spec.config_hash:

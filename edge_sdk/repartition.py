@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from edge_sdk.blocks import BlockModel
-from edge_sdk.migration import StateAssembler, export_state, import_state, named_tensors, state_hash
+from edge_sdk.migration import StateAssembler, check_complete, export_state, import_state, state_hash
 from edge_sdk.pipeline import EdgePipeline
 from edge_sdk.runtime.base import HeadRuntime
 from schemas.errors import ErrorCode, WireError
@@ -73,9 +73,6 @@ def complete(
         for frame in received:
             assembler.add(frame)
         tensors = assembler.tensors()
-        expected = set(named_tensors(model, range(pipeline.point, new_point))[0])
-        missing = expected - {name for kind, name in tensors if kind == "param"}
-        if missing:
-            raise WireError(ErrorCode.MALFORMED, f"repartition to {new_point}: weights missing for {sorted(missing)[:5]}")
+        check_complete(model, range(pipeline.point, new_point), tensors, new_point)
         state.update(import_state(model, tensors))
     pipeline.switch(make_runtime(new_point), point=new_point, codec=codec, staleness=staleness, optimizer_state=state)

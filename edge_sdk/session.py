@@ -422,7 +422,7 @@ class EdgeSession:
                     step=result.step,
                     loss=self._means.loss,
                     accuracy=self._means.accuracy,
-                    steps_per_s=self.pipeline.stats.steps_applied / elapsed if elapsed > 0 else 0.0,
+                    steps_per_s=self.pipeline.steps_applied / elapsed if elapsed > 0 else 0.0,
                     result=result,
                 )
             )
@@ -456,7 +456,7 @@ class EdgeSession:
         self.tracker.downlink.reset()
         self.link_changes.append(step)
         if self.controller is not None:
-            self.controller.force(self.pipeline.stats.steps_applied)
+            self.controller.force(self.pipeline.steps_applied)
 
     def _observe_context(self, frame: fr.Context) -> None:
         peer_sent, recv, recv_bytes = self._last_recv
@@ -540,7 +540,7 @@ class EdgeSession:
 
     # ------------------------------------------------------------ decisions
     def _maybe_adapt(self) -> Steps[None]:
-        step = self.pipeline.stats.steps_applied
+        step = self.pipeline.steps_applied
         now = yield from self._now()
         if self.controller is None or not self.controller.due(step, now):
             return
@@ -554,8 +554,8 @@ class EdgeSession:
         cur = self.choice
         if choice == cur:
             return
-        if choice.point == cur.point and choice.codec == cur.codec and choice.staleness >= cur.staleness:
-            self.pipeline.window.staleness = choice.staleness  # growing the window needs no drain
+        if not cur.needs_drain(choice):
+            self.pipeline.window.staleness = choice.staleness  # the window just grows
         else:
             yield from self.drain(adapt=False)
             if choice.point != cur.point:
@@ -575,7 +575,7 @@ class EdgeSession:
         self._interval_reset = True
         if self.controller is not None:
             self.controller.current = choice
-            self.controller.switched(self.pipeline.stats.steps_applied)
+            self.controller.switched(self.pipeline.steps_applied)
 
     def _repartition(self, choice: Choice) -> Steps[list[fr.Weights]]:
         """The repartition exchange (`edge_sdk.repartition`); returns the weights that came down."""
@@ -666,7 +666,7 @@ class EdgeSession:
                     test_accuracy=test_acc,
                     wall_s=wall,
                     train_s=result.train_s,
-                    steps=self.pipeline.stats.steps_applied,
+                    steps=self.pipeline.steps_applied,
                 )
             )
             result.timeline.append(dict(wall_s=wall, train_loss=means.loss, test_accuracy=test_acc))
@@ -674,7 +674,7 @@ class EdgeSession:
             result.test_loss, result.test_accuracy = ev.loss, test_acc
             all_means.cloud_ms += means.cloud_ms
             all_means.rtt_ms += means.rtt_ms
-        steps = self.pipeline.stats.steps_applied
+        steps = self.pipeline.steps_applied
         cloud = sum(all_means.cloud_ms) / len(all_means.cloud_ms) if all_means.cloud_ms else 0.0
         rtt = _median(all_means.rtt_ms) if all_means.rtt_ms else 0.0
         result.stage_ms = {"edge": 1e3 * self.edge_busy_s / steps if steps else 0.0, "cloud": cloud}
@@ -715,7 +715,7 @@ class EdgeSession:
 
     def _report(self, result: TrainResult) -> None:
         """The run's figures that the session holds (the transport adds its byte counts)."""
-        result.steps = self.pipeline.stats.steps_applied
+        result.steps = self.pipeline.steps_applied
         result.epochs = self.cfg.epochs
         result.point, result.codec, result.staleness = self.choice.point, self.choice.codec, self.choice.staleness
         if self.controller is not None:

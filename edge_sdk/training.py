@@ -99,17 +99,6 @@ class TrainConfig:
 
 
 @dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    train_accuracy: float
-    test_loss: float
-    test_accuracy: float
-    wall_s: float
-    steps: int
-
-
-@dataclass
 class TrainResult:
     """The run's report; serialised as the ``--json`` output."""
 
@@ -118,7 +107,6 @@ class TrainResult:
     train_loss: float = 0.0
     train_accuracy: float = 0.0
     steps: int = 0
-    cloud_steps: int = 0
     epochs: int = 0
     wall_s: float = 0.0
     train_s: float = 0.0  # wall time of the training phases alone (no evaluation)
@@ -201,7 +189,7 @@ class LocalSetup:
 def default_point(spec: zoo.ModelSpec) -> int:
     """A middle cut: the model's first interior cut point past a quarter of its blocks."""
     model = spec.model
-    interior = [p for p in model.cut_points if 0 < p < model.num_blocks]
+    interior = model.interior_points
     if not interior:
         raise ValueError(f"model {spec.name} has no interior cut point")
     quarter = model.num_blocks / 4
@@ -236,7 +224,7 @@ def build_local(cfg: TrainConfig) -> LocalSetup:
     warm_up()
     manifest = _check_programs(cfg, spec) if cfg.runtime != "eager" else None
     L = spec.model.num_blocks
-    valid = [p for p in spec.model.cut_points if 0 < p < L]
+    valid = spec.model.interior_points
     if manifest is not None:
         exported = {int(p) for p in manifest.get("points", {})}
         valid = [p for p in valid if p in exported]

@@ -15,18 +15,17 @@ import time
 from export.api import FORMATS, export_head, write_manifest
 
 
-def parse_points(text: str, cut_points: list[int], num_blocks: int) -> list[int]:
-    """``all`` (every cut point with a non-empty head, the full model excluded) or ``1,3,5``."""
-    candidates = [p for p in cut_points if 0 < p < num_blocks]
+def parse_points(text: str, interior: list[int], num_blocks: int) -> list[int]:
+    """``all`` (every interior cut of the model) or ``1,3,5`` (``num_blocks``: the whole model)."""
     if text.strip() == "all":
-        return candidates
+        return list(interior)
     try:
         points = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
         raise SystemExit(f"--points: expected 'all' or a comma-separated list of ints, got {text!r}") from None
-    bad = [p for p in points if p not in cut_points or p == 0]
+    bad = [p for p in points if p not in interior and p != num_blocks]
     if bad:
-        raise SystemExit(f"--points: {bad} not exportable; valid points: {candidates} (and {num_blocks} = whole model)")
+        raise SystemExit(f"--points: {bad} not exportable; valid points: {interior} (and {num_blocks} = whole model)")
     return points
 
 
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--batch-size must be >= 1")
     spec = zoo.build(args.model, seed=args.seed)
     model = spec.model
-    points = parse_points(args.points, model.cut_points, model.num_blocks)
+    points = parse_points(args.points, model.interior_points, model.num_blocks)
     print(
         f"exporting {args.model} ({spec.config_hash[:12]}) heads at points {points} as {args.format}, "
         f"batch {args.batch_size} -> {args.out}",

@@ -25,24 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _zero_pad(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
-    """Zero padding of the last two dims by concatenation.
-
-    ``F.pad``'s backward is ``constant_pad_nd`` with negative padding, which the
-    portable kernel rejects; ``cat``'s backward is slicing.
-    """
-    if ph:
-        z = x.new_zeros((*x.shape[:-2], ph, x.shape[-1]))
-        x = torch.cat([z, x, z], dim=-2)
-    if pw:
-        z = x.new_zeros((*x.shape[:-1], pw))
-        x = torch.cat([z, x, z], dim=-1)
-    return x
+from export.kernels import _pair, _zero_pad, linear
 
 
 class MatmulLinear(nn.Module):
@@ -54,8 +37,6 @@ class MatmulLinear(nn.Module):
         self.bias = lin.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from export.layout import linear
-
         shape = x.shape
         y = linear(x.reshape(-1, shape[-1]), self.weight)
         if self.bias is not None:
@@ -145,20 +126,9 @@ class SliceConv2d(nn.Module):
         return y
 
 
-def rewrite_for_executorch(module: nn.Module, *, optimize: bool = True) -> nn.Module:
-    """Replace layers in place (see the module docstring); returns ``module``.
-
-    ``optimize=False`` only does what correctness needs (``Conv1d``).
-    """
-    _rewrite_layers(module, optimize)
-    if optimize:
-        from export.layout import to_channel_major
-
-        to_channel_major(module)
-    return module
-
-
-def _rewrite_layers(module: nn.Module, optimize: bool) -> None:
+def rewrite_layers(module: nn.Module, optimize: bool) -> None:
+    """Replace layers in place by their fast-kernel forms (see the module docstring);
+    ``optimize=False`` only does what correctness needs (``Conv1d``)."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Conv1d):
             setattr(module, name, SliceConv2d(child))
@@ -170,4 +140,4 @@ def _rewrite_layers(module: nn.Module, optimize: bool) -> None:
         elif optimize and isinstance(child, nn.Linear):
             setattr(module, name, MatmulLinear(child))
         else:
-            _rewrite_layers(child, optimize)
+            rewrite_layers(child, optimize)

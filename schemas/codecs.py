@@ -72,7 +72,6 @@ __all__ = [
     "tensor_frame_from_array",
     "tensor_frame_from_tensor",
     "tensor_to_numpy",
-    "tensor_to_torch",
 ]
 
 
@@ -115,10 +114,6 @@ class Codec(IntEnum):
         """Short name used on the command line and in frames' codec strings."""
         return _LABELS[self]
 
-    @property
-    def lossy(self) -> bool:
-        return self is not Codec.NONE
-
 
 _LABELS = {
     Codec.NONE: "fp32",
@@ -130,6 +125,8 @@ _LABELS = {
     Codec.TOPK: "topk",
 }
 _PARSE = {"fp32": Codec.NONE, "none": Codec.NONE, **{v: k for k, v in _LABELS.items()}}
+#: every codec's label, lossless first and most aggressive last (the CLIs' choices)
+LABELS: tuple[str, ...] = tuple(_LABELS.values())
 
 
 class DType(IntEnum):
@@ -521,9 +518,6 @@ def decode_tensor(tf: TensorFrame) -> torch.Tensor:
     out = out.reshape(shape)
     orig = tf.orig_dtype if tf.orig_dtype.is_float else DType.F32
     return out if orig is DType.F32 else out.to(orig.torch)
-
-
-tensor_to_torch = decode_tensor
 
 
 def tensor_to_numpy(tf: TensorFrame) -> np.ndarray:

@@ -75,11 +75,16 @@ MAX_EVAL_BATCH = 256
 MAX_PADDING = 1 << 16
 
 
+#: the largest frame either end sends or accepts by default (the server's
+#: ``--max-frame-bytes``); a 4 MiB feature tensor at fp32 fits many times over
+MAX_FRAME_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class Limits:
     """Decoder limits; everything a peer claims is checked against these first."""
 
-    max_frame_bytes: int = 64 << 20
+    max_frame_bytes: int = MAX_FRAME_BYTES
     max_rank: int = 8
     max_string_bytes: int = 1 << 20
     max_list_len: int = 1 << 16

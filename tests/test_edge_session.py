@@ -82,7 +82,7 @@ def test_at_most_one_arrived_gradient_is_applied_before_the_next_step():
     kinds = [type(c).__name__ for c in link.log if type(c).__name__ != "Now"]
     # one poll, apply that gradient, then the new step's forward and upload
     assert kinds == ["Receive", "Compute", "Compute", "Send"], kinds
-    assert edge.pipeline.stats.steps_applied == 1 and edge.pipeline.in_flight == 3
+    assert edge.pipeline.steps_applied == 1 and edge.pipeline.in_flight == 3
     assert isinstance(link.log[-1], Send) and isinstance(link.log[-1].frame, fr.Features)
     assert len(link.inbox) == 2  # the others wait for the next batches
 
@@ -99,7 +99,7 @@ def test_a_full_window_waits_for_a_gradient_and_never_starts_a_step_past_k():
     assert edge.pipeline.next_step == 2  # no third step was started
     link.release()
     link.drive(edge.train_batch(*_batch(2), epoch=0))
-    assert edge.pipeline.next_step == 3 and edge.pipeline.stats.steps_applied == 1
+    assert edge.pipeline.next_step == 3 and edge.pipeline.steps_applied == 1
 
 
 def test_a_whole_run_in_process_trains_evaluates_and_reports():

@@ -312,8 +312,8 @@ def test_layout_rewrites_keep_custom_backwards_in_the_joint_graph():
 def test_window_max_pool_matches_eager_including_ties(shape, kernel):
     """The ``maximum``-based pooling routes the gradient to the first maximum of each
     window in row-major order, like eager's CPU max pooling (ReLU zeros tie often)."""
+    from export.layers import WindowMaxPool
     from export.layout import CMWindowMaxPool
-    from export.program import WindowMaxPool
 
     torch.manual_seed(0)
     x = torch.relu(torch.randn(shape)).round()  # many ties
@@ -343,7 +343,7 @@ def test_window_max_pool_matches_eager_including_ties(shape, kernel):
 def test_depthwise_custom_backward_matches_eager(shape, kernel, stride, padding, dilation):
     """``splitreplay::depthwise_cm`` (channel-major, bmm forward, flipped-kernel or
     polyphase input gradient) against eager grouped ``conv2d``."""
-    from export.layout import _depthwise_op
+    from export.kernels import _depthwise_op
 
     torch.manual_seed(0)
     c, n, h, w = shape
@@ -364,7 +364,7 @@ def test_depthwise_custom_backward_matches_eager(shape, kernel, stride, padding,
 
 
 def test_hardswish_custom_backward_matches_eager_including_the_kinks():
-    from export.layout import FastHardswish
+    from export.kernels import FastHardswish
 
     x = torch.cat([torch.randn(1000) * 4, torch.tensor([-3.0, 3.0, 0.0, -6.0, 6.0])])
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()

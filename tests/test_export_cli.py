@@ -50,10 +50,13 @@ def test_cli_writes_programs_and_manifest(tmp_path, capsys):
 
 
 def test_points_argument_is_validated():
-    assert parse_points("all", [0, 1, 2, 3], 3) == [1, 2]
-    assert parse_points("2,1", [0, 1, 2, 3], 3) == [1, 2]
+    assert parse_points("all", [1, 2], 3) == [1, 2]
+    assert parse_points("2,1", [1, 2], 3) == [1, 2]
     with pytest.raises(SystemExit, match="valid points"):
-        parse_points("7", [0, 1, 2, 3], 3)
+        parse_points("7", [1, 2], 3)
+    with pytest.raises(SystemExit, match="valid points"):
+        parse_points("0", [1, 2], 3)  # cut 0 has no head to export
+    assert parse_points("3", [1, 2], 3) == [3]  # the whole model (device-only training)
 
 
 def test_operator_without_kernel_is_named(tmp_path):
@@ -78,7 +81,7 @@ def test_names_map_through_parameters():
 
 def test_profile_runtime_times_a_step_and_leaves_statistics_alone():
     from edge_sdk.runtime.eager import EagerRuntime
-    from edge_sdk.runtime.timing import profile_runtime
+    from edge_sdk.timing import profile_runtime
 
     class Replay(EagerRuntime):  # plain forward+backward: the timing does not depend on replay details
         def replay_backward(self, x, grad):

@@ -85,7 +85,7 @@ def test_sequential_split_equals_centralized_training(opt_name):
     assert set(merged) == set(ref)
     for k, v in ref.items():
         torch.testing.assert_close(merged[k].float(), v.float(), rtol=1e-5, atol=1e-5, msg=f"{k} diverged")
-    assert pipe.stats.steps_applied == cloud.applied_steps == len(data)
+    assert pipe.steps_applied == cloud.applied_steps == len(data)
 
 
 def _interior_point(name: str) -> int:
@@ -206,7 +206,7 @@ def test_each_gradient_applied_exactly_once():
         pipe.on_gradients(_grad_frame(5, torch.ones(4, 2)))
     assert unknown.value.code == ErrorCode.UNKNOWN_STEP
     assert torch.equal(head.lin.weight.detach(), w)
-    assert pipe.stats.steps_applied == 1
+    assert pipe.steps_applied == 1
 
 
 class DropBNHead(nn.Module):

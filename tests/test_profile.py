@@ -9,7 +9,8 @@ import torch
 
 from edge_sdk import data, devices, zoo
 from edge_sdk.cli import main as cli_main
-from edge_sdk.profile import DEFAULT_CODECS, ModelProfile, profile_model
+from edge_sdk.decision.cost_model import AUTO_CODECS
+from edge_sdk.profile import ModelProfile, profile_model
 from edge_sdk.zoo.recipes import RECIPES, train_centralized
 from schemas.codecs import encoded_nbytes
 
@@ -34,7 +35,7 @@ def test_profile_sizes_are_exact(digits_profile):
         sizes = [prof.cut_bytes(p, c) for c in ("fp32", "fp16", "int8")]
         assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
         shape = prof.input_shape if p == 0 else prof.blocks[p - 1].output_shape
-        for c in DEFAULT_CODECS:  # the wire codec's own size formula, not a local copy
+        for c in AUTO_CODECS:  # the wire codec's own size formula, not a local copy
             assert prof.cut_bytes(p, c) == encoded_nbytes(tuple(shape), c)
     assert all(b.forward_ms > 0 and b.backward_ms > 0 for b in prof.blocks)
     # conv1 saves its input for the weight gradient, BN its input, ReLU its output...

@@ -98,9 +98,9 @@ def test_programs_with_another_batch_size_are_a_clear_error(programs):
 def test_the_engine_times_steps_on_the_program_runtime(programs, monkeypatch):
     """The decision engine's per-point step times come from the runtime that runs
     the head (the exported program, not eager), at the exported points only."""
+    from edge_sdk import timing
     from edge_sdk.decision.cost_model import Choice
     from edge_sdk.decision.setup import build_controller
-    from edge_sdk.runtime import timing
     from edge_sdk.training import build_local
 
     timed_on: list[str] = []

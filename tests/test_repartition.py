@@ -47,7 +47,7 @@ def test_moving_the_cut_both_ways_matches_a_fixed_cut(opt_name):
     # and the moving run really trained (the state differs from the initial one)
     init = zoo.build("digits_cnn", seed=0).model.state_dict()
     assert not torch.allclose(b["blocks.4.weight"], init["blocks.4.weight"])
-    assert moving.pipe.stats.steps_applied == moving.cloud.applied_steps == len(data)
+    assert moving.pipe.steps_applied == moving.cloud.applied_steps == len(data)
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
@@ -75,7 +75,7 @@ def test_training_alone_and_back_matches_a_fixed_cut(opt_name):
         torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-5, atol=1e-5, msg=f"{k} differs after training alone")
     # exact step accounting: 12 steps, of which the cloud applied the 8 split ones,
     # and the step ids went on counting through the device-only stretch
-    assert moving.pipe.stats.steps_applied == 12 and moving.cloud.applied_steps == 8
+    assert moving.pipe.steps_applied == 12 and moving.cloud.applied_steps == 8
     assert moving.pipe.next_step == 12 and moving.cloud.last_step == 11
 
 

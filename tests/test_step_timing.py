@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_sdk.decision.cost_model import Choice, stage_times
-from edge_sdk.decision.setup import AUTO_CODECS, build_controller, with_measured_head_steps
-from edge_sdk.runtime.timing import median_interleaved
+from edge_sdk.decision.cost_model import AUTO_CODECS, Choice, stage_times
+from edge_sdk.decision.setup import build_controller, with_measured_head_steps
+from edge_sdk.timing import median_interleaved
 from edge_sdk.training import TrainConfig, build_local
 
 
@@ -79,7 +79,7 @@ def test_a_zero_budget_times_only_the_shallowest_point():
 def test_cpu_time_only_when_torch_computes_on_one_thread():
     import time
 
-    from edge_sdk.runtime.timing import compute_clock
+    from edge_sdk.timing import compute_clock
 
     before = torch.get_num_threads()
     try:

@@ -27,12 +27,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from schemas.codecs import Codec, encoded_nbytes
+from schemas.codecs import LABELS, Codec, encoded_nbytes
 
-#: Codec labels the project uses (``schemas.codecs.Codec.parse`` accepts them).
-CODEC_LABELS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int8c", "int4", "topk")
+#: codecs the engine may pick on its own; top-k is left to explicit requests
+#: (its accuracy cost is not in the cost model), and bf16 never beats fp16 in size
+AUTO_CODECS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8c", "int4")
 #: Lossless first, most aggressive last; used to break exact ties toward accuracy.
-_CODEC_RANK = {c: i for i, c in enumerate(CODEC_LABELS)}
+_CODEC_RANK = {c: i for i, c in enumerate(LABELS)}
 
 
 # --------------------------------------------------------------------------- stages
@@ -242,6 +243,12 @@ class Choice:
     def to_dict(self) -> dict[str, Any]:
         return {"point": self.point, "codec": self.codec, "staleness": self.staleness}
 
+    def needs_drain(self, new: Choice) -> bool:
+        """Whether moving from this configuration to ``new`` waits for the in-flight
+        steps: raising K alone does not (the window just grows); moving the cut,
+        changing the codec or lowering K does."""
+        return not (new.point == self.point and new.codec == self.codec and new.staleness >= self.staleness)
+
 
 @dataclass(frozen=True)
 class DecisionInputs:
@@ -278,7 +285,7 @@ class DecisionInputs:
     #: forward, backward, optimizer step, the pipeline's bookkeeping; no codec),
     #: seconds at device speed. Where present it replaces the block sum: per-block
     #: timings miss the optimizer and the per-step bookkeeping, and those do not
-    #: scale with the blocks (see ``edge_sdk.runtime.timing.pipeline_step_ms``).
+    #: scale with the blocks (see ``edge_sdk.timing.pipeline_step_ms``).
     head_step_s: Mapping[int, float] = field(default_factory=dict)
     #: measured device time of the codec per step, ``(point, codec) -> seconds`` at
     #: device speed (feature encode + gradient decode + error feedback); where
@@ -374,7 +381,7 @@ class DecisionInputs:
             return ("fp32",)
         if point >= self.num_blocks:
             return ("fp32",)
-        return tuple(c for c in CODEC_LABELS if self.feature_nbytes(point, c) is not None)
+        return tuple(c for c in LABELS if self.feature_nbytes(point, c) is not None)
 
 
 # --------------------------------------------------------------------------- prediction

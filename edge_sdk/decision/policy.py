@@ -224,11 +224,10 @@ class CostModelPolicy(Policy):
     def switch_cost(self, inputs: DecisionInputs, current: Prediction, new: Choice) -> float:
         """Migration (blocks + optimizer state + RTT) plus the drain of in-flight steps.
 
-        Raising K alone needs no drain (the window just grows); any other change
-        (point, codec, lowering K) waits for the in-flight steps first.
+        Which changes drain is `Choice.needs_drain`.
         """
         cur = current.choice
-        if new.point == cur.point and new.codec == cur.codec and new.staleness >= cur.staleness:
+        if not cur.needs_drain(new):
             return 0.0
         return migration_time(inputs, cur.point, new.point) + drain_time(current)
 

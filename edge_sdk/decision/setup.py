@@ -7,13 +7,10 @@ from pathlib import Path
 import torch
 
 from edge_sdk.decision.controller import DecisionController
-from edge_sdk.decision.cost_model import Choice, LinkEstimate, inputs_from_profile
+from edge_sdk.decision.cost_model import AUTO_CODECS, Choice, LinkEstimate, inputs_from_profile
 from edge_sdk.decision.policy import CostModelPolicy
 from edge_sdk.training import LocalSetup, TrainConfig, device_only_possible
 
-#: codecs the engine may pick on its own; top-k is left to explicit requests
-#: (its accuracy cost is not in the cost model)
-AUTO_CODECS = ("fp32", "fp16", "int8", "int8c", "int4")
 INITIAL_CODEC = "int8"
 INITIAL_STALENESS = 2
 #: a neutral guess until the first measurements (10 Mbit/s, 50 ms)
@@ -84,7 +81,7 @@ def with_measured_head_steps(
     at one cut then mispredicts every other cut (measured: 20-30 % too fast at deep
     cuts of the digits CNN). Points are taken shallow first while one step of each
     fits half of ``budget_s``; the samples are taken round-robin
-    (:func:`~edge_sdk.runtime.timing.median_interleaved`).
+    (:func:`~edge_sdk.timing.median_interleaved`).
     """
     import copy
     import statistics
@@ -92,7 +89,7 @@ def with_measured_head_steps(
     from dataclasses import replace
 
     from edge_sdk.runtime import EagerRuntime, HeadRuntime, load_runtime
-    from edge_sdk.runtime.timing import CodecStepTimer, LocalStepTimer, SplitStepTimer, median_interleaved
+    from edge_sdk.timing import CodecStepTimer, LocalStepTimer, SplitStepTimer, median_interleaved
 
     spec = setup.spec
     model = copy.deepcopy(spec.model)  # the timing trains: never touch the real weights
@@ -144,7 +141,7 @@ def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> De
     model = spec.model
     profile = profile_model(spec, cfg.batch_size, optimizer=cfg.optimizer, repeats=3, warmup=1)
     L = model.num_blocks
-    interior = [p for p in model.cut_points if 0 < p < L]
+    interior = model.interior_points
     if setup.program_points is not None:  # only points with an exported program
         interior = [p for p in interior if p in setup.program_points]
     # device-only (p = L) is a placement like any cut, where the device can run it

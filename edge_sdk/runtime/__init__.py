@@ -10,7 +10,6 @@ from edge_sdk.runtime.base import HeadRuntime
 from edge_sdk.runtime.eager import EagerRuntime
 from edge_sdk.runtime.loading import PROGRAM_RUNTIMES, load_runtime
 from edge_sdk.runtime.program import ManifestError, ShortBatchError, load_manifest
-from edge_sdk.runtime.timing import profile_runtime
 
 RUNTIMES = ("eager", *PROGRAM_RUNTIMES)
 
@@ -23,5 +22,4 @@ __all__ = [
     "ShortBatchError",
     "load_manifest",
     "load_runtime",
-    "profile_runtime",
 ]

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from edge_sdk.pipeline import EdgePipeline
 from edge_sdk.runtime.base import HeadRuntime
 
 
@@ -86,7 +87,6 @@ class SplitStepTimer:
     """
 
     def __init__(self, runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer) -> None:
-        from edge_sdk.pipeline import EdgePipeline
 
         self.pipe = EdgePipeline(
             runtime, point=point, optimizer=optimizer, codec="fp32", grad_codec="fp32", staleness=0, staleness_guard=False
@@ -118,7 +118,6 @@ class LocalStepTimer:
     runtime's weights are trained: pass one built on a copy."""
 
     def __init__(self, runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer, loss_fn) -> None:
-        from edge_sdk.pipeline import EdgePipeline
 
         self.pipe = EdgePipeline(
             runtime, point=point, optimizer=optimizer, codec="fp32", num_blocks=point, loss_fn=loss_fn, staleness_guard=False
@@ -150,7 +149,6 @@ class CodecStepTimer:
         self.g_frame, _ = codecs.encode_tensor(1e-3 * self.x, codecs.Codec.parse(grad_codec))
 
     def __call__(self) -> float:
-        from edge_sdk.pipeline import EdgePipeline
         from schemas import codecs
 
         clock = compute_clock()
