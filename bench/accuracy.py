@@ -32,15 +32,14 @@ sys.path.insert(0, str(ROOT))
 from edge_sdk import zoo
 from edge_sdk.emulation.cli import cloud_process, run_through_proxy
 from edge_sdk.local import train_locally
-from edge_sdk.training import DEFAULT_MODEL_FOR_DATASET, TrainConfig, build_local, default_point
-from edge_sdk.zoo.recipes import RECIPES
+from edge_sdk.training import TrainConfig, build_local, default_point
+from edge_sdk.zoo.recipes import recipe_for_dataset
 
 RESULTS = ROOT / "bench" / "results"
 
 
 def config_for(dataset: str, seed: int, **overrides) -> TrainConfig:
-    model = DEFAULT_MODEL_FOR_DATASET[dataset]
-    r = RECIPES[model]
+    model, r = recipe_for_dataset(dataset)
     # a fixed cut (the model's default): this bench measures accuracy, not the engine
     base = dict(
         model=model,

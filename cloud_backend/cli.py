@@ -87,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="emulation: make every session's compute take S times longer, as a loaded or smaller cloud would "
         "(default: %(default)s)",
     )
-    s.add_argument("-v", "--verbose", action="store_true", help="log every session open/close")
+    s.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also log each session's debug details (sessions' open/refuse/close lines are always logged)",
+    )
     return parser
 
 
@@ -130,6 +135,9 @@ def read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edge_sdk.quiet import quiet_third_party
+
+    quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "serve":
@@ -143,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("TLS needs both --tls-cert and --tls-key")
     token = read_token(parser, args)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    # one line per session (opened, refused and why, closed) at the default level;
+    # -v adds each decision the server's sessions log; libraries stay at warnings
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("cloud_backend").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.threads:
         import torch
 

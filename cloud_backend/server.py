@@ -138,6 +138,11 @@ class _ReadState:
     paused_since_ping: bool = False
 
 
+def _peer(ws: ServerConnection) -> str:
+    addr = ws.remote_address
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else str(addr)
+
+
 class _Refused(Exception):
     """A connection ends before it became a session (the peer was told why)."""
 
@@ -231,6 +236,7 @@ class CloudServer:
     async def _refuse(
         self, ws: ServerConnection, session_id: int, seq: itertools.count, code: ErrorCode, message: str, close_code: int
     ) -> None:
+        log.info("connection %d from %s refused: %s (%s)", session_id, _peer(ws), message, code.name)
         try:
             await self._send(ws, session_id, seq, Error(code=code, message=message, step=-1))
             await ws.close(close_code, message[:120])
@@ -330,7 +336,7 @@ class CloudServer:
         ws.protocol.max_message_size = cfg.max_frame_bytes
         self.stats.sessions_total += 1
         self.stats.sessions[session_id] = session
-        log.info("session %d opened from %s: %s", session_id, ws.remote_address, reply.message)
+        log.info("session %d opened from %s: %s", session_id, _peer(ws), reply.message)
         return session
 
     async def _await_hello(self, ws: ServerConnection, session_id: int, seq: itertools.count) -> Hello:

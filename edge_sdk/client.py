@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from edge_sdk.decision.setup import build_controller, initial_choice
+from edge_sdk.decision.setup import build_controller, initial_choice, is_adaptive
 from edge_sdk.session import (
     Closed,
     Command,
@@ -79,6 +79,8 @@ class EdgeClient:
         setup: LocalSetup | None = None,
         session: EdgeSession | None = None,
         progress: Callable[[ProgressEvent], None] | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        status: Callable[[str], None] | None = None,
         network: str = "none",
         shared_clock: bool = False,
     ) -> None:
@@ -87,21 +89,33 @@ class EdgeClient:
         self.setup = session.setup if session is not None else setup or build_local(cfg)
         self.session = session
         self.progress = progress
+        self.on_epoch = on_epoch
+        self.status = status or (lambda _message: None)  # one line per phase, for a CLI
         self.network = network
         self.shared_clock = shared_clock
         self.counters = LinkCounters()
         self._inbox: asyncio.Queue[Received | Closed] = asyncio.Queue()
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._seq = 0
+        self.prepare_s = 0.0  # profiling before the run (`prepare`)
 
     def prepare(self) -> EdgeSession:
         """Profile the device for the decision engine (when any knob is ``auto``)
         and build the session; done once, before connecting."""
         if self.session is None:
+            t0 = time.perf_counter()
+            if is_adaptive(self.cfg):
+                self.status("profiling the device: per-block costs, then whole steps at each candidate cut (a few seconds)")
             controller = build_controller(self.cfg, self.setup, initial_choice(self.cfg, self.setup))
             self.session = EdgeSession(
-                self.cfg, self.setup, controller=controller, progress=self.progress, shared_clock=self.shared_clock
+                self.cfg,
+                self.setup,
+                controller=controller,
+                progress=self.progress,
+                on_epoch=self.on_epoch,
+                shared_clock=self.shared_clock,
             )
+            self.prepare_s = time.perf_counter() - t0
         return self.session
 
     # ------------------------------------------------------------ commands
@@ -201,6 +215,7 @@ class EdgeClient:
     async def run(self) -> TrainResult:
         session = self.prepare()
         t0 = time.perf_counter()
+        self.status(f"connecting to {self.url}" + ("; then probing the link" if session.controller is not None else ""))
         ws = await self._connect()
         reader = asyncio.create_task(self._reader(ws))
         writer = asyncio.create_task(self._writer(ws))
@@ -213,6 +228,7 @@ class EdgeClient:
             await ws.close()
             reader.cancel()
         result.wall_s = time.perf_counter() - t0
+        result.prepare_s = self.prepare_s
         result.bytes_up = self.counters.bytes_up
         result.bytes_down = self.counters.bytes_down
         return result

@@ -82,6 +82,24 @@ def names() -> list[str]:
     return list(_DEVICES)
 
 
+def choices_text() -> str:
+    """The names a ``--device`` flag takes, aliases in brackets (for ``--help``)."""
+    by_name: dict[str, list[str]] = {n: [] for n in _DEVICES}
+    for alias, name in _ALIASES.items():
+        by_name[name].append(alias)
+    return ", ".join(f"{n} ({', '.join(a)})" if a else n for n, a in by_name.items())
+
+
+def parse_device(text: str) -> str:
+    """argparse ``type`` for ``--device``: the canonical name of a known device or alias."""
+    import argparse
+
+    try:
+        return get_device(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def get_device(name: str) -> DeviceProfile:
     """Profile by name; case, spaces and underscores are ignored ("Raspberry Pi 4" works)."""
     key = "-".join(str(name).strip().lower().replace("_", " ").split())

@@ -118,11 +118,11 @@ def _nbytes(tensors) -> int:
 
 
 def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3)
-    raise ValueError(f"unknown optimizer {name!r}; use 'sgd' (with momentum) or 'adam'")
+    """The optimizer training would build (its state is what migrates); raises
+    ``ValueError`` naming the known ones."""
+    from edge_sdk.optim import OptimizerConfig, build_optimizer
+
+    return build_optimizer(params, OptimizerConfig(name=name))
 
 
 def _example_batch(spec, batch_size: int) -> torch.Tensor:
@@ -293,32 +293,47 @@ def format_table(prof: ModelProfile, slowdown: float = 1.0, device: str | None =
     widths = [max(len(r[j]) for r in [cols, *rows]) for j in range(len(cols))]
     line = lambda r: "  ".join(c.rjust(w) if j not in (1,) else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
     out = [head, line(cols), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
-    out.append(f"valid cut points: {prof.cut_points}")
+    L = len(prof.blocks)
+    interior = [p for p in prof.cut_points if 0 < p < L]
+    out.append(f"cut points for --point: {interior}, or {L} / 'device' (the whole model on the device)")
     return "\n".join(out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The same names, defaults and choices as ``train`` / ``emulate`` (from `TrainConfig`)."""
     from edge_sdk import devices, zoo
+    from edge_sdk.optim import OPTIMIZERS
+    from edge_sdk.runtime import RUNTIMES
+    from edge_sdk.training import TrainConfig
 
-    parser.add_argument("--model", required=True, choices=zoo.names(), help="zoo model name")
-    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--model", default=TrainConfig.model, choices=zoo.names(), help="zoo model (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="samples per step (default: %(default)s)")
     parser.add_argument(
-        "--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer whose state size is measured (sgd = with momentum)"
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=TrainConfig.optimizer,
+        help="optimizer whose state size is measured (default: %(default)s, with momentum)",
     )
     parser.add_argument(
         "--runtime",
-        choices=["eager", "executorch", "torchscript"],
+        choices=RUNTIMES,
         default="eager",
-        help="also time the head as this runtime runs it, per exported point (needs --programs)",
+        help="also time the head as this runtime runs it, per exported point (needs --programs) (default: %(default)s)",
     )
-    parser.add_argument("--programs", type=Path, default=None, help="exported programs (python -m export) for --runtime")
-    parser.add_argument("--json", type=Path, default=None, help="also write the profile as JSON here")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per block (median reported)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--programs", type=Path, default=None, metavar="DIR", help="exported programs (python -m export) for --runtime"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the profile as JSON here (default: not written)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per block, median reported (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per block first (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="model init seed (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
-        "--device", default=None, choices=devices.names(), help="also scale the printed times by this device's slowdown factor"
+        "--device",
+        default=None,
+        type=devices.parse_device,
+        metavar="DEVICE",
+        help=f"also scale the printed times by this device's slowdown: {devices.choices_text()} (default: none)",
     )
 
 

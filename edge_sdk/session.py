@@ -229,11 +229,13 @@ class EdgeSession:
         *,
         controller: DecisionController | None = None,
         progress: Callable[[ProgressEvent], None] | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
         shared_clock: bool = False,
     ) -> None:
         self.cfg = cfg
         self.setup = setup
         self.progress = progress
+        self.on_epoch = on_epoch  # handed each epoch's record (`TrainResult.history`)
         self.shared_clock = shared_clock
         self.session_id = 0  # the cloud's, from HelloAck
         self.choice = initial_choice(cfg, setup)
@@ -669,6 +671,8 @@ class EdgeSession:
                     steps=self.pipeline.steps_applied,
                 )
             )
+            if self.on_epoch is not None:
+                self.on_epoch(result.history[-1])
             result.timeline.append(dict(wall_s=wall, train_loss=means.loss, test_accuracy=test_acc))
             result.train_loss, result.train_accuracy = means.loss, means.accuracy
             result.test_loss, result.test_accuracy = ev.loss, test_acc

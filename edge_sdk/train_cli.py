@@ -7,104 +7,54 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from edge_sdk.training import TrainConfig, TrainResult
+from edge_sdk.training import CliOption, TrainConfig, TrainResult
 
 
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
+def add_training_arguments(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per `TrainConfig` field that has a `CliOption`, with its default and
+    choices from the dataclass (the one source of both); ``exclude``: fields that
+    mean nothing for this command."""
     g = p.add_argument_group("training")
-    g.add_argument("--model", default="digits_cnn", help="zoo model (default: %(default)s)")
-    g.add_argument(
-        "--dataset",
-        default="digits",
-        help="dataset: digits, mnist1d (bundled) or cifar10, tinyimagenet, imdb, movielens (need --data-dir) (default: %(default)s)",
-    )
-    g.add_argument("--data-dir", help="folder holding a real dataset's files")
-    g.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
-    g.add_argument(
-        "--point",
-        type=_point,
-        default="auto",
-        help="partition point p: blocks [0,p) run on the device; 'device' (or the block count) trains the whole "
-        "model on the device alone; 'auto' lets the decision engine choose and move it, device-only included "
-        "(default: %(default)s)",
-    )
-    g.add_argument(
-        "--no-device-only",
-        dest="allow_device_only",
-        action="store_false",
-        help="with --point auto: never let the engine train on the device alone",
-    )
-    g.add_argument(
-        "--codec", default="auto", help="feature codec: auto, fp32, fp16, bf16, int8, int8c, int4, topk (default: %(default)s)"
-    )
-    g.add_argument("--grad-codec", default="fp16", help="gradient codec for the way down (default: %(default)s)")
-    g.add_argument(
-        "--staleness",
-        type=_auto_int,
-        default="auto",
-        help="K: steps allowed in flight beyond the current one; 0 = sequential; 'auto' sizes it to fill the pipe (default: %(default)s)",
-    )
-    g.add_argument(
-        "--no-error-feedback", dest="error_feedback", action="store_false", help="turn off the g - E*g*g correction (ablation)"
-    )
-    g.add_argument(
-        "--no-staleness-guard",
-        dest="staleness_guard",
-        action="store_false",
-        help="do not cap stale head-gradient norms (ablation)",
-    )
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"], help="(default: %(default)s)")
-    g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
-    g.add_argument(
-        "--schedule",
-        default="cosine",
-        choices=["constant", "cosine", "step"],
-        help="per-epoch lr schedule, identical on both sides (default: %(default)s)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="model init, batch order and dropout seed (default: %(default)s)")
-    g.add_argument("--token", default="", help="shared secret if the server was started with --token")
-    g.add_argument("--tls-ca", help="CA certificate (PEM) to trust for a wss:// server, e.g. its self-signed certificate")
-    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut each epoch short (smoke runs)")
-    g.add_argument(
-        "--device-slowdown",
-        type=float,
-        default=1.0,
-        help="emulate a device S times slower than this machine (default: %(default)s)",
-    )
-    g.add_argument(
-        "--runtime",
-        default="eager",
-        choices=["eager", "executorch", "torchscript"],
-        help="how the device runs its head: eager PyTorch, or programs from `python -m export` (default: %(default)s)",
-    )
-    g.add_argument(
-        "--programs", help="folder of exported head programs (with manifest.json) for --runtime executorch|torchscript"
-    )
-    g.add_argument("--json", dest="json_path", help="write the run's report as JSON here")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g.add_argument(
+    for f in fields(TrainConfig):
+        opt = f.metadata.get("cli")
+        if not isinstance(opt, CliOption) or f.name in exclude:
+            continue
+        name = f.name.replace("_", "-")
+        if isinstance(f.default, bool):  # an on/off switch: --no-NAME turns a default-on field off
+            flag = opt.flag or (f"--no-{name}" if f.default else f"--{name}")
+            g.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true", help=opt.help)
+            continue
+        flag = opt.flag or f"--{name}"
+        if opt.recipe:
+            default, shown = None, "from the dataset's recipe"
+        else:  # %(default)s: a command's set_defaults shows too
+            default, shown = f.default, opt.shown or ("none" if f.default is None else "%(default)s")
+        kwargs: dict[str, Any] = dict(dest=f.name, default=default, help=f"{opt.help} (default: {shown})")
+        kwargs["type"] = opt.parse or _scalar_type(str(f.type))
+        if opt.choices is not None:
+            kwargs["choices"] = list(opt.choices())
+        if opt.metavar is not None:
+            kwargs["metavar"] = opt.metavar
+        g.add_argument(flag, **kwargs)
+    out = p.add_argument_group("output")
+    out.add_argument("--json", dest="json_path", help="write the run's report as JSON here (default: not written)")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar; one line per epoch")
+    out.add_argument(
         "-v", "--verbose", action="store_true", help="print each decision-engine switch as it happens, with its reason"
     )
 
 
-def _point(text: str) -> int | str:
-    if text == "device":
-        return text
-    return _auto_int(text)
-
-
-def _auto_int(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+def _scalar_type(annotation: str) -> Callable[[str], Any]:
+    """int, float or str from a field's (string) annotation."""
+    for name, kind in (("float", float), ("int", int)):
+        if name in annotation:
+            return kind
+    return str
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -116,33 +66,11 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's configuration: every `TrainConfig` field the parser has, by name;
+    model, epochs, batch size, optimizer and lr from the dataset's recipe unless given."""
     setup_logging(args)
-    return TrainConfig(
-        model=args.model,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        point=None if args.point == "auto" else args.point,
-        allow_device_only=args.allow_device_only,
-        codec=args.codec,
-        grad_codec=args.grad_codec,
-        staleness=None if args.staleness == "auto" else args.staleness,
-        error_feedback=args.error_feedback,
-        staleness_guard=args.staleness_guard,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        seed=args.seed,
-        token=args.token,
-        tls_ca=args.tls_ca,
-        runtime=args.runtime,
-        programs=args.programs,
-        max_steps_per_epoch=args.max_steps_per_epoch,
-        device_slowdown=args.device_slowdown,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig.from_recipe(**given)
 
 
 def write_json(result: TrainResult, path: str | None) -> None:
@@ -161,7 +89,7 @@ def summary_table(result: TrainResult) -> str:
         ("epochs, steps", f"{result.epochs}, {result.steps}"),
         ("test accuracy", f"{100 * result.test_accuracy:.2f} %"),
         ("train loss (last epoch)", f"{result.train_loss:.4f}"),
-        ("wall time", f"{result.wall_s:.1f} s ({result.steps / result.wall_s if result.wall_s else 0:.1f} steps/s)"),
+        ("wall time", wall_text(result)),
         ("bytes up / down", f"{result.bytes_up / 1e6:.2f} MB / {result.bytes_down / 1e6:.2f} MB"),
     ]
     for k, v in result.stage_ms.items():
@@ -169,6 +97,17 @@ def summary_table(result: TrainResult) -> str:
     rows += decision_rows(result)
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+
+def wall_text(result: TrainResult) -> str:
+    """The whole run's time, start-up included, and where it went."""
+    total = result.prepare_s + result.wall_s
+    rest = result.wall_s - result.startup_s - result.train_s  # evaluation, epoch ends, shutdown
+    rate = result.steps / result.train_s if result.train_s else 0.0
+    return (
+        f"{total:.1f} s: profiling {result.prepare_s:.1f} s, start-up {result.startup_s:.1f} s, "
+        f"training {result.train_s:.1f} s ({rate:.1f} steps/s), evaluation and the rest {max(0.0, rest):.1f} s"
+    )
 
 
 def decision_rows(result: TrainResult) -> list[tuple[str, str]]:
@@ -227,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         setup = build_local(cfg)
         with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
-            result = run_training(args.server, cfg, progress=bar.update, setup=setup)
+            result = run_training(args.server, cfg, progress=bar.update, on_epoch=bar.epoch, status=bar.status, setup=setup)
     except (TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

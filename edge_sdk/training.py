@@ -7,9 +7,11 @@ or (in tests) absent.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -20,51 +22,144 @@ from edge_sdk import zoo
 from edge_sdk.optim import OptimizerConfig, warm_up
 from schemas.frames import MAX_EVAL_BATCH
 
-#: Which model trains which bundled/local dataset by default.
-DEFAULT_MODEL_FOR_DATASET = {"digits": "digits_cnn", "mnist1d": "mnist1d_cnn"}
+#: ``--point device``: the device trains the whole model alone
+DEVICE_ONLY = "device"
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """How a `TrainConfig` field appears on the command line (`edge_sdk.train_cli`
+    builds the parser from these, so the defaults live only here)."""
+
+    help: str
+    flag: str | None = None  # default: --field-name
+    choices: Callable[[], Sequence[str]] | None = None
+    parse: Callable[[str], Any] | None = None
+    #: the default comes from the dataset's recipe (`edge_sdk.zoo.recipes`)
+    recipe: bool = False
+    shown: str | None = None  # the default as the user types it, when it differs
+    metavar: str | None = None
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"cli": CliOption(help, **kw)})
+
+
+def parse_point(text: str) -> int | str | None:
+    """``auto`` (None), ``device`` or a block index."""
+    return text if text == DEVICE_ONLY else parse_auto_int(text)
+
+
+def parse_auto_int(text: str) -> int | None:
+    """``auto`` (None) or an integer."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
+def _codecs() -> Sequence[str]:
+    from schemas.codecs import LABELS
+
+    return LABELS
+
+
+def _runtimes() -> Sequence[str]:
+    from edge_sdk.runtime import RUNTIMES
+
+    return RUNTIMES
 
 
 @dataclass
 class TrainConfig:
-    """Everything a device needs to start a training run (and the cloud to mirror it)."""
+    """Everything a device needs to start a training run (and the cloud to mirror it).
 
-    model: str = "digits_cnn"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    epochs: int = 10
-    batch_size: int = 32
+    Fields with a `CliOption` are the ``train``/``emulate`` flags."""
+
+    model: str = _opt("digits_cnn", "zoo model", choices=zoo.names, recipe=True)
+    dataset: str = _opt("digits", "dataset; digits and mnist1d are bundled, the others need --data-dir", choices=datasets.names)
+    data_dir: str | None = _opt(None, "folder holding a real dataset's files", metavar="DIR")
+    epochs: int = _opt(10, "passes over the training split", recipe=True)
+    batch_size: int = _opt(32, "samples per step", recipe=True)
     #: None: auto (start at the model's default cut); "device" (or the block count):
     #: train the whole model on the device, the cloud keeping the session
-    point: int | str | None = None
+    point: int | str | None = _opt(
+        None,
+        "partition point p: blocks [0,p) run on the device; 'device' (or the block count) trains the whole model "
+        "on the device alone; 'auto' lets the decision engine choose and move it, device-only included",
+        parse=parse_point,
+        shown="auto",
+        metavar="{auto,device,P}",
+    )
     auto_point: bool = True  # let the decision engine move the cut (only when point is None)
     #: whether the engine may choose device-only training (labels stay on the device)
-    allow_device_only: bool = True
-    codec: str = "auto"
-    grad_codec: str = "fp16"
-    staleness: int | None = None  # None: auto
-    max_staleness: int = 8
+    allow_device_only: bool = _opt(
+        True, "with --point auto: never let the engine train on the device alone", flag="--no-device-only"
+    )
+    codec: str = _opt("auto", "feature codec on the way up; auto lets the engine pick", choices=lambda: ("auto", *_codecs()))
+    grad_codec: str = _opt("fp16", "gradient codec on the way down", choices=_codecs)
+    staleness: int | None = _opt(
+        None,
+        "K: steps allowed in flight beyond the current one; 0 = sequential; 'auto' sizes it to fill the pipe",
+        parse=parse_auto_int,
+        shown="auto",
+        metavar="{auto,K}",
+    )
+    max_staleness: int = _opt(8, "the largest K the engine may pick")
     memory_budget_bytes: int | None = None
     decide_after: int = 10  # steps of measurement before the first decision
     decide_every: int = 10
-    error_feedback: bool = True
-    staleness_guard: bool = True  # cap stale head-gradient norms (K > 0); see pipeline.StalenessGuard
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    seed: int = 0
-    runtime: str = "eager"
-    programs: str | None = None
-    device_slowdown: float = 1.0
-    token: str = ""
-    tls_ca: str | None = None  # CA bundle to trust for wss:// (e.g. a self-signed server certificate)
-    max_steps_per_epoch: int | None = None  # for quick tests
+    error_feedback: bool = _opt(True, "turn off the g - E*g*g correction (ablation)")
+    #: cap stale head-gradient norms (K > 0); see pipeline.StalenessGuard
+    staleness_guard: bool = _opt(True, "do not cap stale head-gradient norms (ablation)")
+    optimizer: str = _opt("sgd", "optimizer, the same on both sides", choices=lambda: ("sgd", "adam", "adamw"), recipe=True)
+    lr: float = _opt(0.05, "peak learning rate", recipe=True)
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(0.0, "weight decay")
+    schedule: str = _opt(
+        "cosine", "per-epoch lr schedule, identical on both sides", choices=lambda: ("constant", "cosine", "step")
+    )
+    seed: int = _opt(0, "model init, batch order and dropout seed")
+    runtime: str = _opt(
+        "eager", "how the device runs its head: eager PyTorch, or programs from `python -m export`", choices=_runtimes
+    )
+    programs: str | None = _opt(
+        None, "folder of exported head programs (with manifest.json) for --runtime executorch|torchscript", metavar="DIR"
+    )
+    device_slowdown: float = _opt(1.0, "emulate a device S times slower than this machine", metavar="S")
+    token: str = _opt("", "shared secret if the server was started with --token", shown="none")
+    #: CA bundle to trust for wss:// (e.g. a self-signed server certificate)
+    tls_ca: str | None = _opt(
+        None, "CA certificate (PEM) to trust for a wss:// server, e.g. its self-signed certificate", metavar="PEM"
+    )
+    max_steps_per_epoch: int | None = _opt(None, "cut each epoch short (smoke runs)", shown="the whole epoch", metavar="N")
     #: benchmarks: stop after this many seconds of training (the report says ``stopped_early``)
     max_train_s: float | None = None
     eval_batch_size: int = MAX_EVAL_BATCH  # the cloud refuses larger eval batches (unless batch_size is larger)
     evaluate: bool = True  # run the test split through the link after every epoch
-    topk_ratio: float = 0.1
+    topk_ratio: float = _opt(0.1, "share of elements the topk codec keeps")
+
+    @classmethod
+    def from_recipe(cls, **given: Any) -> TrainConfig:
+        """A configuration whose model, epochs, batch size, optimizer and lr come from
+        the dataset's recipe (`edge_sdk.zoo.recipes`) unless given; ``None`` counts
+        as not given. Without a recipe the given model is required."""
+        from edge_sdk.zoo.recipes import RECIPES, recipe_for_dataset
+
+        dataset = given.get("dataset") or cls.dataset
+        given = {k: v for k, v in given.items() if not (v is None and k in _RECIPE_FIELDS)}
+        try:
+            model, recipe = recipe_for_dataset(dataset)
+        except ValueError:
+            if given.get("model") is None:
+                raise
+            model, recipe = given["model"], RECIPES.get(given["model"])
+        base: dict[str, Any] = {"model": model}
+        if recipe is not None:
+            base |= dict(epochs=recipe.epochs, batch_size=recipe.batch_size, optimizer=recipe.optimizer, lr=recipe.lr)
+        return cls(**{**base, **given})
 
     def optimizer_config(self) -> OptimizerConfig:
         return OptimizerConfig(
@@ -96,6 +191,10 @@ class TrainConfig:
             raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.runtime != "eager" and not self.programs:
             raise ValueError(f"--runtime {self.runtime} needs --programs DIR (made by `python -m export`)")
+
+
+#: fields whose default comes from the dataset's recipe
+_RECIPE_FIELDS = frozenset(f.name for f in fields(TrainConfig) if "cli" in f.metadata and f.metadata["cli"].recipe)
 
 
 @dataclass
@@ -132,6 +231,8 @@ class TrainResult:
     #: connect to first step: handshake, link probes, the engine's start-up decision
     #: and any migration it made (the profiling before connecting is not in it)
     startup_s: float = 0.0
+    #: profiling the device for the engine before connecting (not in ``wall_s``)
+    prepare_s: float = 0.0
     #: applied steps per configuration ("p=2 int8 K=4": n); device-only is "p=L fp32 K=0"
     steps_by_choice: dict[str, int] = field(default_factory=dict)
     #: what the same steps would have cost on the device alone, from the calibrated
@@ -197,10 +298,6 @@ def default_point(spec: zoo.ModelSpec) -> int:
         if p >= quarter:
             return p
     return interior[-1]
-
-
-#: ``--point device``: the device trains the whole model alone
-DEVICE_ONLY = "device"
 
 
 def device_only_possible(cfg: TrainConfig, manifest: dict[str, Any] | None, num_blocks: int) -> bool:

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edge_sdk.quiet import quiet_third_party
+
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     from edge_sdk import zoo
     from export.executorch_export import UnsupportedOperatorError

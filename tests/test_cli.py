@@ -48,7 +48,74 @@ def test_train_with_a_bad_model_is_a_clear_error():
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+    # refused by the parser, which lists the zoo's models
+    assert proc.returncode == 2 and "'nope'" in proc.stderr and "digits_cnn" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _parse(*argv: str):
+    from edge_sdk.cli import build_parser
+
+    return build_parser().parse_args(list(argv))
+
+
+def test_every_training_option_comes_from_the_config_with_its_default_and_choices():
+    from dataclasses import fields
+
+    from edge_sdk.cli import build_parser
+    from edge_sdk.training import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("train", "emulate"):
+        actions = {a.dest: a for a in sub[command]._actions}
+        for f in fields(TrainConfig):
+            opt = f.metadata.get("cli")
+            if opt is None or (command == "emulate" and f.name in ("token", "tls_ca")):
+                assert opt is not None or f.name not in actions, f.name
+                continue
+            action = actions[f.name]
+            if not isinstance(f.default, bool):
+                assert "(default: " in action.help, (command, f.name)
+    emulate = {a.dest for a in sub["emulate"]._actions}
+    assert "token" not in emulate and "tls_ca" not in emulate  # emulate starts its own server
+    codec = next(a for a in sub["train"]._actions if a.dest == "codec")
+    assert codec.choices == ["auto", "fp32", "fp16", "bf16", "int8", "int8c", "int4", "topk"]
+
+
+def test_the_dataset_picks_its_recipe_unless_told_otherwise():
+    from edge_sdk.train_cli import config_from_args
+    from edge_sdk.training import build_local
+
+    cfg = config_from_args(_parse("emulate", "--dataset", "mnist1d"))
+    assert (cfg.model, cfg.epochs, cfg.batch_size) == ("mnist1d_cnn", 30, 32)
+    assert build_local(cfg).spec.input_shape == (1, 40)  # the failure this replaces: a digits model on mnist1d
+    cfg = config_from_args(_parse("train", "--server", "ws://x", "--dataset", "mnist1d", "--epochs", "3", "--lr", "0.1"))
+    assert (cfg.model, cfg.epochs, cfg.lr) == ("mnist1d_cnn", 3, 0.1)
+    cfg = config_from_args(_parse("emulate"))
+    assert (cfg.model, cfg.epochs, cfg.device_slowdown, cfg.point, cfg.staleness) == ("digits_cnn", 20, 4.0, None, None)
+    cfg = config_from_args(_parse("emulate", "--point", "device", "--staleness", "3", "--no-device-only"))
+    assert (cfg.point, cfg.staleness, cfg.allow_device_only) == ("device", 3, False)
+
+
+def test_one_device_vocabulary_across_commands():
+    for command in (["profile"], ["emulate"]):
+        assert _parse(*command, "--device", "pi4").device == "raspberry-pi-4"
+    args = _parse("profile")
+    assert (args.model, args.batch_size) == ("digits_cnn", 32)  # the same defaults as train
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_sdk", "profile", "--device", "toaster"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "toaster" in proc.stderr and "pi4" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_profile_offers_the_cuts_train_accepts():
+    from edge_sdk import zoo
+    from edge_sdk.profile import format_table, profile_model
+
+    prof = profile_model(zoo.build("digits_cnn"), 8, repeats=1, warmup=0)
+    L = zoo.build("digits_cnn").model.num_blocks
+    line = format_table(prof, 1.0, None).splitlines()[-1]
+    assert line == f"cut points for --point: {list(range(1, L))}, or {L} / 'device' (the whole model on the device)"
 
 
 def test_summary_shows_the_decision_timeline_and_the_cost_of_training_alone():

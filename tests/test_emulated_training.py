@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import subprocess
 import sys
 
@@ -55,13 +57,19 @@ async def test_several_sessions_are_isolated_and_a_hostile_frame_does_not_hurt_t
     assert ra.steps == rb.steps == 12
 
 
-async def test_wrong_token_is_refused_with_a_clear_message():
+async def test_wrong_token_is_refused_with_a_clear_message(caplog):
+    caplog.set_level(logging.INFO, logger="cloud_backend")  # the level `serve` logs at by default
     async with CloudServer(ServerConfig(port=0, token="s3cret")) as server:
         client = EdgeClient(f"ws://127.0.0.1:{server.port}", TrainConfig(**QUICK, token="guess"))
         with pytest.raises(TrainingError, match="token"):
             await asyncio.wait_for(client.run(), timeout=30)
         ok = EdgeClient(f"ws://127.0.0.1:{server.port}", TrainConfig(**QUICK, token="s3cret"))
         assert (await asyncio.wait_for(ok.run(), timeout=120)).steps == 12
+    # one line per connection: refused and why, opened, closed with the steps applied
+    lines = [r.getMessage() for r in caplog.records if r.name == "cloud_backend"]
+    assert any(re.fullmatch(r"connection 1 from 127\.0\.0\.1:\d+ refused: .*token.* \(UNAUTHORIZED\)", m) for m in lines), lines
+    assert any(re.fullmatch(r"session 2 opened from 127\.0\.0\.1:\d+: .*", m) for m in lines), lines
+    assert "session 2 closed after 12 train steps" in lines
 
 
 def test_killing_the_cloud_mid_run_ends_the_edge_with_a_clear_message():
@@ -139,6 +147,10 @@ def test_emulate_command_writes_the_report(tmp_path):
     assert set(data["stage_ms"]) >= {"edge", "up", "cloud", "down"}
     assert (tmp_path / "rep" / "training.png").stat().st_size > 10_000
     assert "test accuracy" in proc.stdout
+    # --no-progress: one line per epoch for log files, and nothing from third parties
+    assert "epoch 1/1: train loss" in proc.stderr and "test acc" in proc.stderr
+    for noise in ("Traceback", "Failed to load", "triton", "Warning"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_emulate_rejects_bad_flags_without_a_traceback():

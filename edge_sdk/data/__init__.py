@@ -18,16 +18,6 @@ __all__ = ["DatasetError", "DatasetSplits", "cache_dir", "load", "names"]
 _BUILTIN = ("digits", "mnist1d")
 _FILES = ("cifar10", "tinyimagenet", "imdb", "movielens")
 
-#: which zoo model each dataset is meant for
-DEFAULT_MODEL = {
-    "digits": "digits_cnn",
-    "mnist1d": "mnist1d_cnn",
-    "cifar10": "resnet50",
-    "tinyimagenet": "resnet50_imagenet",
-    "imdb": "bilstm",
-    "movielens": "din",
-}
-
 
 def names() -> list[str]:
     return [*_BUILTIN, *_FILES]

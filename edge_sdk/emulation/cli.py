@@ -15,9 +15,11 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from edge_sdk.train_cli import add_training_arguments, config_from_args, summary_table, write_json
 
@@ -27,24 +29,32 @@ class EmulationError(RuntimeError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from edge_sdk import devices
+    from edge_sdk.emulation.network import network_choices
+
     g = p.add_argument_group("emulation")
     g.add_argument(
         "--network",
         default="wifi",
-        help="link profile: wifi, 5g, 4g, iot, none, or trace:FILE (CSV of time_s,up_mbps,down_mbps,rtt_ms) (default: %(default)s)",
+        help=f"link profile: {network_choices()}; a trace is a CSV of time_s,up_mbps,down_mbps,rtt_ms (default: %(default)s)",
     )
-    g.add_argument("--device", help="named device profile (pi4, tx2, phone) instead of --device-slowdown")
-    g.add_argument("--report", help="folder for the JSON report and PNG plots")
+    g.add_argument(
+        "--device",
+        type=devices.parse_device,
+        metavar="DEVICE",
+        help=f"a named device profile instead of --device-slowdown: {devices.choices_text()} (default: none)",
+    )
+    g.add_argument("--report", metavar="DIR", help="folder for the JSON report and PNG plots (default: not written)")
     g.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch threads for each of edge and cloud; they share this machine (default: %(default)s)",
     )
-    add_training_arguments(p)
-    # The demo's defaults: a device 4x slower than this machine (a phone-class CPU,
-    # see edge_sdk.devices), and the digits recipe's 20 epochs.
-    p.set_defaults(device_slowdown=4.0, epochs=20)
+    # no --token / --tls-ca: emulate starts its own loopback server
+    add_training_arguments(p, exclude=("token", "tls_ca"))
+    # the demo's device: 4x slower than this machine (a phone-class CPU, see edge_sdk.devices)
+    p.set_defaults(device_slowdown=4.0)
 
 
 @contextlib.contextmanager
@@ -52,28 +62,37 @@ def cloud_process(extra_args: list[str] | None = None, timeout_s: float = 60.0) 
     """Run ``python -m cloud_backend serve --port 0`` and yield (process, port)."""
     cmd = [sys.executable, "-m", "cloud_backend", "serve", "--host", "127.0.0.1", "--port", "0", *(extra_args or [])]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        port = _read_port(proc, timeout_s)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    # The server logs a line per session to stderr: a file, not a pipe nobody reads
+    # while training (a full pipe would block the server).
+    with tempfile.TemporaryFile(mode="w+") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+        try:
+            port = _read_port(proc, log_file, timeout_s)
+            yield proc, port
+        finally:
+            _stop(proc)
 
 
-def _read_port(proc: subprocess.Popen, timeout_s: float) -> int:
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _read_port(proc: subprocess.Popen, log_file: IO[str], timeout_s: float) -> int:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout_s
     # readline blocks, but the server prints this line right after binding (or exits).
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            err = proc.stderr.read() if proc.stderr else ""
+            proc.wait()
+            log_file.seek(0)
+            err = log_file.read()
             raise EmulationError(f"cloud backend exited before listening (code {proc.wait()}):\n{err.strip()[-2000:]}")
         m = re.search(r"listening on wss?://[^:]+:(\d+)", line)
         if m:
@@ -91,14 +110,25 @@ def resolve_device(args: argparse.Namespace) -> tuple[float, int | None]:
     return float(args.device_slowdown), None
 
 
-async def run_through_proxy(cfg, network_spec: str, cloud_port: int, progress=None, setup=None) -> object:
+async def run_through_proxy(
+    cfg, network_spec: str, cloud_port: int, progress=None, setup=None, *, on_epoch=None, status=None
+) -> object:
     """Train through a shaping proxy in front of the cloud at ``cloud_port``."""
     from edge_sdk.client import EdgeClient
     from edge_sdk.emulation.network import parse_network
     from edge_sdk.emulation.proxy import ProxyThread
 
     network = parse_network(network_spec)
-    client = EdgeClient("ws://127.0.0.1:0", cfg, progress=progress, network=network_spec, setup=setup, shared_clock=True)
+    client = EdgeClient(
+        "ws://127.0.0.1:0",
+        cfg,
+        progress=progress,
+        on_epoch=on_epoch,
+        status=status,
+        network=network_spec,
+        setup=setup,
+        shared_clock=True,
+    )
     client.prepare()  # profile the device before the link exists
     if network is None:
         client.url = f"ws://127.0.0.1:{cloud_port}"
@@ -142,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
             )
             setup = build_local(cfg)
             with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
-                result = asyncio.run(run_through_proxy(cfg, args.network, port, bar.update, setup))
+                result = asyncio.run(
+                    run_through_proxy(cfg, args.network, port, bar.update, setup, on_epoch=bar.epoch, status=bar.status)
+                )
     except (TrainingError, EmulationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

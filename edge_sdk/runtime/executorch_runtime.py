@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from edge_sdk.quiet import native_stderr_captured
 from edge_sdk.runtime.program import ProgramRuntime, ProgramState, init_buffers
 
 
@@ -37,15 +38,18 @@ class ExecuTorchRuntime(ProgramRuntime):
         entry, path = self._open(programs_dir, point, weights, verify)
         # The runtime reads the program in place: these bytes must outlive the module.
         self._program_bytes = path.read_bytes()
-        self._module = _training_module(self._program_bytes)
-        self._method = self._module.model
         local_to_full = {p["local"]: p["name"] for p in entry["parameters"]}
         buffers = init_buffers(entry, weights)
         # The joint method's weights only become visible after one call.
         self.state = ProgramState(entry, self.batch_size, {}, buffers)
-        self._run_joint(
-            torch.zeros(entry["input"]["shape"]), torch.zeros(entry["features"]["shape"]), self.state.draw_masks(self.batch_size)
-        )
+        with native_stderr_captured():  # the runtime probes the CPU on its first load and run
+            self._module = _training_module(self._program_bytes)
+            self._run_joint(
+                torch.zeros(entry["input"]["shape"]),
+                torch.zeros(entry["features"]["shape"]),
+                self.state.draw_masks(self.batch_size),
+            )
+        self._method = self._module.model
         program_params = self._module.named_parameters()
         params = {}
         with torch.no_grad():
