@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import DATA_OPCODES, CloseCode, Frame, Opcode
+from websockets.frames import DATA_OPCODES, CloseCode, Opcode
+from websockets.frames import Frame as WsFrame
 from websockets.http11 import Request, Response
 
 from cloud_backend.session import DEFAULT_SESSION_BYTES, CloudSession, Phase, SessionConfig
 from schemas.errors import ErrorCode, WireError
-from schemas.frames import MAX_FRAME_BYTES, Envelope, Error, Gradients, Hello, HelloAck, Limits, decode, encode
+from schemas.frames import MAX_FRAME_BYTES, Envelope, Error, Frame, Gradients, Hello, HelloAck, Limits, decode, encode
 from schemas.transport import is_loopback
 
 log = logging.getLogger("cloud_backend")
@@ -122,8 +123,8 @@ class _WholeMessageConnection(ServerConnection):
     pongs in between, would keep a session open until the idle timeout. So a
     fragment ends the connection at once (1008)."""
 
-    def process_event(self, event: Request | Response | Frame) -> None:
-        if isinstance(event, Frame) and event.opcode in DATA_OPCODES and (not event.fin or event.opcode is Opcode.CONT):
+    def process_event(self, event: Request | Response | WsFrame) -> None:
+        if isinstance(event, WsFrame) and event.opcode in DATA_OPCODES and (not event.fin or event.opcode is Opcode.CONT):
             self.protocol.fail(CloseCode.POLICY_VIOLATION, "fragmented messages are not part of the protocol")
             self.send_data()
             return
@@ -228,7 +229,7 @@ class CloudServer:
         await self.close()
 
     # ------------------------------------------------------------ connections
-    async def _send(self, ws: ServerConnection, session_id: int, seq: itertools.count, frame: object) -> None:
+    async def _send(self, ws: ServerConnection, session_id: int, seq: itertools.count, frame: Frame) -> None:
         data = encode(Envelope(frame=frame, session=session_id, seq=next(seq), sent_ns=time.monotonic_ns()))
         await ws.send(data)
         self.stats.frames_out += 1
@@ -433,7 +434,7 @@ class CloudServer:
             put.cancel()
 
     @staticmethod
-    async def _emulate_slower_compute(session: CloudSession, replies: list[object]) -> None:
+    async def _emulate_slower_compute(session: CloudSession, replies: list[Frame]) -> None:
         """With ``compute_slowdown`` s > 1 the session reported s x its step time;
         wait the part it did not spend, as the slower cloud would have."""
         s = session.config.compute_slowdown

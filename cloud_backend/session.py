@@ -62,6 +62,7 @@ from schemas.frames import (
     Error,
     EvalResult,
     Features,
+    Frame,
     Gradients,
     Hello,
     HelloAck,
@@ -135,7 +136,7 @@ class CloudSession:
         self.partition_history: deque[tuple[int, int]] = deque(maxlen=1024)
 
     # ------------------------------------------------------------------ entry
-    def handle(self, frame: object, *, recv_ns: int = 0) -> list[object]:
+    def handle(self, frame: Frame, *, recv_ns: int = 0) -> list[Frame]:
         """Apply one decoded frame; return the frames to send back, in order.
 
         A refused frame (``WireError``: validated before any state changed)
@@ -172,7 +173,7 @@ class CloudSession:
                 )
             ]
 
-    def _dispatch(self, frame: object, recv_ns: int) -> list[object]:
+    def _dispatch(self, frame: Frame, recv_ns: int) -> list[Frame]:
         if self.phase is Phase.CLOSED:
             raise WireError(ErrorCode.PROTOCOL, "session is closed")
         if isinstance(frame, Hello):
@@ -211,7 +212,7 @@ class CloudSession:
         ):
             raise WireError(ErrorCode.UNAUTHORIZED, "missing or wrong token")
 
-    def _on_hello(self, hello: Hello) -> list[object]:
+    def _on_hello(self, hello: Hello) -> list[Frame]:
         """Check everything the Hello claims, cheapest first; build the model last."""
         if self.phase is not Phase.AWAIT_HELLO:
             raise WireError(ErrorCode.PROTOCOL, "Hello sent twice on one session")
@@ -316,7 +317,7 @@ class CloudSession:
                 x = block(x)
         return x
 
-    def _on_train(self, frame: Features, recv_ns: int) -> list[object]:
+    def _on_train(self, frame: Features, recv_ns: int) -> list[Frame]:
         cached = self.replies.get(frame.step)
         if cached is not None:  # a re-sent step: answer again, never apply twice
             return [cached]
@@ -378,7 +379,7 @@ class CloudSession:
         self._cache(reply)
         self.last_step = frame.step
         self.applied_steps += 1
-        out_frames: list[object] = []
+        out_frames: list[Frame] = []
         if self.config.context_every and self.applied_steps % self.config.context_every == 0:
             # Before the gradient: a small frame on an idle downlink is what lets the
             # device tell latency from bandwidth.
@@ -401,7 +402,7 @@ class CloudSession:
             self._reply_bytes -= old.tensor.nbytes
 
     # ------------------------------------------------------------------- eval
-    def _on_eval(self, frame: Features) -> list[object]:
+    def _on_eval(self, frame: Features) -> list[Frame]:
         assert self.spec is not None
         feats, labels = self._inputs(frame, max_batch=eval_batch_limit(self.batch_size))
         for b in self.blocks:
@@ -415,7 +416,7 @@ class CloudSession:
         self._eval["count"] += n
         return []
 
-    def _on_epoch_end(self, frame: EpochEnd) -> list[object]:
+    def _on_epoch_end(self, frame: EpochEnd) -> list[Frame]:
         if frame.train:
             return []
         totals, self._eval = self._eval, {"loss": 0.0, "correct": 0, "count": 0}
@@ -434,7 +435,7 @@ class CloudSession:
         assert self.spec is not None
         return named_tensors(self.spec.model, range(self.point, self.spec.model.num_blocks))[0]
 
-    def _on_weights(self, frame: Weights) -> list[object]:
+    def _on_weights(self, frame: Weights) -> list[Frame]:
         """Buffer one chunk of state moving up for the next repartition.
 
         Only entries the device can hold at this cut are accepted, each with its
@@ -465,7 +466,7 @@ class CloudSession:
             raise WireError(ErrorCode.PROTOCOL, f"{refused} weights frame(s) of this repartition were refused; the cut stays")
         return incoming
 
-    def _on_repartition(self, frame: Repartition) -> list[object]:
+    def _on_repartition(self, frame: Repartition) -> list[Frame]:
         """Move the cut. The device has drained its in-flight steps before asking.
 
         Everything that arrived is checked (complete chunks, every parameter of
@@ -479,7 +480,7 @@ class CloudSession:
         self._check_cut(self.plan, new)
         self._check_memory(self.plan, new, self.batch_size, self.optimizer_config)
         state = optimizer_state_by_name(self.optimizer, self._tail_params())
-        out: list[object] = []
+        out: list[Frame] = []
         if frame.state_hash and not _HEX64.fullmatch(frame.state_hash):
             raise WireError(ErrorCode.MALFORMED, "Repartition.state_hash must be 64 lowercase hex digits (SHA-256)")
         coming_down = set(named_tensors(model, range(old, new))[0]) if new > old else set()

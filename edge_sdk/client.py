@@ -145,7 +145,7 @@ class EdgeClient:
             return time.perf_counter()
         raise TypeError(f"unknown session command {command!r}")
 
-    async def _send(self, frame: Any) -> Sent:
+    async def _send(self, frame: fr.Frame) -> Sent:
         assert self.session is not None
         sent_ns = time.monotonic_ns()
         data = fr.encode(fr.Envelope(frame=frame, session=self.session.session_id, seq=self._seq, sent_ns=sent_ns))

@@ -31,7 +31,9 @@ from schemas.errors import ErrorCode, WireError
 from schemas.frames import Repartition, RepartitionAck, Weights
 
 
-def request_frames(pipeline: EdgePipeline, model: BlockModel, new_point: int, *, codec: str, staleness: int) -> list[object]:
+def request_frames(
+    pipeline: EdgePipeline, model: BlockModel, new_point: int, *, codec: str, staleness: int
+) -> list[Repartition | Weights]:
     """The frames that ask the cloud to move the cut to ``new_point``."""
     if pipeline.in_flight:
         raise RuntimeError("drain the pipeline before repartitioning")
@@ -40,7 +42,7 @@ def request_frames(pipeline: EdgePipeline, model: BlockModel, new_point: int, *,
     if new_point not in valid:
         raise ValueError(f"cannot move the cut to {new_point}; valid: {valid}")
     step = pipeline.next_step
-    frames: list[object] = []
+    frames: list[Repartition | Weights] = []
     if new_point < pipeline.point:
         frames += export_state(model, range(new_point, pipeline.point), pipeline.optimizer_state_by_name(), step=step)
     # blocks coming down: say what our own copy of them is, so an unchanged one need not travel

@@ -70,7 +70,7 @@ class TrainingError(RuntimeError):
 class Send:
     """Send ``frame`` to the cloud (the transport wraps it in an `Envelope`)."""
 
-    frame: Any
+    frame: fr.Frame
 
 
 @dataclass(frozen=True)
@@ -301,7 +301,7 @@ class EdgeSession:
                 state[name].copy_(t)
 
     # ----------------------------------------------------- I/O primitives
-    def _send(self, frame: Any) -> Steps[Sent]:
+    def _send(self, frame: fr.Frame) -> Steps[Sent]:
         sent: Sent = yield Send(frame)
         return sent
 
@@ -310,7 +310,7 @@ class EdgeSession:
         now: float = yield Now()
         return now - self._t_run
 
-    def _receive(self, *, wait: bool = True) -> Steps[Any]:
+    def _receive(self, *, wait: bool = True) -> Steps[fr.Frame | None]:
         """The next frame (None: ``wait=False`` and nothing arrived); an Error frame
         or a closed link ends the run with the reason."""
         got = yield Receive(wait)
@@ -353,7 +353,7 @@ class EdgeSession:
             raise TrainingError(f"cloud did not accept the session: {getattr(frame, 'message', type(frame).__name__)}")
         self.session_id = frame.session
 
-    def _apply(self, frame: Any, *, adapt: bool = True) -> Steps[StepResult | None]:
+    def _apply(self, frame: fr.Frame | None, *, adapt: bool = True) -> Steps[StepResult | None]:
         """Act on one frame from the cloud; a Gradients frame completes its step."""
         if isinstance(frame, fr.Context):
             self._observe_context(frame)
@@ -583,16 +583,17 @@ class EdgeSession:
         """The repartition exchange (`edge_sdk.repartition`); returns the weights that came down."""
         model = self.setup.spec.model
         self.sync_head_to_model()
-        for frame in repartition.request_frames(
+        for request in repartition.request_frames(
             self.pipeline, model, choice.point, codec=choice.codec, staleness=choice.staleness
         ):
-            yield from self._send(frame)
+            yield from self._send(request)
         received: list[fr.Weights] = []
         while True:
             frame = yield from self._receive()
             if isinstance(frame, fr.Weights):
                 received.append(frame)
             elif isinstance(frame, fr.RepartitionAck):
+                ack = frame
                 break
             elif isinstance(frame, fr.Context):
                 self._observe_context(frame)
@@ -600,7 +601,7 @@ class EdgeSession:
             repartition.complete,
             self.pipeline,
             model,
-            frame,
+            ack,
             received,
             self.make_runtime,
             codec=choice.codec,

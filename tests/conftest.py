@@ -46,3 +46,13 @@ def topk_bomb() -> Callable[[int], codecs.TensorFrame]:
         )
 
     return make
+
+
+@pytest.fixture
+async def cloud_server():
+    """A running `CloudServer` on a free loopback port, default settings (tests that
+    need other settings start their own)."""
+    from cloud_backend.server import CloudServer, ServerConfig
+
+    async with CloudServer(ServerConfig(port=0)) as server:
+        yield server

@@ -13,7 +13,6 @@ from dataclasses import replace
 
 import pytest
 
-from cloud_backend.server import CloudServer, ServerConfig
 from edge_sdk.client import EdgeClient
 from edge_sdk.decision.controller import DecisionController
 from edge_sdk.emulation.network import PROFILES, LinkProfile
@@ -30,19 +29,19 @@ def steps_alone(client: EdgeClient) -> int:
     return client.session.steps_by_choice.get(f"p={client.setup.spec.model.num_blocks} fp32 K=0", 0)
 
 
-async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down():
+async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down(cloud_server):
     # among splits: at 4x, WiFi splitting and training alone nearly tie, and the
     # device-only path has its own test below
     cfg = TrainConfig(epochs=2, batch_size=32, device_slowdown=4.0, evaluate=False, allow_device_only=False)
-    async with CloudServer(ServerConfig(port=0)) as server:
-        async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
+    server = cloud_server
+    async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
 
-            def on_step(ev):
-                if ev.step == 30:
-                    proxy.network = SLOW  # the link collapses mid-run
+        def on_step(ev):
+            if ev.step == 30:
+                proxy.network = SLOW  # the link collapses mid-run
 
-            client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, progress=on_step)
-            result = await asyncio.wait_for(client.run(), timeout=240)
+        client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, progress=on_step)
+        result = await asyncio.wait_for(client.run(), timeout=240)
     assert isinstance(client.session.controller, DecisionController)
     history = result.partition_history
     in_force = [h for h in history if h["step"] <= 30 and (h["switch"] or h is history[0])][-1]
@@ -58,21 +57,21 @@ async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down():
     assert closed["steps"] == result.steps - steps_alone(client)  # the cloud applied every split step once
 
 
-async def test_engine_moves_work_to_the_device_when_the_cloud_slows_down():
+async def test_engine_moves_work_to_the_device_when_the_cloud_slows_down(cloud_server):
     # a device as fast as the cloud and a fast link: the cut starts shallow; then
     # the cloud becomes 40x slower (a loaded or smaller cloud) and the blocks it
     # runs cost more there than on the device
     cfg = TrainConfig(epochs=2, batch_size=32, device_slowdown=1.0, evaluate=False, point=None, allow_device_only=False)
-    async with CloudServer(ServerConfig(port=0)) as server:
-        async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
+    server = cloud_server
+    async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
 
-            def on_step(ev):
-                if ev.step == 30:
-                    (session,) = server.stats.sessions.values()
-                    session.config = replace(session.config, compute_slowdown=40.0)
+        def on_step(ev):
+            if ev.step == 30:
+                (session,) = server.stats.sessions.values()
+                session.config = replace(session.config, compute_slowdown=40.0)
 
-            client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, progress=on_step)
-            result = await asyncio.wait_for(client.run(), timeout=240)
+        client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, progress=on_step)
+        result = await asyncio.wait_for(client.run(), timeout=240)
     history = result.partition_history
     before = [h for h in history if h["step"] <= 30 and not h.get("waiting")][-1]
     after = [h for h in history if h["step"] > 30 and h["switch"]]
@@ -82,24 +81,24 @@ async def test_engine_moves_work_to_the_device_when_the_cloud_slows_down():
     assert result.steps == client.setup.total_steps(cfg)
 
 
-async def test_engine_trains_alone_while_the_link_is_poor_and_splits_again_when_it_recovers():
+async def test_engine_trains_alone_while_the_link_is_poor_and_splits_again_when_it_recovers(cloud_server):
     # a Pi-class device: on WiFi splitting pays; on a 250 kbit/s radio every split is
     # slower than training alone; then the WiFi comes back
     cfg = TrainConfig(epochs=6, batch_size=32, device_slowdown=10.0, evaluate=False)
     poor = PROFILES["iot"]
-    async with CloudServer(ServerConfig(port=0)) as server:
-        async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
+    server = cloud_server
+    async with ShapingProxy(target=("127.0.0.1", server.port), network=PROFILES["wifi"]) as proxy:
 
-            def on_step(ev):
-                if ev.step == 30:
-                    proxy.network = poor
-                if client.session.pipeline.device_only and proxy.network is poor and ev.step >= 60:
-                    proxy.network = PROFILES["wifi"]  # recovers while the device trains alone
-                    recovered.append(ev.step)
+        def on_step(ev):
+            if ev.step == 30:
+                proxy.network = poor
+            if client.session.pipeline.device_only and proxy.network is poor and ev.step >= 60:
+                proxy.network = PROFILES["wifi"]  # recovers while the device trains alone
+                recovered.append(ev.step)
 
-            recovered: list[int] = []
-            client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, progress=on_step)
-            result = await asyncio.wait_for(client.run(), timeout=300)
+        recovered: list[int] = []
+        client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, progress=on_step)
+        result = await asyncio.wait_for(client.run(), timeout=300)
     L = client.setup.spec.model.num_blocks
     switches = [h for h in result.partition_history if h["switch"]]
     alone = [h for h in switches if h["point"] == L and h["step"] > 30]

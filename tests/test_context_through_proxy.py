@@ -10,7 +10,6 @@ import asyncio
 
 import pytest
 
-from cloud_backend.server import CloudServer, ServerConfig
 from edge_sdk.client import EdgeClient
 from edge_sdk.emulation.network import LinkProfile
 from edge_sdk.emulation.proxy import ShapingProxy
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.slow
     "up_mbps, down_mbps, rtt_ms",
     [(2, 10, 20), (10, 50, 100), (50, 50, 10)],
 )
-async def test_estimates_match_the_configured_link(up_mbps, down_mbps, rtt_ms):
+async def test_estimates_match_the_configured_link(up_mbps, down_mbps, rtt_ms, cloud_server):
     link = LinkProfile(
         name="test",
         uplink_bps=up_mbps * 1e6,
@@ -33,10 +32,10 @@ async def test_estimates_match_the_configured_link(up_mbps, down_mbps, rtt_ms):
     )
     # fp32 features and gradients at the first cut: 32 KiB per frame each way
     cfg = TrainConfig(epochs=1, max_steps_per_epoch=20, point=1, codec="fp32", grad_codec="fp32", staleness=2)
-    async with CloudServer(ServerConfig(port=0)) as server:
-        async with ShapingProxy(target=("127.0.0.1", server.port), network=link) as proxy:
-            client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg)
-            await asyncio.wait_for(client.run(), timeout=120)
+    server = cloud_server
+    async with ShapingProxy(target=("127.0.0.1", server.port), network=link) as proxy:
+        client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg)
+        await asyncio.wait_for(client.run(), timeout=120)
     snap = client.session.tracker.snapshot()
     assert snap.uplink_bps == pytest.approx(up_mbps * 1e6, rel=0.2), snap
     assert snap.downlink_bps == pytest.approx(down_mbps * 1e6, rel=0.2), snap

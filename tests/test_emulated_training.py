@@ -25,13 +25,13 @@ from schemas.errors import ErrorCode
 QUICK = dict(epochs=1, max_steps_per_epoch=12, batch_size=32)
 
 
-async def test_run_through_shaping_proxy_counts_every_step_once():
-    async with CloudServer(ServerConfig(port=0)) as server:
-        async with ShapingProxy(target=("127.0.0.1", server.port), network=parse_network("wifi")) as proxy:
-            cfg = TrainConfig(**QUICK, point=2, staleness=3, codec="int8")
-            client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, shared_clock=True)
-            result = await asyncio.wait_for(client.run(), timeout=120)
-        await server.wait_idle(10)  # the server notes the session's end right after Bye
+async def test_run_through_shaping_proxy_counts_every_step_once(cloud_server):
+    server = cloud_server
+    async with ShapingProxy(target=("127.0.0.1", server.port), network=parse_network("wifi")) as proxy:
+        cfg = TrainConfig(**QUICK, point=2, staleness=3, codec="int8")
+        client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, shared_clock=True)
+        result = await asyncio.wait_for(client.run(), timeout=120)
+    await server.wait_idle(10)  # the server notes the session's end right after Bye
     assert result.steps == 12
     (closed,) = server.stats.closed
     assert closed["steps"] == 12 and closed["last_step"] == 11
@@ -40,20 +40,20 @@ async def test_run_through_shaping_proxy_counts_every_step_once():
     assert result.stage_ms["up"] > 0 and result.stage_ms["down"] > 0
 
 
-async def test_several_sessions_are_isolated_and_a_hostile_frame_does_not_hurt_them():
-    async with CloudServer(ServerConfig(port=0)) as server:
-        url = f"ws://127.0.0.1:{server.port}"
-        async with connect(url, compression=None) as ws:
-            await ws.send(b"\x00garbage frame" * 10)
-            err = fr.decode(await ws.recv()).frame
-            assert isinstance(err, fr.Error) and err.code != ErrorCode.INTERNAL
-            await ws.send("text is not a frame")
-            err2 = fr.decode(await ws.recv()).frame
-            assert isinstance(err2, fr.Error) and err2.code == ErrorCode.MALFORMED
-            # the hostile session is still open, and two honest sessions train in parallel
-            a = EdgeClient(url, TrainConfig(**QUICK, staleness=2, seed=1))
-            b = EdgeClient(url, TrainConfig(**QUICK, staleness=0, seed=2, codec="fp16"))
-            ra, rb = await asyncio.wait_for(asyncio.gather(a.run(), b.run()), timeout=120)
+async def test_several_sessions_are_isolated_and_a_hostile_frame_does_not_hurt_them(cloud_server):
+    server = cloud_server
+    url = f"ws://127.0.0.1:{server.port}"
+    async with connect(url, compression=None) as ws:
+        await ws.send(b"\x00garbage frame" * 10)
+        err = fr.decode(await ws.recv()).frame
+        assert isinstance(err, fr.Error) and err.code != ErrorCode.INTERNAL
+        await ws.send("text is not a frame")
+        err2 = fr.decode(await ws.recv()).frame
+        assert isinstance(err2, fr.Error) and err2.code == ErrorCode.MALFORMED
+        # the hostile session is still open, and two honest sessions train in parallel
+        a = EdgeClient(url, TrainConfig(**QUICK, staleness=2, seed=1))
+        b = EdgeClient(url, TrainConfig(**QUICK, staleness=0, seed=2, codec="fp16"))
+        ra, rb = await asyncio.wait_for(asyncio.gather(a.run(), b.run()), timeout=120)
     assert ra.steps == rb.steps == 12
 
 

@@ -341,11 +341,11 @@ async def test_keepalive_forgives_pongs_held_up_by_the_servers_own_backpressure(
             assert sum(isinstance(f, fr.Gradients) for f in got) == 30
 
 
-async def test_fragmented_messages_end_the_connection(digits_spec, hello_frame):
-    async with CloudServer(ServerConfig(port=0)) as server:
-        async with await open_raw(server.port) as ws:
-            await hello(ws, digits_spec, hello_frame)
-            await ws.send(iter([b"\x00", b"\x01"]))  # one message in two fragments
-            await closed_by_server(ws, 10)
-            assert ws.close_code == 1008
-        await server.wait_idle(10)
+async def test_fragmented_messages_end_the_connection(digits_spec, hello_frame, cloud_server):
+    server = cloud_server
+    async with await open_raw(server.port) as ws:
+        await hello(ws, digits_spec, hello_frame)
+        await ws.send(iter([b"\x00", b"\x01"]))  # one message in two fragments
+        await closed_by_server(ws, 10)
+        assert ws.close_code == 1008
+    await server.wait_idle(10)

@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 
-from cloud_backend.server import CloudServer, ServerConfig
 from edge_sdk.client import EdgeClient
 from edge_sdk.optim import OptimizerConfig
 from edge_sdk.session import TrainingError
@@ -70,23 +69,23 @@ def test_program_training_and_repartition_track_eager(programs):
         torch.testing.assert_close(program[k].float(), eager[k].float(), rtol=1e-4, atol=1e-4, msg=f"{k} ({kind})")
 
 
-async def test_client_trains_through_programs_and_cloud_checks_their_origin(programs):
+async def test_client_trains_through_programs_and_cloud_checks_their_origin(programs, cloud_server):
     kind, path = programs
     cfg = TrainConfig(
         epochs=1, max_steps_per_epoch=10, batch_size=16, point=2, codec="int8", staleness=2, runtime=kind, programs=str(path)
     )
-    async with CloudServer(ServerConfig(port=0)) as server:
-        client = EdgeClient(f"ws://127.0.0.1:{server.port}", cfg)
-        result = await asyncio.wait_for(client.run(), timeout=300)
-        assert result.steps == 10 and result.runtime == kind
-        assert 0.0 <= result.test_accuracy <= 1.0
+    server = cloud_server
+    client = EdgeClient(f"ws://127.0.0.1:{server.port}", cfg)
+    result = await asyncio.wait_for(client.run(), timeout=300)
+    assert result.steps == 10 and result.runtime == kind
+    assert 0.0 <= result.test_accuracy <= 1.0
 
-        liar = EdgeClient(f"ws://127.0.0.1:{server.port}", cfg)
-        session = liar.prepare()
-        hello = session.hello()
-        session.hello = lambda: fr.Hello(**{**hello.__dict__, "program_hash": "f" * 64})
-        with pytest.raises(TrainingError, match="exported from another model config"):
-            await asyncio.wait_for(liar.run(), timeout=60)
+    liar = EdgeClient(f"ws://127.0.0.1:{server.port}", cfg)
+    session = liar.prepare()
+    hello = session.hello()
+    session.hello = lambda: fr.Hello(**{**hello.__dict__, "program_hash": "f" * 64})
+    with pytest.raises(TrainingError, match="exported from another model config"):
+        await asyncio.wait_for(liar.run(), timeout=60)
 
 
 def test_programs_with_another_batch_size_are_a_clear_error(programs):

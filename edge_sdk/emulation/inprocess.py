@@ -66,7 +66,7 @@ class InProcessLink:
             return self._tick() / 1e9
         raise TypeError(f"unknown session command {command!r}")
 
-    def _send(self, frame: Any) -> Sent:
+    def _send(self, frame: fr.Frame) -> Sent:
         sent_ns = self._tick()
         data = fr.encode(fr.Envelope(frame=frame, session=self.edge.session_id, seq=self._seq, sent_ns=sent_ns))
         self._seq += 1
