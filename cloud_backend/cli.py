@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a session that sends nothing for this many seconds (default: %(default)s)",
     )
     s.add_argument(
+        "--session-ttl",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="keep a session whose connection dropped this long for its device to resume (0: end it at once) "
+        "(default: %(default)s)",
+    )
+    s.add_argument(
         "--max-session-memory",
         type=int,
         default=DEFAULT_SESSION_BYTES >> 20,
@@ -146,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_sessions", "max_frame_bytes", "max_unauthenticated", "hello_timeout", "idle_timeout", "max_session_memory"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not (args.session_ttl >= 0 and math.isfinite(args.session_ttl)):
+        parser.error(f"--session-ttl must be >= 0 seconds, got {args.session_ttl}")
     if not (args.cloud_slowdown >= 1.0 and math.isfinite(args.cloud_slowdown)):
         parser.error(f"--cloud-slowdown must be >= 1, got {args.cloud_slowdown}")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -169,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         max_unauthenticated=args.max_unauthenticated,
         hello_timeout_s=args.hello_timeout,
         idle_timeout_s=args.idle_timeout,
+        session_ttl_s=args.session_ttl,
         max_session_bytes=args.max_session_memory << 20,
         max_frame_bytes=args.max_frame_bytes,
         context_every=args.context_every,

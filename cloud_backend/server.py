@@ -28,6 +28,7 @@ import collections
 import itertools
 import logging
 import math
+import secrets
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class ServerConfig:
     context_every: int = 10
     #: emulation: every session's compute takes this many times longer
     cloud_slowdown: float = 1.0
+    #: a session whose connection dropped waits this long for its device to resume
+    session_ttl_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
@@ -92,6 +95,8 @@ class ServerConfig:
         for name in ("hello_timeout_s", "idle_timeout_s", "ping_interval_s", "ping_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if not (self.session_ttl_s >= 0 and math.isfinite(self.session_ttl_s)):
+            raise ValueError(f"session_ttl_s must be >= 0, got {self.session_ttl_s}")
         if not (self.cloud_slowdown >= 1.0 and math.isfinite(self.cloud_slowdown)):
             raise ValueError(f"cloud_slowdown must be >= 1, got {self.cloud_slowdown}")
 
@@ -104,7 +109,9 @@ class ServerConfig:
 @dataclass
 class ServerStats:
     sessions_total: int = 0
-    sessions_active: int = 0
+    sessions_active: int = 0  # with a connection
+    #: sessions whose connection dropped, kept for ``session_ttl_s`` awaiting a resume
+    sessions_detached: int = 0
     #: connections that have not (yet) had a Hello accepted
     unauthenticated: int = 0
     frames_in: int = 0
@@ -159,6 +166,12 @@ class CloudServer:
         self._limits = Limits(max_frame_bytes=config.max_frame_bytes)
         self._idle = asyncio.Event()
         self._idle.set()
+        #: resume tokens are HMACs under this key (one per server process)
+        self._secret = secrets.token_bytes(32)
+        self._attached: dict[int, ServerConnection] = {}  # session id -> its open connection
+        self._released: dict[int, asyncio.Event] = {}  # set when that connection's serving ended
+        self._expiry: dict[int, asyncio.TimerHandle] = {}  # detached session -> its TTL
+        self._taken_over: set[int] = set()  # sessions a resume took from a half-open connection
 
     def _count(self, *, sessions: int = 0, unauthenticated: int = 0) -> None:
         self.stats.sessions_active += sessions
@@ -217,6 +230,9 @@ class CloudServer:
         )
 
     async def close(self) -> None:
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -266,19 +282,88 @@ class CloudServer:
             return None
 
     async def _handle(self, ws: ServerConnection) -> None:
-        session_id = next(self._ids)
+        conn_id = next(self._ids)
         seq = itertools.count()
         try:
-            session = await self._admit(ws, session_id, seq)
+            session = await self._admit(ws, conn_id, seq)
         except (_Refused, ConnectionClosed):
             return
+        sid = session.session_id
+        self._attached[sid] = ws
+        released = self._released[sid] = asyncio.Event()
         try:
             await self._serve_session(ws, session, seq)
         finally:
-            self.stats.sessions.pop(session_id, None)
-            self.stats.closed.append({"session": session_id, "steps": session.applied_steps, "last_step": session.last_step})
-            log.info("session %d closed after %d train steps", session_id, session.applied_steps)
+            del self._attached[sid]
+            # A peer that said no goodbye (no close frame: the network dropped, or it
+            # stopped answering pings) may come back: keep its session for a resume.
+            lost = ws.protocol.close_rcvd is None or sid in self._taken_over
+            self._taken_over.discard(sid)
+            if session.phase is not Phase.CLOSED and lost and self.config.session_ttl_s > 0:
+                self._detach(session)
+            else:
+                self._free(session)
+            released.set()
+
+    def _free(self, session: CloudSession, *, attached: bool = True) -> None:
+        sid = session.session_id
+        self.stats.sessions.pop(sid, None)
+        self._released.pop(sid, None)
+        self.stats.closed.append({"session": sid, "steps": session.applied_steps, "last_step": session.last_step})
+        log.info("session %d closed after %d train steps", sid, session.applied_steps)
+        if attached:
             self._count(sessions=-1)
+
+    def _detach(self, session: CloudSession) -> None:
+        """Keep a session whose connection dropped for ``session_ttl_s``; it still
+        holds its slot (and its memory), not a connection."""
+        sid = session.session_id
+        ttl = self.config.session_ttl_s
+        self.stats.sessions_detached += 1
+        self._count(sessions=-1)
+        self._expiry[sid] = asyncio.get_running_loop().call_later(ttl, self._expire, sid)
+        log.info("session %d detached after step %d (connection lost); kept %g s for a resume", sid, session.last_step, ttl)
+
+    def _expire(self, sid: int) -> None:
+        self._expiry.pop(sid, None)
+        session = self.stats.sessions.get(sid)
+        if session is None:
+            return
+        self.stats.sessions_detached -= 1
+        log.info("session %d expired: no resume within %g s", sid, self.config.session_ttl_s)
+        self._free(session, attached=False)
+
+    async def _resume(self, ws: ServerConnection, conn_id: int, seq: itertools.count, hello: Hello) -> CloudSession:
+        """Re-attach a device to its session (`CloudSession.resume` checks the tokens).
+        If the old connection still looks alive here (the device saw the drop first:
+        half-open TCP), a valid resume takes over from it."""
+        sid = hello.resume_session
+        session = self.stats.sessions.get(sid)
+        if session is None:
+            await self._refuse(
+                ws, conn_id, seq, ErrorCode.PROTOCOL, f"session {sid} is unknown or expired; start a new run", 1008
+            )
+            raise _Refused
+        (reply,) = session.resume(hello)
+        if isinstance(reply, Error):
+            await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
+            raise _Refused
+        old = self._attached.get(sid)
+        if old is not None:
+            log.info("session %d: the resume from %s takes over from the old connection", sid, _peer(ws))
+            self._taken_over.add(sid)
+            old.transport.abort()  # it would not answer a closing handshake
+            await asyncio.wait_for(self._released[sid].wait(), 60)
+        handle = self._expiry.pop(sid, None)
+        if handle is None or self.stats.sessions.get(sid) is not session:
+            await self._refuse(ws, conn_id, seq, ErrorCode.PROTOCOL, f"session {sid} ended meanwhile; start a new run", 1008)
+            raise _Refused
+        handle.cancel()
+        self.stats.sessions_detached -= 1
+        self._count(sessions=1)
+        await self._send(ws, sid, seq, reply)
+        log.info("session %d resumed from %s after step %d", sid, _peer(ws), session.last_step)
+        return session
 
     async def _admit(self, ws: ServerConnection, session_id: int, seq: itertools.count) -> CloudSession:
         """Wait for an acceptable Hello; return the session holding a slot, or raise `_Refused`."""
@@ -301,6 +386,9 @@ class CloudServer:
             except TimeoutError:
                 await self._refuse(ws, session_id, seq, ErrorCode.PROTOCOL, f"no Hello within {cfg.hello_timeout_s:g} s", 1008)
                 raise _Refused from None
+            if hello.resume_session:
+                ws.protocol.max_message_size = cfg.max_frame_bytes
+                return await self._resume(ws, session_id, seq, hello)
             session = CloudSession(
                 session_id,
                 SessionConfig(
@@ -308,6 +396,7 @@ class CloudServer:
                     context_every=cfg.context_every,
                     max_session_bytes=cfg.max_session_bytes,
                     compute_slowdown=cfg.cloud_slowdown,
+                    resume_secret=self._secret,
                 ),
             )
             try:
@@ -315,7 +404,7 @@ class CloudServer:
             except WireError as exc:
                 await self._refuse(ws, session_id, seq, exc.code, exc.message, 1008)
                 raise _Refused from None
-            if self.stats.sessions_active >= cfg.max_sessions:
+            if self.stats.sessions_active + self.stats.sessions_detached >= cfg.max_sessions:
                 await self._refuse(
                     ws, session_id, seq, ErrorCode.SERVER_BUSY, f"server is at its limit of {cfg.max_sessions} sessions", 1013
                 )

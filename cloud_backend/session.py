@@ -12,10 +12,12 @@ seen is answered from a reply cache and never applied twice.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
 import re
+import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
@@ -100,6 +102,9 @@ class SessionConfig:
     #: smaller cloud); the session reports the scaled time and the transport
     #: waits the difference (``serve --cloud-slowdown``)
     compute_slowdown: float = 1.0
+    #: resume tokens are HMACs of the session id under this key (the server's
+    #: secret); empty: a random key per session
+    resume_secret: bytes = b""
 
     @property
     def reply_cache_cap(self) -> int:
@@ -127,7 +132,12 @@ class CloudSession:
         self.step_ms = ComputeEstimator()
         self.block_ms: list[ComputeEstimator] = []
         self.queue_depth = 0  # set by the transport: frames waiting behind this one
-        self._eval = {"loss": 0.0, "correct": 0, "count": 0}
+        #: eval batch index -> (loss sum, correct, count): a batch sent again after a
+        #: reconnect replaces itself instead of counting twice
+        self._eval: dict[int, tuple[float, int, int]] = {}
+        key = self.config.resume_secret or secrets.token_bytes(32)
+        #: what a device presents to re-attach after its connection dropped
+        self.resume_token = hmac.new(key, f"session {session_id}".encode(), hashlib.sha256).hexdigest()
         self._incoming: StateAssembler | None = None
         self._incoming_plan: WeightsPlan | None = None
         self._incoming_bytes = 0
@@ -261,6 +271,38 @@ class CloudSession:
                 codec=hello.codec,
                 staleness=hello.staleness,
                 message=f"tail blocks [{self.point}, {self.spec.model.num_blocks}) of {self.spec.name}",
+                resume_token=self.resume_token,
+            )
+        ]
+
+    def resume(self, hello: Hello) -> list[Frame]:
+        """Re-attach a device whose connection dropped: it must present the server's
+        token, this session's resume token (both compared in constant time) and the
+        same model. The answer says the newest step applied; the device re-sends
+        the steps still in its window, and the reply cache answers those applied
+        already (`_on_train`), so each step is applied exactly once."""
+        try:
+            if self.phase is not Phase.TRAINING:
+                raise WireError(ErrorCode.PROTOCOL, f"session {self.session_id} has ended and cannot be resumed")
+            self.authenticate(hello)
+            if not hmac.compare_digest(hello.resume_token.encode("utf-8"), self.resume_token.encode("utf-8")):
+                raise WireError(ErrorCode.UNAUTHORIZED, f"wrong resume token for session {self.session_id}")
+            assert self.spec is not None
+            if hello.model_hash != self.spec.config_hash or hello.batch_size != self.batch_size:
+                raise WireError(ErrorCode.MODEL_MISMATCH, f"session {self.session_id} trains another model or batch size")
+        except WireError as exc:
+            return [Error(code=exc.code, message=exc.message, step=-1)]
+        return [
+            HelloAck(
+                session=self.session_id,
+                accepted=True,
+                point=self.point,
+                codec=hello.codec,
+                staleness=hello.staleness,
+                message=f"resumed session {self.session_id} after step {self.last_step}",
+                resume_token=self.resume_token,
+                resumed=True,
+                last_step=self.last_step,
             )
         ]
 
@@ -411,23 +453,17 @@ class CloudSession:
             out = self._forward(feats, timed=False)
             loss, correct = self.spec.loss(out, labels)
         n = int(labels.shape[0])
-        self._eval["loss"] += float(loss) * n
-        self._eval["correct"] += int(correct)
-        self._eval["count"] += n
+        self._eval[frame.step] = (float(loss) * n, int(correct), n)
         return []
 
     def _on_epoch_end(self, frame: EpochEnd) -> list[Frame]:
         if frame.train:
             return []
-        totals, self._eval = self._eval, {"loss": 0.0, "correct": 0, "count": 0}
-        count = totals["count"]
+        batches, self._eval = self._eval.values(), {}
+        loss = sum(b[0] for b in batches)
+        count = sum(b[2] for b in batches)
         return [
-            EvalResult(
-                epoch=frame.epoch,
-                loss=totals["loss"] / count if count else 0.0,
-                correct=int(totals["correct"]),
-                count=int(count),
-            )
+            EvalResult(epoch=frame.epoch, loss=loss / count if count else 0.0, correct=sum(b[1] for b in batches), count=count)
         ]
 
     # ------------------------------------------------------------ repartition

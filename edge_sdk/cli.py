@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("edge_sdk.train_cli", "train a split model against a running cloud backend"),
     "emulate": ("edge_sdk.emulation.cli", "run a full edge-cloud training demo on this machine (real server, shaped link)"),
     "profile": ("edge_sdk.profile", "measure per-block compute, memory and cut sizes of a zoo model"),
+    "evaluate": ("edge_sdk.evaluate_cli", "test accuracy of a model a run saved with --save-model"),
 }
 
 

@@ -16,10 +16,12 @@ carries out the session's commands:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,6 +39,8 @@ from edge_sdk.session import (
     ProgressEvent,
     Receive,
     Received,
+    Reconnect,
+    Reconnected,
     Send,
     Sent,
     Steps,
@@ -94,8 +98,11 @@ class EdgeClient:
         self.network = network
         self.shared_clock = shared_clock
         self.counters = LinkCounters()
+        self._ws: ClientConnection | None = None
         self._inbox: asyncio.Queue[Received | Closed] = asyncio.Queue()
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rng = random.Random()  # backoff jitter
         self._seq = 0
         self.prepare_s = 0.0  # profiling before the run (`prepare`)
 
@@ -143,6 +150,8 @@ class EdgeClient:
             return await self._compute(command)
         if isinstance(command, Now):
             return time.perf_counter()
+        if isinstance(command, Reconnect):
+            return await self._reconnect(command.reason)
         raise TypeError(f"unknown session command {command!r}")
 
     async def _send(self, frame: fr.Frame) -> Sent:
@@ -163,7 +172,7 @@ class EdgeClient:
         return Computed(out, time.perf_counter() - t0, cpu_s)
 
     # ---------------------------------------------------------- the socket
-    async def _reader(self, ws: ClientConnection) -> None:
+    async def _reader(self, ws: ClientConnection, inbox: asyncio.Queue[Received | Closed]) -> None:
         try:
             async for message in ws:
                 if isinstance(message, str):
@@ -172,23 +181,64 @@ class EdgeClient:
                 self.counters.frames_down += 1
                 recv_ns = time.monotonic_ns()
                 try:
-                    await self._inbox.put(Received(fr.decode(message), recv_ns, len(message)))
+                    await inbox.put(Received(fr.decode(message), recv_ns, len(message)))
                 except WireError as exc:
-                    await self._inbox.put(Closed(f"cloud sent a malformed frame: {exc}"))
+                    await inbox.put(Closed(f"cloud sent a malformed frame: {exc}"))
                     return
             reason = f": {ws.close_reason}" if ws.close_reason else ""
-            await self._inbox.put(Closed(f"cloud closed the connection (code {ws.close_code}{reason})"))
-        except ConnectionClosed as exc:
-            await self._inbox.put(Closed(f"connection to the cloud was lost ({exc})"))
+            await inbox.put(Closed(f"cloud closed the connection (code {ws.close_code}{reason})"))
+        except (ConnectionClosed, OSError) as exc:
+            await inbox.put(Closed(f"connection to the cloud was lost ({exc})"))
 
-    async def _writer(self, ws: ClientConnection) -> None:
+    async def _writer(
+        self, ws: ClientConnection, inbox: asyncio.Queue[Received | Closed], outbox: asyncio.Queue[bytes | None]
+    ) -> None:
         try:
-            while (data := await self._outbox.get()) is not None:
+            while (data := await outbox.get()) is not None:
                 await ws.send(data)
                 self.counters.bytes_up += len(data)
                 self.counters.frames_up += 1
-        except ConnectionClosed as exc:
-            await self._inbox.put(Closed(f"connection to the cloud was lost while sending ({exc})"))
+        except (ConnectionClosed, OSError) as exc:
+            await inbox.put(Closed(f"connection to the cloud was lost while sending ({exc})"))
+
+    def _attach(self, ws: ClientConnection) -> None:
+        """A connection of its own queues and tasks: nothing late from an old one mixes in."""
+        self._ws = ws
+        self._inbox = asyncio.Queue()
+        self._outbox = asyncio.Queue()
+        self._tasks = [
+            asyncio.create_task(self._reader(ws, self._inbox)),
+            asyncio.create_task(self._writer(ws, self._inbox, self._outbox)),
+        ]
+
+    async def _hang_up(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._ws.close(), 5)
+            self._ws = None
+
+    async def _reconnect(self, reason: str) -> Reconnected | Closed:
+        """Dial again with exponential backoff and full jitter until
+        ``reconnect_timeout_s`` has passed since the drop."""
+        await self._hang_up()
+        timeout = self.cfg.reconnect_timeout_s
+        deadline = time.monotonic() + timeout
+        last = reason
+        for attempt, delay in enumerate(backoff_delays(self._rng), 1):
+            if time.monotonic() + delay > deadline:
+                return Closed(f"no connection within {timeout:g} s ({last})")
+            self.status(f"{reason}; reconnecting in {delay:.1f} s (attempt {attempt})")
+            await asyncio.sleep(delay)
+            try:
+                ws = await self._connect()
+            except TrainingError as exc:
+                last = str(exc)
+                continue
+            self._attach(ws)
+            return Reconnected()
+        raise AssertionError("backoff_delays is endless")
 
     async def _connect(self) -> ClientConnection:
         if self.cfg.token and (warning := clear_text_token_warning(self.url)):
@@ -212,26 +262,41 @@ class EdgeClient:
         except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
             raise TrainingError(f"cannot connect to the cloud at {self.url}: {exc}") from None
 
+    def partial_result(self, reason: str) -> TrainResult | None:
+        """The report so far of a run stopped from outside; None before the session existed."""
+        if self.session is None:
+            return None
+        result = self.session.partial_result(time.perf_counter(), reason)
+        result.prepare_s = self.prepare_s
+        result.bytes_up, result.bytes_down = self.counters.bytes_up, self.counters.bytes_down
+        return result
+
     async def run(self) -> TrainResult:
         session = self.prepare()
         t0 = time.perf_counter()
         self.status(f"connecting to {self.url}" + ("; then probing the link" if session.controller is not None else ""))
-        ws = await self._connect()
-        reader = asyncio.create_task(self._reader(ws))
-        writer = asyncio.create_task(self._writer(ws))
+        self._attach(await self._connect())
         try:
             result = await self._drive(session.run(t0, network=self.network))
             await self._outbox.put(None)
-            await writer
+            await self._tasks[1]  # the writer: everything queued (the Bye) has gone out
         finally:
-            writer.cancel()
-            await ws.close()
-            reader.cancel()
+            await self._hang_up()
         result.wall_s = time.perf_counter() - t0
         result.prepare_s = self.prepare_s
         result.bytes_up = self.counters.bytes_up
         result.bytes_down = self.counters.bytes_down
         return result
+
+
+def backoff_delays(rng: random.Random, *, base_s: float = 0.25, cap_s: float = 30.0) -> Iterator[float]:
+    """Seconds to wait before each re-dial: exponential backoff with full jitter
+    (uniform in [0, min(cap, base * 2^n)]), so a fleet that lost the same server
+    does not come back in lock-step."""
+    n = 0
+    while True:
+        yield rng.uniform(0.0, min(cap_s, base_s * 2.0**n))
+        n += 1
 
 
 def _timed_on_cpu(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:

@@ -16,6 +16,7 @@ session needs the outside world is one ``yield``:
 * ``yield Receive(wait)``    -> `Received`, `Closed`, or None (``wait=False``, nothing arrived)
 * ``yield Compute(fn, ...)`` -> `Computed` (the value, device busy time, CPU time)
 * ``yield Now()``            -> the transport's clock, in seconds
+* ``yield Reconnect(why)``   -> `Reconnected` or `Closed` (the link dropped: dial again)
 
 Events in (frames, compute results, the time), frames and work out: the same
 split as ``websockets``' ``protocol.py`` and ``asyncio/connection.py``. Entry
@@ -32,7 +33,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -132,7 +133,22 @@ class Now:
     """Read the transport's monotonic clock (answered with seconds, a float)."""
 
 
-Command = Send | Receive | Compute | Now
+@dataclass(frozen=True)
+class Reconnect:
+    """The link dropped (``reason``): dial again, with backoff, within the run's
+    reconnect timeout. Answered with `Reconnected`, or `Closed` when it gave up.
+    Frames still queued for the old connection are dropped: the session re-sends
+    what the protocol needs."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reconnected:
+    """A fresh connection; nothing has been said on it yet."""
+
+
+Command = Send | Receive | Compute | Now | Reconnect
 #: a session coroutine: yields commands, is sent their answers, returns ``T``
 Steps = Generator[Command, Any, T]
 
@@ -238,6 +254,15 @@ class EdgeSession:
         self.on_epoch = on_epoch  # handed each epoch's record (`TrainResult.history`)
         self.shared_clock = shared_clock
         self.session_id = 0  # the cloud's, from HelloAck
+        self.resume_token = ""  # from HelloAck: presented to re-attach after a drop
+        #: a dropped link is survived (re-dial, resume) outside the handshake, a
+        #: repartition and the goodbye, whose exchanges are not idempotent
+        self._resumable = False
+        self.resumes = 0
+        #: one entry per survived drop: step, reason, seconds without a link, steps re-sent
+        self.reconnects: list[dict[str, Any]] = []
+        #: step -> its Features frame, until the gradient is applied: what a resume re-sends
+        self._unacked: dict[int, fr.Features] = {}
         self.choice = initial_choice(cfg, setup)
         self.controller = controller
         if controller is not None:
@@ -266,6 +291,7 @@ class EdgeSession:
         self.one_way_ms: dict[str, list[float]] = {"up": [], "down": []}
         self.repartitions = 0
         self.last_migration: list[fr.Weights] = []  # the Weights frames of the latest repartition
+        self.result: TrainResult | None = None  # the run's report, filled in as it goes
         #: applied steps per configuration ("p=2 int8 K=4": n), for the summary
         self.steps_by_choice: dict[str, int] = {}
         self._t_run = 0.0  # the run's time base (transport clock at its start)
@@ -311,18 +337,63 @@ class EdgeSession:
         return now - self._t_run
 
     def _receive(self, *, wait: bool = True) -> Steps[fr.Frame | None]:
-        """The next frame (None: ``wait=False`` and nothing arrived); an Error frame
-        or a closed link ends the run with the reason."""
+        """The next frame; None when ``wait=False`` and nothing arrived, or when the
+        link dropped and was resumed meanwhile (what the caller waited for may need
+        asking again: `resumes` counts). An Error frame, or a drop where the
+        exchange is not resumable, ends the run with the reason."""
         got = yield Receive(wait)
         if got is None:
             return None
         if isinstance(got, Closed):
-            raise TrainingError(got.reason)
+            if not self._resumable:
+                raise TrainingError(got.reason)
+            yield from self._resume(got.reason)
+            return None
         self._last_recv = (got.envelope.sent_ns, got.recv_ns, got.nbytes)
         frame = got.envelope.frame
         if isinstance(frame, fr.Error):
             raise TrainingError(f"cloud refused: {frame.message} ({frame.code.name})")
         return frame
+
+    def _resume(self, reason: str) -> Steps[None]:
+        """Dial again, re-attach to the session with its resume token, and re-send
+        every step whose gradient has not been applied. The cloud answers those it
+        applied already from its reply cache and applies the rest, once."""
+        t0 = yield from self._now()
+        while True:
+            got = yield Reconnect(reason)
+            if isinstance(got, Closed):
+                raise TrainingError(f"{reason}; gave up reconnecting: {got.reason}")
+            hello = replace(self.hello(), resume_session=self.session_id, resume_token=self.resume_token)
+            yield from self._send(hello)
+            reply = yield Receive(True)
+            if isinstance(reply, Closed):
+                reason = reply.reason  # dropped again at once: dial again
+                continue
+            assert isinstance(reply, Received)
+            self._last_recv = (reply.envelope.sent_ns, reply.recv_ns, reply.nbytes)
+            ack = reply.envelope.frame
+            if isinstance(ack, fr.Error):
+                raise TrainingError(f"{reason}; the cloud refused to resume: {ack.message} ({ack.code.name})")
+            if not isinstance(ack, fr.HelloAck) or not ack.resumed:
+                raise TrainingError(f"{reason}; the cloud answered the resume with {type(ack).__name__}")
+            break
+        self._context_requests.clear()  # their answers went down with the old link
+        for step in sorted(self._unacked):
+            self._sent[step] = yield from self._send(self._unacked[step])
+        self._interval_reset = True  # the outage is not a step time
+        self.resumes += 1
+        outage_s = (yield from self._now()) - t0
+        self.reconnects.append(
+            dict(
+                step=self.pipeline.next_step,
+                reason=reason,
+                outage_s=outage_s,
+                resent=len(self._unacked),
+                cloud_last_step=ack.last_step,
+            )
+        )
+        log.info("resumed after %.2f s (%s); re-sent %d steps", outage_s, reason, len(self._unacked))
 
     def _compute(self, fn: Callable[..., T], *args: Any, train: bool = True, scaled: bool = True, **kwargs: Any) -> Steps[T]:
         done: Computed = yield Compute(fn, args, kwargs, scaled)
@@ -352,6 +423,7 @@ class EdgeSession:
         if not isinstance(frame, fr.HelloAck) or not frame.accepted:
             raise TrainingError(f"cloud did not accept the session: {getattr(frame, 'message', type(frame).__name__)}")
         self.session_id = frame.session
+        self.resume_token = frame.resume_token
 
     def _apply(self, frame: fr.Frame | None, *, adapt: bool = True) -> Steps[StepResult | None]:
         """Act on one frame from the cloud; a Gradients frame completes its step."""
@@ -359,6 +431,7 @@ class EdgeSession:
             self._observe_context(frame)
             return None
         if isinstance(frame, fr.Gradients):
+            self._unacked.pop(frame.step, None)
             self._observe_gradients(frame)
             result = yield from self._compute(self.pipeline.on_gradients, frame)
             forward = self._step_compute.pop(result.step, Computed(None, 0.0, 0.0))
@@ -391,6 +464,7 @@ class EdgeSession:
             yield from self._request_context()
         feats = yield from self._compute(self.pipeline.start_step, x, y, epoch=epoch)
         self._step_compute[feats.step] = self._last
+        self._unacked[feats.step] = feats
         self._sent[feats.step] = yield from self._send(feats)
 
     def _train_alone(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> Steps[None]:
@@ -487,13 +561,15 @@ class EdgeSession:
         features, so they measure queueing too; the RTT estimator keeps the minimum.
         ``bandwidth``: every other request padded, so the bandwidth fit sees two sizes."""
         for i in range(count):
-            yield from self._request_context(padding=self._probe_bytes() if bandwidth and i % 2 else 0)
-            while True:
-                frame = yield from self._receive()
-                if isinstance(frame, fr.Context):
-                    self._observe_context(frame)
-                    if frame.recv_ns:
-                        break
+            answered = False
+            while not answered:
+                resumes = self.resumes
+                yield from self._request_context(padding=self._probe_bytes() if bandwidth and i % 2 else 0)
+                while not answered and self.resumes == resumes:  # a resume lost the request: ask again
+                    frame = yield from self._receive()
+                    if isinstance(frame, fr.Context):
+                        self._observe_context(frame)
+                        answered = bool(frame.recv_ns)
 
     def _initial_decision(self) -> Steps[None]:
         """Probe the link's bandwidth both ways, then let the engine pick the start
@@ -580,7 +656,15 @@ class EdgeSession:
             self.controller.switched(self.pipeline.steps_applied)
 
     def _repartition(self, choice: Choice) -> Steps[list[fr.Weights]]:
-        """The repartition exchange (`edge_sdk.repartition`); returns the weights that came down."""
+        """The repartition exchange (`edge_sdk.repartition`); returns the weights that came down.
+        Not resumable: a drop mid-way leaves it unknown whether the cloud moved the cut."""
+        resumable, self._resumable = self._resumable, False
+        try:
+            return (yield from self._exchange_repartition(choice))
+        finally:
+            self._resumable = resumable
+
+    def _exchange_repartition(self, choice: Choice) -> Steps[list[fr.Weights]]:
         model = self.setup.spec.model
         self.sync_head_to_model()
         for request in repartition.request_frames(
@@ -621,14 +705,16 @@ class EdgeSession:
                 batch_loss, batch_correct, n = yield from self._compute(self.pipeline.local_eval, x, y, train=False)
                 loss, correct, count = loss + batch_loss, correct + batch_correct, count + n
             return fr.EvalResult(epoch=epoch, loss=loss / count if count else 0.0, correct=correct, count=count)
-        for i, (x, y) in enumerate(self.setup.test_loader(self.cfg)):
-            feats = yield from self._compute(self.pipeline.eval_features, x, y, epoch=epoch, batch=i, train=False)
-            yield from self._send(feats)
-        yield from self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=False))
-        while True:
-            frame = yield from self._receive()
-            if isinstance(frame, fr.EvalResult):
-                return frame
+        while True:  # once, or again after a resume: the cloud keeps one result per batch
+            resumes = self.resumes
+            for i, (x, y) in enumerate(self.setup.test_loader(self.cfg)):
+                feats = yield from self._compute(self.pipeline.eval_features, x, y, epoch=epoch, batch=i, train=False)
+                yield from self._send(feats)
+            yield from self._send(fr.EpochEnd(epoch=epoch, step=self.pipeline.next_step, train=False))
+            while self.resumes == resumes:
+                frame = yield from self._receive()
+                if isinstance(frame, fr.EvalResult):
+                    return frame
 
     # ------------------------------------------------------------- the run
     def _train(self, result: TrainResult) -> Steps[None]:
@@ -706,16 +792,40 @@ class EdgeSession:
             runtime=self.runtime.name,
             error_feedback=cfg.error_feedback,
         )
+        self.result = result
         yield from self.handshake()
+        self._resumable = self.cfg.reconnect_timeout_s > 0
         yield from self.probe_rtt()
         if self.controller is not None:
             yield from self._initial_decision()
         result.startup_s = yield from self._now()
         yield from self._train(result)
+        trained = self.choice
+        if self.cfg.save_model:
+            yield from self.collect_model()
         self.sync_head_to_model()
+        self._resumable = False
         yield from self._send(fr.Bye(reason="training finished"))
         result.wall_s = yield from self._now()
         self._report(result)
+        result.point, result.codec, result.staleness = trained.point, trained.codec, trained.staleness
+        return result
+
+    def collect_model(self) -> Steps[None]:
+        """Bring every block and its optimizer state to the device (the repartition
+        to device-only), so the whole trained model is here to be saved."""
+        L = self.setup.spec.model.num_blocks
+        if self.pipeline.point != L:
+            yield from self.switch(Choice(L, "fp32", 0))
+        self.sync_head_to_model()
+
+    def partial_result(self, now_s: float, reason: str) -> TrainResult:
+        """The report of a run stopped from outside (Ctrl-C, SIGTERM) at transport
+        time ``now_s``: the epochs finished so far, the steps applied, why it stopped."""
+        result = self.result or TrainResult(model=self.cfg.model, dataset=self.cfg.dataset)
+        self._report(result)
+        result.wall_s = now_s - self._t_run
+        result.interrupted = reason
         return result
 
     def _report(self, result: TrainResult) -> None:
@@ -740,6 +850,7 @@ class EdgeSession:
         result.context = self.tracker.snapshot().to_dict()
         result.step_times = self.step_times
         result.steps_by_choice = dict(self.steps_by_choice)
+        result.reconnects = list(self.reconnects)
         result.num_blocks = self.setup.spec.model.num_blocks
         if self.controller is not None:
             result.device_only_estimate = self.controller.device_only_estimate(self.tracker.snapshot(), result.steps)

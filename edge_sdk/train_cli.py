@@ -6,8 +6,10 @@ The training flags are defined once here and reused by ``emulate``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -157,19 +159,79 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge_sdk.client import run_training
+    import asyncio
+
+    import torch
+
+    from edge_sdk.client import EdgeClient
     from edge_sdk.progress import ProgressBar
     from edge_sdk.session import TrainingError
     from edge_sdk.training import build_local
 
     cfg = config_from_args(args)
-    try:
-        setup = build_local(cfg)
-        with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
-            result = run_training(args.server, cfg, progress=bar.update, on_epoch=bar.epoch, status=bar.status, setup=setup)
-    except (TrainingError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    client: EdgeClient | None = None
+    with stop_signals() as caught:
+        try:
+            setup = build_local(cfg)
+            with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
+                client = EdgeClient(args.server, cfg, setup=setup, progress=bar.update, on_epoch=bar.epoch, status=bar.status)
+                torch.manual_seed(cfg.seed)
+                result = asyncio.run(client.run())
+        except (TrainingError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return interrupted(client, cfg, args.json_path, caught)
     print(summary_table(result))
     write_json(result, args.json_path)
+    save_trained_model(client, cfg, result)
     return 0
+
+
+def save_trained_model(client: Any, cfg: TrainConfig, result: TrainResult) -> None:
+    """``--save-model``: the whole model (the session brought it to the device) and its config."""
+    if not cfg.save_model:
+        return
+    from edge_sdk.model_file import save_model
+
+    paths = save_model(
+        client.session.setup.spec,
+        cfg.save_model,
+        dataset=cfg.dataset,
+        test_accuracy=result.test_accuracy,
+        epochs=len(result.history),
+    )
+    print(f"model saved: {', '.join(str(p) for p in paths)}")
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """SIGTERM stops a run the way Ctrl-C does (a KeyboardInterrupt where the
+    program is); the list names the signal that did it (empty: SIGINT)."""
+    caught: list[int] = []
+
+    def on_term(signum: int, _frame: object) -> None:
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int]) -> int:
+    """One line instead of a traceback, the partial report written; 130 (SIGINT) or 143 (SIGTERM)."""
+    name = "SIGTERM" if caught else "SIGINT"
+    result = client.partial_result(name) if client is not None else None
+    if result is None:
+        print(f"interrupted ({name}) before training started", file=sys.stderr)
+    else:
+        write_json(result, json_path)
+        done = len(result.history)
+        where = f"interrupted ({name}) after epoch {done}/{cfg.epochs}, step {result.steps}"
+        print(
+            f"{where}; report written to {json_path}" if json_path else f"{where} (no --json report asked for)", file=sys.stderr
+        )
+    return 143 if caught else 130

@@ -134,6 +134,19 @@ class TrainConfig:
     tls_ca: str | None = _opt(
         None, "CA certificate (PEM) to trust for a wss:// server, e.g. its self-signed certificate", metavar="PEM"
     )
+    reconnect_timeout_s: float = _opt(
+        300.0,
+        "after a dropped connection, keep re-dialling (backoff with jitter) this many seconds, then resume "
+        "the session where it stopped; 0: a drop ends the run",
+        flag="--reconnect-timeout",
+        metavar="S",
+    )
+    save_model: str | None = _opt(
+        None,
+        "at the end, bring the tail to the device and write the whole trained model here (.safetensors; its zoo "
+        "config goes beside it as .json; `python -m edge_sdk evaluate --model-file` reads them)",
+        metavar="PATH",
+    )
     max_steps_per_epoch: int | None = _opt(None, "cut each epoch short (smoke runs)", shown="the whole epoch", metavar="N")
     #: benchmarks: stop after this many seconds of training (the report says ``stopped_early``)
     max_train_s: float | None = None
@@ -180,6 +193,10 @@ class TrainConfig:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.save_model is not None and not self.save_model.endswith(".safetensors"):
+            raise ValueError(f"--save-model {self.save_model}: the file name must end in .safetensors")
+        if not (self.reconnect_timeout_s >= 0 and math.isfinite(self.reconnect_timeout_s)):
+            raise ValueError(f"--reconnect-timeout must be >= 0 seconds, got {self.reconnect_timeout_s}")
         if self.staleness is not None and self.staleness < 0:
             raise ValueError(f"--staleness must be >= 0, got {self.staleness}")
         if not (self.device_slowdown >= 1.0 and math.isfinite(self.device_slowdown)):
@@ -233,6 +250,10 @@ class TrainResult:
     startup_s: float = 0.0
     #: profiling the device for the engine before connecting (not in ``wall_s``)
     prepare_s: float = 0.0
+    #: why the run stopped before its end ("SIGINT", "SIGTERM"); None: it ran to the end
+    interrupted: str | None = None
+    #: one entry per dropped connection survived: step, reason, outage_s, resent
+    reconnects: list[dict[str, Any]] = field(default_factory=list)
     #: applied steps per configuration ("p=2 int8 K=4": n); device-only is "p=L fp32 K=0"
     steps_by_choice: dict[str, int] = field(default_factory=dict)
     #: what the same steps would have cost on the device alone, from the calibrated
@@ -284,7 +305,10 @@ class LocalSetup:
     def test_loader(self, cfg: TrainConfig) -> DataLoader:
         # programs run eval batches at their fixed size too (a short one is padded)
         size = cfg.batch_size if self.manifest is not None else cfg.eval_batch_size
-        return DataLoader(self.splits.test, batch_size=size, shuffle=False)
+        # its own generator: iterating a DataLoader draws a seed from the generator,
+        # and from torch's global one without it, which would shift every later
+        # dropout mask (an evaluation repeated after a reconnect must not change training)
+        return DataLoader(self.splits.test, batch_size=size, shuffle=False, generator=torch.Generator().manual_seed(0))
 
 
 def default_point(spec: zoo.ModelSpec) -> int:
@@ -327,6 +351,8 @@ def build_local(cfg: TrainConfig) -> LocalSetup:
         valid = [p for p in valid if p in exported]
         if not valid:
             raise ValueError(f"the programs in {cfg.programs} cover no interior cut of {cfg.model}")
+    if cfg.save_model and not device_only_possible(cfg, manifest, L):
+        raise ValueError("--save-model brings the whole model to the device: it needs --runtime eager or a whole-model program")
     point = L if cfg.point == DEVICE_ONLY else cfg.point
     if point == L:
         if not device_only_possible(cfg, manifest, L):

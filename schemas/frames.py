@@ -111,6 +111,9 @@ class Hello:
     config_json: str = ""
     runtime: str = ""
     program_hash: str = ""
+    #: != 0: re-attach to this session (detached when its connection dropped)
+    resume_session: int = 0
+    resume_token: str = ""
 
 
 @dataclass
@@ -121,6 +124,10 @@ class HelloAck:
     codec: str = ""
     staleness: int = 0
     message: str = ""
+    #: the secret a later Hello presents to re-attach (compared in constant time)
+    resume_token: str = ""
+    resumed: bool = False
+    last_step: int = -1  # resumed: the newest step the cloud applied
 
 
 @dataclass
@@ -285,6 +292,8 @@ _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
         ("config_json", "str", ""),
         ("runtime", "str", ""),
         ("program_hash", "str", ""),
+        ("resume_session", "Q", 0),
+        ("resume_token", "str", ""),
     ),
     HelloAck: (
         ("session", "Q", 0),
@@ -293,6 +302,9 @@ _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
         ("codec", "str", ""),
         ("staleness", "i", 0),
         ("message", "str", ""),
+        ("resume_token", "str", ""),
+        ("resumed", "?", False),
+        ("last_step", "q", -1),
     ),
     Features: (
         ("step", "q", 0),

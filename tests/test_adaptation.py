@@ -46,7 +46,7 @@ async def test_engine_moves_to_smaller_uploads_after_the_link_slows_down(cloud_s
     history = result.partition_history
     in_force = [h for h in history if h["step"] <= 30 and (h["switch"] or h is history[0])][-1]
     after = [h for h in history if h["step"] > 30 and h["switch"]]
-    assert after, history
+    assert after, [(h["step"], round(h["time_s"], 1), h.get("reason", "")[:300]) for h in history]
     first = after[0]
     assert first["step"] - 30 <= 30
     feature_bytes = client.session.controller.base_inputs.feature_nbytes

@@ -137,3 +137,58 @@ def test_summary_shows_the_decision_timeline_and_the_cost_of_training_alone():
     assert (
         "50.0 ms/step (measured step), 5.0 s for these steps vs 10.0 s here: training alone would have been 2.0x faster" in text
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_run_says_where_it_stopped_and_writes_its_report(tmp_path, sig, code):
+    import json
+
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "edge_sdk", "emulate", "--network", "none", "--device-slowdown", "1"]
+    cmd += ["--point", "2", "--epochs", "50", "--max-steps-per-epoch", "20", "--no-progress", "--json", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:  # wait for the first finished epoch, then stop the run
+        lines.append(line)
+        if line.startswith("epoch 1/50:"):
+            proc.send_signal(sig)
+            break
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == code, err[-2000:]
+    name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
+    assert f"interrupted ({name}) after epoch" in err and f"report written to {out}" in err
+    assert "Traceback" not in err
+    report = json.loads(out.read_text())
+    assert report["interrupted"] == name and len(report["history"]) >= 1 and report["steps"] >= 20
+
+
+@pytest.mark.slow
+def test_a_saved_model_evaluates_to_the_accuracy_the_run_reported(tmp_path):
+    import json
+
+    model, report = tmp_path / "m.safetensors", tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "edge_sdk", "emulate", "--network", "none", "--device-slowdown", "1", "--point", "2"]
+    cmd += ["--codec", "fp32", "--staleness", "1", "--epochs", "2", "--max-steps-per-epoch", "15", "--no-progress"]
+    cmd += ["--save-model", str(model), "--json", str(report)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"model saved: {model}, {model.with_suffix('.json')}" in proc.stdout
+    reported = json.loads(report.read_text())["test_accuracy"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_sdk", "evaluate", "--model-file", str(model)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip()
+    assert line.startswith("digits_cnn on digits test (")
+    accuracy = float(line.split("accuracy ")[1].split(" %")[0]) / 100
+    assert abs(accuracy - reported) < 1e-3, (line, reported)  # the split eval at fp32 is the whole model's
+    bad = subprocess.run(
+        [sys.executable, "-m", "edge_sdk", "evaluate", "--model-file", str(tmp_path / "nope.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

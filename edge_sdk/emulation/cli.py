@@ -21,7 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from edge_sdk.train_cli import add_training_arguments, config_from_args, summary_table, write_json
+from edge_sdk.train_cli import (
+    add_training_arguments,
+    config_from_args,
+    interrupted,
+    save_trained_model,
+    stop_signals,
+    summary_table,
+    write_json,
+)
 
 
 class EmulationError(RuntimeError):
@@ -111,9 +119,10 @@ def resolve_device(args: argparse.Namespace) -> tuple[float, int | None]:
 
 
 async def run_through_proxy(
-    cfg, network_spec: str, cloud_port: int, progress=None, setup=None, *, on_epoch=None, status=None
+    cfg, network_spec: str, cloud_port: int, progress=None, setup=None, *, on_epoch=None, status=None, clients=None
 ) -> object:
-    """Train through a shaping proxy in front of the cloud at ``cloud_port``."""
+    """Train through a shaping proxy in front of the cloud at ``cloud_port``
+    (``clients``: a list the client is appended to, for a report if interrupted)."""
     from edge_sdk.client import EdgeClient
     from edge_sdk.emulation.network import parse_network
     from edge_sdk.emulation.proxy import ProxyThread
@@ -129,6 +138,8 @@ async def run_through_proxy(
         setup=setup,
         shared_clock=True,
     )
+    if clients is not None:
+        clients.append(client)
     client.prepare()  # profile the device before the link exists
     if network is None:
         client.url = f"ws://127.0.0.1:{cloud_port}"
@@ -164,22 +175,28 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     extra = ["--threads", str(max(1, args.threads))] + (["--token", cfg.token] if cfg.token else [])
-    try:
-        with cloud_process(extra) as (_proc, port):
-            print(
-                f"cloud backend on 127.0.0.1:{port}; network {args.network}; device slowdown {cfg.device_slowdown:g}x",
-                file=sys.stderr,
-            )
-            setup = build_local(cfg)
-            with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
-                result = asyncio.run(
-                    run_through_proxy(cfg, args.network, port, bar.update, setup, on_epoch=bar.epoch, status=bar.status)
+    clients: list = []
+    with stop_signals() as caught:
+        try:
+            with cloud_process(extra) as (_proc, port):
+                print(
+                    f"cloud backend on 127.0.0.1:{port}; network {args.network}; device slowdown {cfg.device_slowdown:g}x",
+                    file=sys.stderr,
                 )
-    except (TrainingError, EmulationError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+                setup = build_local(cfg)
+                with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
+                    run = run_through_proxy(
+                        cfg, args.network, port, bar.update, setup, on_epoch=bar.epoch, status=bar.status, clients=clients
+                    )
+                    result = asyncio.run(run)
+        except (TrainingError, EmulationError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return interrupted(clients[0] if clients else None, cfg, args.json_path, caught)
     print(summary_table(result))
     write_json(result, args.json_path)
+    save_trained_model(clients[0], cfg, result)
     if args.report:
         from edge_sdk.report import write_report
 

@@ -15,7 +15,21 @@ from collections import deque
 from typing import Any, TypeVar
 
 from cloud_backend.session import CloudSession
-from edge_sdk.session import Command, Compute, Computed, EdgeSession, Now, Receive, Received, Send, Sent, Steps
+from edge_sdk.session import (
+    Closed,
+    Command,
+    Compute,
+    Computed,
+    EdgeSession,
+    Now,
+    Receive,
+    Received,
+    Reconnect,
+    Reconnected,
+    Send,
+    Sent,
+    Steps,
+)
 from schemas import frames as fr
 
 T = TypeVar("T")
@@ -26,15 +40,28 @@ class Stuck(RuntimeError):
 
 
 class InProcessLink:
-    """Drives ``edge`` against ``cloud``; the clock advances ``tick_ns`` per read."""
+    """Drives ``edge`` against ``cloud``; the clock advances ``tick_ns`` per read.
 
-    def __init__(self, edge: EdgeSession, cloud: CloudSession, *, tick_ns: int = 1_000_000) -> None:
+    ``cuts`` drops the link around chosen sends (1-based count of the device's
+    sends): ``"request"`` loses that frame before the cloud sees it, ``"reply"``
+    lets the cloud apply it and loses its answers. Either way everything in flight
+    is gone, the device's next receive reports the drop, and a `Reconnect` brings
+    the link back (the server's part, routing a resuming Hello to
+    `CloudSession.resume`, is done here)."""
+
+    def __init__(
+        self, edge: EdgeSession, cloud: CloudSession, *, tick_ns: int = 1_000_000, cuts: dict[int, str] | None = None
+    ) -> None:
         self.edge = edge
         self.cloud = cloud
         self.tick_ns = tick_ns
         self.clock_ns = 0
-        self.inbox: deque[Received] = deque()
-        self.sent: list[Any] = []  # every frame the device sent, decoded as the cloud saw it
+        self.inbox: deque[Received | Closed] = deque()
+        self.sent: list[Any] = []  # every frame the cloud saw, decoded as it saw it
+        self.cuts = dict(cuts or {})
+        self.sends = 0
+        self.reconnects = 0
+        self._down = False
         self._seq = 0
 
     def _tick(self) -> int:
@@ -64,15 +91,38 @@ class InProcessLink:
             return Computed(command.fn(*command.args, **command.kwargs), 0.0, 0.0)
         if isinstance(command, Now):
             return self._tick() / 1e9
+        if isinstance(command, Reconnect):
+            self._down = False
+            self.inbox.clear()
+            self.reconnects += 1
+            return Reconnected()
         raise TypeError(f"unknown session command {command!r}")
+
+    def _cut(self) -> None:
+        self._down = True
+        self.inbox.clear()
+        self.inbox.append(Closed("the link was cut"))
 
     def _send(self, frame: fr.Frame) -> Sent:
         sent_ns = self._tick()
         data = fr.encode(fr.Envelope(frame=frame, session=self.edge.session_id, seq=self._seq, sent_ns=sent_ns))
         self._seq += 1
+        self.sends += 1
+        cut = self.cuts.pop(self.sends, None)
+        if self._down or cut == "request":
+            if cut:
+                self._cut()
+            return Sent(sent_ns, len(data))
         seen = fr.decode(data).frame
         self.sent.append(seen)
-        for reply in self.cloud.handle(seen, recv_ns=self._tick()):
+        if isinstance(seen, fr.Hello) and seen.resume_session:
+            replies = self.cloud.resume(seen)
+        else:
+            replies = self.cloud.handle(seen, recv_ns=self._tick())
+        if cut == "reply":
+            self._cut()
+            return Sent(sent_ns, len(data))
+        for reply in replies:
             out = fr.encode(fr.Envelope(frame=reply, session=self.cloud.session_id, sent_ns=self._tick()))
             self.inbox.append(Received(fr.decode(out), self._tick(), len(out)))
         return Sent(sent_ns, len(data))

@@ -230,6 +230,15 @@ class ShapingProxy:
             self._timer.close()
             self._timer = None
 
+    def cut(self) -> int:
+        """A fault: drop every open connection at once, both ways, without a
+        closing handshake or a flush (what a lost radio or a NAT reset looks like
+        to both ends), and keep listening. Returns how many connections it cut."""
+        open_writers = list(self._writers)
+        for writer in open_writers:
+            writer.transport.abort()
+        return len(open_writers) // 2
+
     async def __aenter__(self) -> ShapingProxy:
         return await self.start()
 
@@ -489,6 +498,11 @@ class ProxyThread:
 
     def stats(self) -> ProxyStats:
         return self.proxy.stats()
+
+    def cut(self) -> None:
+        """`ShapingProxy.cut`, from any thread."""
+        assert self._loop is not None, "proxy not started"
+        self._loop.call_soon_threadsafe(self.proxy.cut)
 
     def __enter__(self) -> ProxyThread:
         return self.start()

@@ -119,8 +119,22 @@ class Hello(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Hello
+    def ResumeSession(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(30))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # Hello
+    def ResumeToken(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(32))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def HelloStart(builder):
-    builder.StartObject(13)
+    builder.StartObject(15)
 
 def Start(builder):
     HelloStart(builder)
@@ -202,6 +216,18 @@ def HelloAddProgramHash(builder, programHash):
 
 def AddProgramHash(builder, programHash):
     HelloAddProgramHash(builder, programHash)
+
+def HelloAddResumeSession(builder, resumeSession):
+    builder.PrependUint64Slot(13, resumeSession, 0)
+
+def AddResumeSession(builder, resumeSession):
+    HelloAddResumeSession(builder, resumeSession)
+
+def HelloAddResumeToken(builder, resumeToken):
+    builder.PrependUOffsetTRelativeSlot(14, flatbuffers.number_types.UOffsetTFlags.py_type(resumeToken), 0)
+
+def AddResumeToken(builder, resumeToken):
+    HelloAddResumeToken(builder, resumeToken)
 
 def HelloEnd(builder):
     return builder.EndObject()

@@ -70,8 +70,29 @@ class HelloAck(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # HelloAck
+    def ResumeToken(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # HelloAck
+    def Resumed(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
+    # HelloAck
+    def LastStep(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
+        return -1
+
 def HelloAckStart(builder):
-    builder.StartObject(6)
+    builder.StartObject(9)
 
 def Start(builder):
     HelloAckStart(builder)
@@ -111,6 +132,24 @@ def HelloAckAddMessage(builder, message):
 
 def AddMessage(builder, message):
     HelloAckAddMessage(builder, message)
+
+def HelloAckAddResumeToken(builder, resumeToken):
+    builder.PrependUOffsetTRelativeSlot(6, flatbuffers.number_types.UOffsetTFlags.py_type(resumeToken), 0)
+
+def AddResumeToken(builder, resumeToken):
+    HelloAckAddResumeToken(builder, resumeToken)
+
+def HelloAckAddResumed(builder, resumed):
+    builder.PrependBoolSlot(7, resumed, 0)
+
+def AddResumed(builder, resumed):
+    HelloAckAddResumed(builder, resumed)
+
+def HelloAckAddLastStep(builder, lastStep):
+    builder.PrependInt64Slot(8, lastStep, -1)
+
+def AddLastStep(builder, lastStep):
+    HelloAckAddLastStep(builder, lastStep)
 
 def HelloAckEnd(builder):
     return builder.EndObject()
