@@ -15,9 +15,11 @@ All protocol logic lives in `cloud_backend.session` (sans-I/O). This layer only
   the pipeline is for), through a *bounded* inbox: when it is full the server
   stops reading that socket and TCP pushes back on the sender, so a device that
   floods frames cannot grow the server's memory;
-* closes sessions that stop talking (``idle_timeout_s``) or whose peer is gone
-  (WebSocket pings), drops a closed session's pending work, and frees its slot
-  on every path out (``try/finally``);
+* closes sessions that stop talking (``idle_timeout_s``) and drops a closed
+  session's pending work; a session whose connection was lost without a goodbye
+  (the network dropped, pings went unanswered) is *detached*: kept, with its slot,
+  for ``session_ttl_s`` for its device to resume (``_resume``), then freed. Every
+  other path out frees the slot (``try/finally``);
 * stamps outgoing envelopes with the send time for the device's bandwidth estimate.
 """
 
@@ -182,10 +184,13 @@ class CloudServer:
             self._idle.clear()
 
     async def wait_idle(self, timeout: float) -> None:
-        """Return once no session and no unauthenticated connection is open.
+        """Return once no session has a connection open and no unauthenticated
+        connection is waiting. Detached sessions (awaiting a resume) hold a slot
+        but no connection: they do not count here (``stats.sessions_detached``).
 
-        For a graceful drain before shutdown, and for tests that check a slot
-        was released without polling. Raises ``TimeoutError`` after ``timeout``.
+        For a graceful drain before shutdown, and for tests that check a
+        connection was released without polling. Raises ``TimeoutError`` after
+        ``timeout``.
         """
         await asyncio.wait_for(self._idle.wait(), timeout)
 
@@ -295,9 +300,12 @@ class CloudServer:
             await self._serve_session(ws, session, seq)
         finally:
             del self._attached[sid]
-            # A peer that said no goodbye (no close frame: the network dropped, or it
-            # stopped answering pings) may come back: keep its session for a resume.
-            lost = ws.protocol.close_rcvd is None or sid in self._taken_over
+            # Unless it said goodbye (Bye, or a normal close it started) or the server
+            # ended it (idle, an error), a session may come back: the network dropped,
+            # it stopped answering pings, or a slow link made a ping late.
+            close = ws.protocol.close_rcvd
+            goodbye = close is not None and close.code == 1000 and ws.protocol.close_rcvd_then_sent
+            lost = not goodbye or sid in self._taken_over
             self._taken_over.discard(sid)
             if session.phase is not Phase.CLOSED and lost and self.config.session_ttl_s > 0:
                 self._detach(session)
@@ -344,7 +352,7 @@ class CloudServer:
                 ws, conn_id, seq, ErrorCode.PROTOCOL, f"session {sid} is unknown or expired; start a new run", 1008
             )
             raise _Refused
-        (reply,) = session.resume(hello)
+        (reply,) = session.resume(hello)  # the tokens first: a wrong one touches nothing
         if isinstance(reply, Error):
             await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
             raise _Refused
@@ -353,7 +361,11 @@ class CloudServer:
             log.info("session %d: the resume from %s takes over from the old connection", sid, _peer(ws))
             self._taken_over.add(sid)
             old.transport.abort()  # it would not answer a closing handshake
-            await asyncio.wait_for(self._released[sid].wait(), 60)
+            try:
+                await asyncio.wait_for(self._released[sid].wait(), 60)
+            except TimeoutError:
+                await self._refuse(ws, conn_id, seq, ErrorCode.SERVER_BUSY, f"session {sid} is still busy; try again", 1013)
+                raise _Refused from None
         handle = self._expiry.pop(sid, None)
         if handle is None or self.stats.sessions.get(sid) is not session:
             await self._refuse(ws, conn_id, seq, ErrorCode.PROTOCOL, f"session {sid} ended meanwhile; start a new run", 1008)
@@ -361,7 +373,17 @@ class CloudServer:
         handle.cancel()
         self.stats.sessions_detached -= 1
         self._count(sessions=1)
-        await self._send(ws, sid, seq, reply)
+        try:
+            # built now, after the old connection's last step finished: last_step is current
+            (reply,) = session.resume(hello)
+            if isinstance(reply, Error):
+                await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
+                raise _Refused
+            await self._send(ws, sid, seq, reply)
+        except BaseException:
+            self._detach(session)  # dropped again at once: wait for the next resume, as before
+            raise
+        ws.protocol.max_message_size = self.config.max_frame_bytes  # only now: the tokens were right
         log.info("session %d resumed from %s after step %d", sid, _peer(ws), session.last_step)
         return session
 
@@ -387,7 +409,6 @@ class CloudServer:
                 await self._refuse(ws, session_id, seq, ErrorCode.PROTOCOL, f"no Hello within {cfg.hello_timeout_s:g} s", 1008)
                 raise _Refused from None
             if hello.resume_session:
-                ws.protocol.max_message_size = cfg.max_frame_bytes
                 return await self._resume(ws, session_id, seq, hello)
             session = CloudSession(
                 session_id,
@@ -455,6 +476,7 @@ class CloudServer:
                     message = await asyncio.wait_for(ws.recv(), self.config.idle_timeout_s)
                 except TimeoutError:
                     log.info("session %d idle for %g s; closing", session.session_id, self.config.idle_timeout_s)
+                    session.phase = Phase.CLOSED  # ended by policy: not kept for a resume
                     await self._refuse(
                         ws,
                         session.session_id,

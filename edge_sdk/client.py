@@ -103,6 +103,8 @@ class EdgeClient:
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._rng = random.Random()  # backoff jitter
+        self._backoff: Iterator[tuple[int, float]] | None = None  # (attempt, delay) since the latest drop
+        self._dropped_at = 0.0
         self._seq = 0
         self.prepare_s = 0.0  # profiling before the run (`prepare`)
 
@@ -151,7 +153,7 @@ class EdgeClient:
         if isinstance(command, Now):
             return time.perf_counter()
         if isinstance(command, Reconnect):
-            return await self._reconnect(command.reason)
+            return await self._reconnect(command)
         raise TypeError(f"unknown session command {command!r}")
 
     async def _send(self, frame: fr.Frame) -> Sent:
@@ -211,25 +213,34 @@ class EdgeClient:
             asyncio.create_task(self._writer(ws, self._inbox, self._outbox)),
         ]
 
-    async def _hang_up(self) -> None:
+    async def _hang_up(self, *, goodbye: bool = True) -> None:
+        """Stop this connection's tasks and close it. ``goodbye=False`` (to dial
+        again) drops it without a closing handshake: a normal close would tell the
+        server the session is over instead of to be resumed."""
         for task in self._tasks:
             task.cancel()
         if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._ws.close(), 5)
+            if goodbye:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._ws.close(), 5)
+            else:
+                self._ws.transport.abort()
             self._ws = None
 
-    async def _reconnect(self, reason: str) -> Reconnected | Closed:
+    async def _reconnect(self, command: Reconnect) -> Reconnected | Closed:
         """Dial again with exponential backoff and full jitter until
-        ``reconnect_timeout_s`` has passed since the drop."""
-        await self._hang_up()
+        ``reconnect_timeout_s`` has passed since the drop (a new drop restarts both)."""
+        if command.first or self._backoff is None:
+            self._dropped_at = time.monotonic()
+            self._backoff = enumerate(backoff_delays(self._rng), 1)
+        await self._hang_up(goodbye=False)
         timeout = self.cfg.reconnect_timeout_s
-        deadline = time.monotonic() + timeout
-        last = reason
-        for attempt, delay in enumerate(backoff_delays(self._rng), 1):
+        deadline = self._dropped_at + timeout
+        last = command.reason
+        for attempt, delay in self._backoff:
             if time.monotonic() + delay > deadline:
                 return Closed(f"no connection within {timeout:g} s ({last})")
-            self.status(f"{reason}; reconnecting in {delay:.1f} s (attempt {attempt})")
+            self.status(f"{command.reason}; reconnecting in {delay:.1f} s (attempt {attempt})")
             await asyncio.sleep(delay)
             try:
                 ws = await self._connect()
@@ -280,6 +291,10 @@ class EdgeClient:
             result = await self._drive(session.run(t0, network=self.network))
             await self._outbox.put(None)
             await self._tasks[1]  # the writer: everything queued (the Bye) has gone out
+            while not self._inbox.empty():  # nothing reads it any more
+                if isinstance(self._inbox.get_nowait(), Closed):
+                    log.warning("the link dropped at the very end: the cloud keeps the session until its TTL expires")
+                    break
         finally:
             await self._hang_up()
         result.wall_s = time.perf_counter() - t0

@@ -136,11 +136,14 @@ class Now:
 @dataclass(frozen=True)
 class Reconnect:
     """The link dropped (``reason``): dial again, with backoff, within the run's
-    reconnect timeout. Answered with `Reconnected`, or `Closed` when it gave up.
-    Frames still queued for the old connection are dropped: the session re-sends
-    what the protocol needs."""
+    reconnect timeout counted from the drop. Answered with `Reconnected`, or
+    `Closed` when it gave up. ``first``: a new drop (not a dial again because the
+    last new connection dropped before the resume went through), which restarts
+    the timeout and the backoff. Frames still queued for the old connection are
+    dropped: the session re-sends what the protocol needs."""
 
     reason: str
+    first: bool = True
 
 
 @dataclass(frozen=True)
@@ -360,8 +363,10 @@ class EdgeSession:
         every step whose gradient has not been applied. The cloud answers those it
         applied already from its reply cache and applies the rest, once."""
         t0 = yield from self._now()
+        first = True
         while True:
-            got = yield Reconnect(reason)
+            got = yield Reconnect(reason, first=first)
+            first = False
             if isinstance(got, Closed):
                 raise TrainingError(f"{reason}; gave up reconnecting: {got.reason}")
             hello = replace(self.hello(), resume_session=self.session_id, resume_token=self.resume_token)
@@ -824,7 +829,7 @@ class EdgeSession:
         time ``now_s``: the epochs finished so far, the steps applied, why it stopped."""
         result = self.result or TrainResult(model=self.cfg.model, dataset=self.cfg.dataset)
         self._report(result)
-        result.wall_s = now_s - self._t_run
+        result.wall_s = now_s - self._t_run if self.result is not None else 0.0
         result.interrupted = reason
         return result
 

@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     client: EdgeClient | None = None
+    stopped = False
     with stop_signals() as caught:
         try:
             setup = build_local(cfg)
@@ -181,10 +182,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            return interrupted(client, cfg, args.json_path, caught)
+            stopped = True
+    if stopped:
+        return interrupted(client, cfg, args.json_path, caught)
+    return finish(result, client, cfg, args.json_path)
+
+
+def finish(result: TrainResult, client: Any, cfg: TrainConfig, json_path: str | None) -> int:
+    """Summary, report, model: the run is done, so a file that cannot be written is one line, not a traceback."""
     print(summary_table(result))
-    write_json(result, args.json_path)
-    save_trained_model(client, cfg, result)
+    try:
+        write_json(result, json_path)
+        save_trained_model(client, cfg, result)
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename or 'the output'}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -222,13 +234,27 @@ def stop_signals() -> Iterator[list[int]]:
 
 
 def interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int]) -> int:
-    """One line instead of a traceback, the partial report written; 130 (SIGINT) or 143 (SIGTERM)."""
+    """One line instead of a traceback, the partial report written; 130 (SIGINT) or 143 (SIGTERM).
+    A second signal while this writes is ignored."""
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _report_interrupted(client, cfg, json_path, caught)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _report_interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int]) -> int:
     name = "SIGTERM" if caught else "SIGINT"
     result = client.partial_result(name) if client is not None else None
     if result is None:
         print(f"interrupted ({name}) before training started", file=sys.stderr)
     else:
-        write_json(result, json_path)
+        try:
+            write_json(result, json_path)
+        except OSError as exc:
+            print(f"interrupted ({name}); cannot write the report {json_path}: {exc.strerror or exc}", file=sys.stderr)
+            return 143 if caught else 130
         done = len(result.history)
         where = f"interrupted ({name}) after epoch {done}/{cfg.epochs}, step {result.steps}"
         print(

@@ -107,8 +107,9 @@ async def test_engine_trains_alone_while_the_link_is_poor_and_splits_again_when_
     assert alone and alone[0]["step"] - 30 <= 60, switches
     assert recovered, "the device never trained alone long enough to see the link recover"
     back = [h for h in switches if h["step"] > recovered[0] and h["point"] < L]
-    assert back, switches  # and the cut came back once the probes saw the link recover
-    assert client.session.link_changes and max(client.session.link_changes) >= recovered[0]
+    assert back, switches  # and the cut came back once the probes saw the link recover:
+    # on a measured fast uplink (a detected jump, or the estimators' window moving on)
+    assert back[0]["link"]["uplink_bps"] > 4 * poor.uplink_bps, back[0]
     assert result.steps == client.setup.total_steps(cfg)
     (closed,) = server.stats.closed
     # the cloud applied exactly the steps that were split; the device trained the rest

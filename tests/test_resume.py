@@ -191,3 +191,28 @@ def test_save_model_brings_the_whole_trained_model_to_the_device():
     expect, got = _merged(edge0, cloud0), edge.setup.spec.model.state_dict()
     for k in expect:
         torch.testing.assert_close(got[k], expect[k], rtol=0, atol=0, msg=k)
+
+
+async def test_only_a_goodbye_ends_a_session_a_lost_or_odd_close_keeps_it(cloud_server, digits_spec, hello_frame):
+    """A normal close the device starts (1000) is a goodbye: freed. Any other end
+    (no close frame, or a close for another reason, e.g. a keepalive that gave up
+    on a slow link) keeps the session for a resume."""
+    from websockets.asyncio.client import connect
+
+    async def session_then(end):
+        ws = await connect(f"ws://127.0.0.1:{cloud_server.port}", compression=None, ping_interval=None, max_size=None)
+        await ws.send(fr.encode(fr.Envelope(frame=hello_frame(digits_spec))))
+        assert isinstance(fr.decode(await ws.recv()).frame, fr.HelloAck)
+        await end(ws)
+        await cloud_server.wait_idle(10)
+
+    await session_then(lambda ws: ws.close())  # 1000, started by the device
+    assert cloud_server.stats.sessions_detached == 0 and len(cloud_server.stats.closed) == 1
+    await session_then(lambda ws: ws.close(code=1011, reason="keepalive ping timeout"))
+    assert cloud_server.stats.sessions_detached == 1
+
+    async def vanish(ws):
+        ws.transport.abort()
+
+    await session_then(vanish)
+    assert cloud_server.stats.sessions_detached == 2 and len(cloud_server.stats.closed) == 1

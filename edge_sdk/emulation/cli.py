@@ -24,11 +24,9 @@ from typing import IO
 from edge_sdk.train_cli import (
     add_training_arguments,
     config_from_args,
+    finish,
     interrupted,
-    save_trained_model,
     stop_signals,
-    summary_table,
-    write_json,
 )
 
 
@@ -176,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     extra = ["--threads", str(max(1, args.threads))] + (["--token", cfg.token] if cfg.token else [])
     clients: list = []
+    stopped = False
     with stop_signals() as caught:
         try:
             with cloud_process(extra) as (_proc, port):
@@ -193,10 +192,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            return interrupted(clients[0] if clients else None, cfg, args.json_path, caught)
-    print(summary_table(result))
-    write_json(result, args.json_path)
-    save_trained_model(clients[0], cfg, result)
+            stopped = True
+    if stopped:
+        return interrupted(clients[0] if clients else None, cfg, args.json_path, caught)
+    code = finish(result, clients[0], cfg, args.json_path)
+    if code:
+        return code
     if args.report:
         from edge_sdk.report import write_report
 
