@@ -263,17 +263,20 @@ class CloudSession:
         self.optimizer_config = opt_cfg
         self._set_point(hello.point)
         self.phase = Phase.TRAINING
-        return [
-            HelloAck(
-                session=self.session_id,
-                accepted=True,
-                point=self.point,
-                codec=hello.codec,
-                staleness=hello.staleness,
-                message=f"tail blocks [{self.point}, {self.spec.model.num_blocks}) of {self.spec.name}",
-                resume_token=self.resume_token,
-            )
-        ]
+        return [self._ack(hello, f"tail blocks [{self.point}, {self.spec.model.num_blocks}) of {self.spec.name}")]
+
+    def _ack(self, hello: Hello, message: str, *, resumed: bool = False) -> HelloAck:
+        return HelloAck(
+            session=self.session_id,
+            accepted=True,
+            point=self.point,
+            codec=hello.codec,
+            staleness=hello.staleness,
+            message=message,
+            resume_token=self.resume_token,
+            resumed=resumed,
+            last_step=self.last_step if resumed else -1,
+        )
 
     def resume(self, hello: Hello) -> list[Frame]:
         """Re-attach a device whose connection dropped: it must present the server's
@@ -292,19 +295,7 @@ class CloudSession:
                 raise WireError(ErrorCode.MODEL_MISMATCH, f"session {self.session_id} trains another model or batch size")
         except WireError as exc:
             return [Error(code=exc.code, message=exc.message, step=-1)]
-        return [
-            HelloAck(
-                session=self.session_id,
-                accepted=True,
-                point=self.point,
-                codec=hello.codec,
-                staleness=hello.staleness,
-                message=f"resumed session {self.session_id} after step {self.last_step}",
-                resume_token=self.resume_token,
-                resumed=True,
-                last_step=self.last_step,
-            )
-        ]
+        return [self._ack(hello, f"resumed session {self.session_id} after step {self.last_step}", resumed=True)]
 
     def _check_cut(self, plan: ModelPlan, point: int) -> None:
         model = plan.spec.model

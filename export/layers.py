@@ -23,6 +23,20 @@ class _Context:
         self.dropout = True
 
 
+def running_scale_shift(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, running_mean: torch.Tensor, running_var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-statistics BatchNorm as one per-channel scale and shift, folded
+    before the activation is touched (the full-size work is one multiply, one add)."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 class ExportBatchNorm(nn.Module):
     """BatchNorm written in elementary ops, state passed through :class:`_Context`."""
 
@@ -47,12 +61,7 @@ class ExportBatchNorm(nn.Module):
         # Per-channel scale/shift are folded before touching the activation, so the
         # full-size work (and its backward) is one subtract, one multiply, one add.
         if ctx.bn_mode == "running":
-            scale = torch.rsqrt(running_var + self.eps)
-            if self.weight is not None:
-                scale = scale * self.weight
-            shift = -running_mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias
+            scale, shift = running_scale_shift(self.weight, self.bias, self.eps, running_mean, running_var)
             return x * scale.reshape(shape) + shift.reshape(shape)
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dim=dims)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from export.kernels import FastHardswish, _bn_op, _conv_op, _depthwise_op, relu, window_max
-from export.layers import ExportBatchNorm, WindowMaxPool
+from export.layers import ExportBatchNorm, WindowMaxPool, running_scale_shift
 from export.rewrites import SliceConv2d, rewrite_layers
 
 # ----------------------------------------------------------------------------- layers
@@ -90,12 +90,7 @@ class CMBatchNorm(nn.Module):
         running_mean = ctx.buffers[2 * self.index]
         running_var = ctx.buffers[2 * self.index + 1]
         if ctx.bn_mode == "running":
-            scale = torch.rsqrt(running_var + self.eps)
-            if self.weight is not None:
-                scale = scale * self.weight
-            shift = -running_mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias
+            scale, shift = running_scale_shift(self.weight, self.bias, self.eps, running_mean, running_var)
             return (x2 * scale.reshape(c, 1) + shift.reshape(c, 1)).reshape(x.shape)
         weight = self.weight if self.weight is not None else x.new_ones(c)
         bias = self.bias if self.bias is not None else x.new_zeros(c)
