@@ -216,3 +216,34 @@ async def test_only_a_goodbye_ends_a_session_a_lost_or_odd_close_keeps_it(cloud_
 
     await session_then(vanish)
     assert cloud_server.stats.sessions_detached == 2 and len(cloud_server.stats.closed) == 1
+
+
+def test_fault_specs_parse_or_say_what_is_accepted():
+    from edge_sdk.emulation.faults import FaultSchedule, parse_faults
+
+    assert parse_faults("none") is None
+    assert parse_faults("cut@12,cut@3.5") == FaultSchedule(cuts=(3.5, 12.0))
+    every = parse_faults("every:2")
+    assert every is not None and [t for t, _ in zip(every.times(), range(3))] == [2.0, 4.0, 6.0]
+    rnd = parse_faults("random:5:7:10")
+    assert rnd is not None and len(rnd.cuts) == 5 and all(0 <= t < 10 for t in rnd.cuts)
+    assert rnd == parse_faults("random:5:7:10")  # reproducible from the seed
+    for bad in ("cut12", "every:0", "random:0:1", "blackhole@3"):
+        with pytest.raises(ValueError, match="expected none, cut@T"):
+            parse_faults(bad)
+
+
+@pytest.mark.slow
+def test_emulate_with_faults_survives_them_and_reports_each_drop(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "edge_sdk", "emulate", "--network", "wifi", "--device-slowdown", "4", "--point", "2"]
+    cmd += ["--epochs", "2", "--max-steps-per-epoch", "40", "--faults", "every:0.7", "--no-progress", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] == 80 and len(report["reconnects"]) >= 2, report["reconnects"]
+    assert "reconnecting in" in proc.stderr and "Traceback" not in proc.stderr

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from edge_sdk.emulation.faults import FaultSchedule, parse_faults
 from edge_sdk.train_cli import (
     add_training_arguments,
     config_from_args,
@@ -51,6 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"a named device profile instead of --device-slowdown: {devices.choices_text()} (default: none)",
     )
     g.add_argument("--report", metavar="DIR", help="folder for the JSON report and PNG plots (default: not written)")
+    g.add_argument(
+        "--faults",
+        default="none",
+        metavar="SPEC",
+        help="cut the connection to see the run survive it: cut@T[,cut@T...], every:S or random:N:SEED[:SPAN] "
+        "(seconds since the link came up) (default: %(default)s)",
+    )
     g.add_argument(
         "--threads",
         type=int,
@@ -117,10 +125,20 @@ def resolve_device(args: argparse.Namespace) -> tuple[float, int | None]:
 
 
 async def run_through_proxy(
-    cfg, network_spec: str, cloud_port: int, progress=None, setup=None, *, on_epoch=None, status=None, clients=None
+    cfg,
+    network_spec: str,
+    cloud_port: int,
+    progress=None,
+    setup=None,
+    *,
+    on_epoch=None,
+    status=None,
+    clients=None,
+    faults: FaultSchedule | None = None,
 ) -> object:
     """Train through a shaping proxy in front of the cloud at ``cloud_port``
-    (``clients``: a list the client is appended to, for a report if interrupted)."""
+    (``clients``: a list the client is appended to, for a report if interrupted;
+    ``faults``: when the proxy cuts the connection)."""
     from edge_sdk.client import EdgeClient
     from edge_sdk.emulation.network import parse_network
     from edge_sdk.emulation.proxy import ProxyThread
@@ -139,11 +157,11 @@ async def run_through_proxy(
     if clients is not None:
         clients.append(client)
     client.prepare()  # profile the device before the link exists
-    if network is None:
+    if network is None and faults is None:
         client.url = f"ws://127.0.0.1:{cloud_port}"
         return await client.run()
     # The link runs on its own thread and loop, so device compute never pauses it.
-    with ProxyThread(("127.0.0.1", cloud_port), network) as proxy:
+    with ProxyThread(("127.0.0.1", cloud_port), network, faults=faults) as proxy:
         client.url = f"ws://127.0.0.1:{proxy.port}"
         return await client.run()
 
@@ -164,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         from edge_sdk.emulation.network import parse_network
 
         parse_network(args.network)  # fail fast on a bad profile name or trace file
+        faults = parse_faults(args.faults)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -185,7 +204,15 @@ def run(args: argparse.Namespace) -> int:
                 setup = build_local(cfg)
                 with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
                     run = run_through_proxy(
-                        cfg, args.network, port, bar.update, setup, on_epoch=bar.epoch, status=bar.status, clients=clients
+                        cfg,
+                        args.network,
+                        port,
+                        bar.update,
+                        setup,
+                        on_epoch=bar.epoch,
+                        status=bar.status,
+                        clients=clients,
+                        faults=faults,
                     )
                     result = asyncio.run(run)
         except (TrainingError, EmulationError, ValueError) as exc:

@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 
+from edge_sdk.emulation.faults import FaultSchedule
 from edge_sdk.emulation.network import LinkProfile, Network, network_choices, parse_network
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,12 @@ class ShapingProxy:
         *,
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
+        faults: FaultSchedule | None = None,
     ) -> None:
         self.target = (target[0], int(target[1]))
+        self.faults = faults
+        self.cuts = 0  # faults carried out (`cut`)
+        self._fault_task: asyncio.Task[None] | None = None
         self.network = network
         self.listen_host = listen_host
         self._listen_port = listen_port
@@ -209,11 +214,21 @@ class ShapingProxy:
             self._timer = None
             raise
         self._t0 = loop.time()
+        if self.faults is not None:
+            self._fault_task = asyncio.create_task(self._run_faults(self.faults))
         return self
+
+    async def _run_faults(self, faults: FaultSchedule) -> None:
+        loop = asyncio.get_running_loop()
+        for at in faults.times():
+            await asyncio.sleep(max(0.0, self._t0 + at - loop.time()))
+            self.cut()
 
     async def close(self) -> None:
         """Stop listening and drop every open connection (without flushing)."""
         self._closing = True
+        if self._fault_task is not None:
+            self._fault_task.cancel()
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
@@ -237,6 +252,7 @@ class ShapingProxy:
         open_writers = list(self._writers)
         for writer in open_writers:
             writer.transport.abort()
+        self.cuts += 1
         return len(open_writers) // 2
 
     async def __aenter__(self) -> ShapingProxy:
