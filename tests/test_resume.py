@@ -228,9 +228,31 @@ def test_fault_specs_parse_or_say_what_is_accepted():
     rnd = parse_faults("random:5:7:10")
     assert rnd is not None and len(rnd.cuts) == 5 and all(0 <= t < 10 for t in rnd.cuts)
     assert rnd == parse_faults("random:5:7:10")  # reproducible from the seed
-    for bad in ("cut12", "every:0", "random:0:1", "blackhole@3"):
+    mixed = parse_faults("stall@4+1.5,cut@2")
+    assert mixed is not None and list(mixed.events()) == [(2.0, None), (4.0, 1.5)]
+    for bad in ("cut12", "every:0", "random:0:1", "blackhole@3", "stall@3", "stall@3+0"):
         with pytest.raises(ValueError, match="expected none, cut@T"):
             parse_faults(bad)
+
+
+async def test_a_stall_is_ridden_out_without_reconnecting(cloud_server):
+    """No delivery for 1.5 s, connections open (a radio fade): the steps wait and
+    go on; nothing is re-dialled, nothing lost."""
+    async with ShapingProxy(target=("127.0.0.1", cloud_server.port), network=PROFILES["wifi"]) as proxy:
+
+        def on_step(ev):
+            if ev.step == 10:
+                proxy.stall(1.5)
+
+        cfg = TrainConfig(**{**EXACT, "staleness": 2, "epochs": 3})
+        client = EdgeClient(f"ws://127.0.0.1:{proxy.port}", cfg, progress=on_step)
+        result = await asyncio.wait_for(client.run(), timeout=120)
+    assert proxy.stalls == 1 and proxy.cuts == 0
+    assert result.reconnects == [] and result.steps == 36
+    gaps = [b - a for a, b in zip(result.step_times, result.step_times[1:])]
+    assert max(gaps) >= 1.4  # the steps waited out the stall
+    (closed,) = cloud_server.stats.closed
+    assert closed["steps"] == 36
 
 
 @pytest.mark.slow

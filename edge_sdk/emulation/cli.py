@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--faults",
         default="none",
         metavar="SPEC",
-        help="cut the connection to see the run survive it: cut@T[,cut@T...], every:S or random:N:SEED[:SPAN] "
-        "(seconds since the link came up) (default: %(default)s)",
+        help="faults to see the run survive them: cut@T and stall@T+D (comma-separated), every:S (a cut every S "
+        "seconds) or random:N:SEED[:SPAN] (N cuts); seconds since the link came up (default: %(default)s)",
     )
     g.add_argument(
         "--threads",

@@ -185,7 +185,9 @@ class ShapingProxy:
     ) -> None:
         self.target = (target[0], int(target[1]))
         self.faults = faults
-        self.cuts = 0  # faults carried out (`cut`)
+        self.cuts = 0  # faults carried out (`cut`, `stall`)
+        self.stalls = 0
+        self._stalled_until = 0.0  # loop time: nothing is delivered before it
         self._fault_task: asyncio.Task[None] | None = None
         self.network = network
         self.listen_host = listen_host
@@ -220,9 +222,12 @@ class ShapingProxy:
 
     async def _run_faults(self, faults: FaultSchedule) -> None:
         loop = asyncio.get_running_loop()
-        for at in faults.times():
+        for at, stall_s in faults.events():
             await asyncio.sleep(max(0.0, self._t0 + at - loop.time()))
-            self.cut()
+            if stall_s is None:
+                self.cut()
+            else:
+                self.stall(stall_s)
 
     async def close(self) -> None:
         """Stop listening and drop every open connection (without flushing)."""
@@ -254,6 +259,20 @@ class ShapingProxy:
             writer.transport.abort()
         self.cuts += 1
         return len(open_writers) // 2
+
+    def stall(self, seconds: float) -> None:
+        """A fault: deliver nothing either way for ``seconds`` (a radio fade or a
+        blackholed route: over TCP the bytes arrive late, not never); connections
+        stay open, so a session should ride it out without reconnecting."""
+        loop = asyncio.get_running_loop()
+        self._stalled_until = max(self._stalled_until, loop.time() + seconds)
+        self.stalls += 1
+
+    async def _wait_unless_stalled(self) -> None:
+        wait = self._stalled_until - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+            await self._wait_unless_stalled()  # the stall may have been extended meanwhile
 
     async def __aenter__(self) -> ShapingProxy:
         return await self.start()
@@ -372,6 +391,7 @@ class ShapingProxy:
             data = await reader.read(READ_SIZE)
             if not data:
                 break
+            await self._wait_unless_stalled()
             writer.write(data)
             self._count(len(data), upstream)
             await writer.drain()
@@ -426,6 +446,7 @@ class ShapingProxy:
                 await pipe.has_data.wait()
                 continue
             await timer.sleep_until(pipe.queue[0][0])
+            await self._wait_unless_stalled()
             now = loop.time()
             batch: list[bytes] = []
             eof = False
