@@ -173,7 +173,6 @@ class CloudServer:
         self._attached: dict[int, ServerConnection] = {}  # session id -> its open connection
         self._released: dict[int, asyncio.Event] = {}  # set when that connection's serving ended
         self._expiry: dict[int, asyncio.TimerHandle] = {}  # detached session -> its TTL
-        self._taken_over: set[int] = set()  # sessions a resume took from a half-open connection
 
     def _count(self, *, sessions: int = 0, unauthenticated: int = 0) -> None:
         self.stats.sessions_active += sessions
@@ -305,9 +304,8 @@ class CloudServer:
             # it stopped answering pings, or a slow link made a ping late.
             close = ws.protocol.close_rcvd
             goodbye = close is not None and close.code == 1000 and ws.protocol.close_rcvd_then_sent
-            lost = not goodbye or sid in self._taken_over
-            self._taken_over.discard(sid)
-            if session.phase is not Phase.CLOSED and lost and self.config.session_ttl_s > 0:
+            # (a resume taking over aborts the old socket: no goodbye, so it is kept)
+            if session.phase is not Phase.CLOSED and not goodbye and self.config.session_ttl_s > 0:
                 self._detach(session)
             else:
                 self._free(session)
@@ -359,7 +357,6 @@ class CloudServer:
         old = self._attached.get(sid)
         if old is not None:
             log.info("session %d: the resume from %s takes over from the old connection", sid, _peer(ws))
-            self._taken_over.add(sid)
             old.transport.abort()  # it would not answer a closing handshake
             try:
                 await asyncio.wait_for(self._released[sid].wait(), 60)

@@ -51,7 +51,7 @@ from schemas import frames as fr
 from schemas.errors import WireError
 from schemas.transport import clear_text_token_warning
 
-__all__ = ["EdgeClient", "LinkCounters", "run_training"]
+__all__ = ["EdgeClient", "LinkCounters", "run_client", "run_training"]
 
 log = logging.getLogger("edge_sdk")
 
@@ -62,8 +62,6 @@ T = TypeVar("T")
 class LinkCounters:
     bytes_up: int = 0
     bytes_down: int = 0
-    frames_up: int = 0
-    frames_down: int = 0
 
 
 class EdgeClient:
@@ -180,7 +178,6 @@ class EdgeClient:
                 if isinstance(message, str):
                     continue
                 self.counters.bytes_down += len(message)
-                self.counters.frames_down += 1
                 recv_ns = time.monotonic_ns()
                 try:
                     await inbox.put(Received(fr.decode(message), recv_ns, len(message)))
@@ -199,7 +196,6 @@ class EdgeClient:
             while (data := await outbox.get()) is not None:
                 await ws.send(data)
                 self.counters.bytes_up += len(data)
-                self.counters.frames_up += 1
         except (ConnectionClosed, OSError) as exc:
             await inbox.put(Closed(f"connection to the cloud was lost while sending ({exc})"))
 
@@ -322,8 +318,14 @@ def _timed_on_cpu(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, f
 
 
 def run_training(url: str, cfg: TrainConfig, **kwargs: Any) -> TrainResult:
-    """Synchronous entry point (CLI, benchmarks)."""
+    """Synchronous entry point (benchmarks)."""
+    return run_client(EdgeClient(url, cfg, **kwargs))
+
+
+def run_client(client: EdgeClient) -> TrainResult:
+    """Run ``client`` to its end on a fresh event loop, torch seeded from its config
+    (the CLI keeps the client, to report on it if the run is stopped)."""
     import torch
 
-    torch.manual_seed(cfg.seed)
-    return asyncio.run(EdgeClient(url, cfg, **kwargs).run())
+    torch.manual_seed(client.cfg.seed)
+    return asyncio.run(client.run())

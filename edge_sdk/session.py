@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
@@ -225,11 +226,6 @@ class RunningMeans:
         return self.correct / self.count if self.count else float("nan")
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 class EdgeSession:
     """One training run of one device against one cloud, as a state machine.
 
@@ -261,7 +257,6 @@ class EdgeSession:
         #: a dropped link is survived (re-dial, resume) outside the handshake, a
         #: repartition and the goodbye, whose exchanges are not idempotent
         self._resumable = False
-        self.resumes = 0
         #: one entry per survived drop: step, reason, seconds without a link, steps re-sent
         self.reconnects: list[dict[str, Any]] = []
         #: step -> its Features frame, until the gradient is applied: what a resume re-sends
@@ -292,7 +287,6 @@ class EdgeSession:
         self.edge_busy_s = 0.0  # device time including emulated slowdown
         self.step_times: list[float] = []  # seconds since the run started, per applied step
         self.one_way_ms: dict[str, list[float]] = {"up": [], "down": []}
-        self.repartitions = 0
         self.last_migration: list[fr.Weights] = []  # the Weights frames of the latest repartition
         self.result: TrainResult | None = None  # the run's report, filled in as it goes
         #: applied steps per configuration ("p=2 int8 K=4": n), for the summary
@@ -310,6 +304,11 @@ class EdgeSession:
         self._means = RunningMeans()
         self._epoch = 0
         self._t_train = 0.0  # when training started (progress rate)
+
+    @property
+    def resumes(self) -> int:
+        """Drops survived so far; a wait compares it to tell that its request may be lost."""
+        return len(self.reconnects)
 
     # ----------------------------------------------------------- runtimes
     def make_runtime(self, point: int) -> HeadRuntime:
@@ -387,7 +386,6 @@ class EdgeSession:
         for step in sorted(self._unacked):
             self._sent[step] = yield from self._send(self._unacked[step])
         self._interval_reset = True  # the outage is not a step time
-        self.resumes += 1
         outage_s = (yield from self._now()) - t0
         self.reconnects.append(
             dict(
@@ -508,7 +506,7 @@ class EdgeSession:
                 )
             )
         if adapt:
-            yield from self._maybe_adapt()
+            yield from self._maybe_adapt(now)
 
     def drain(self, *, adapt: bool = True) -> Steps[None]:
         """Apply gradients until nothing is in flight."""
@@ -622,9 +620,9 @@ class EdgeSession:
         yield from self._request_context(padding=self._probe_bytes())
 
     # ------------------------------------------------------------ decisions
-    def _maybe_adapt(self) -> Steps[None]:
+    def _maybe_adapt(self, now: float) -> Steps[None]:
+        """Ask the engine, at run time ``now`` (the step's own reading), whether to switch."""
         step = self.pipeline.steps_applied
-        now = yield from self._now()
         if self.controller is None or not self.controller.due(step, now):
             return
         decision = self.controller.decide(step, self.tracker.snapshot(), now)
@@ -699,7 +697,6 @@ class EdgeSession:
             scaled=False,
         )
         self.runtime = self.pipeline.runtime
-        self.repartitions += 1
         self.last_migration = received
         return received
 
@@ -772,12 +769,12 @@ class EdgeSession:
             all_means.rtt_ms += means.rtt_ms
         steps = self.pipeline.steps_applied
         cloud = sum(all_means.cloud_ms) / len(all_means.cloud_ms) if all_means.cloud_ms else 0.0
-        rtt = _median(all_means.rtt_ms) if all_means.rtt_ms else 0.0
+        rtt = statistics.median_high(all_means.rtt_ms) if all_means.rtt_ms else 0.0
         result.stage_ms = {"edge": 1e3 * self.edge_busy_s / steps if steps else 0.0, "cloud": cloud}
         if self.one_way_ms["up"]:
             # medians: one-way time per frame including any queueing behind earlier frames
-            result.stage_ms["up"] = _median(self.one_way_ms["up"])
-            result.stage_ms["down"] = _median(self.one_way_ms["down"])
+            result.stage_ms["up"] = statistics.median_high(self.one_way_ms["up"])
+            result.stage_ms["down"] = statistics.median_high(self.one_way_ms["down"])
         result.stage_ms["round_trip"] = rtt
 
     def run(self, t_start: float, *, network: str = "none") -> Steps[TrainResult]:

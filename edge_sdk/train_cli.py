@@ -159,11 +159,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-
-    import torch
-
-    from edge_sdk.client import EdgeClient
+    from edge_sdk.client import EdgeClient, run_client
     from edge_sdk.progress import ProgressBar
     from edge_sdk.session import TrainingError
     from edge_sdk.training import build_local
@@ -176,8 +172,7 @@ def run(args: argparse.Namespace) -> int:
             setup = build_local(cfg)
             with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
                 client = EdgeClient(args.server, cfg, setup=setup, progress=bar.update, on_epoch=bar.epoch, status=bar.status)
-                torch.manual_seed(cfg.seed)
-                result = asyncio.run(client.run())
+                result = run_client(client)
         except (TrainingError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
