@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     s.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=None,
+        help="checkpoint each session here (tail weights, optimizer, counters, RNG; at points the device asks for) "
+        "and keep the resume-token key, so that after a crash or a restart with the same DIR devices resume "
+        "their sessions (default: none, sessions die with the process)",
+    )
+    s.add_argument(
         "--max-session-memory",
         type=int,
         default=DEFAULT_SESSION_BYTES >> 20,
@@ -161,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("TLS needs both --tls-cert and --tls-key")
     token = read_token(parser, args)
+    if args.state_dir is not None:
+        from cloud_backend.state_dir import StateDir
+
+        try:
+            StateDir(args.state_dir)
+        except ValueError as exc:
+            parser.error(str(exc))
     # one line per session (opened, refused and why, closed) at the default level;
     # -v adds each decision the server's sessions log; libraries stay at warnings
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -180,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         hello_timeout_s=args.hello_timeout,
         idle_timeout_s=args.idle_timeout,
         session_ttl_s=args.session_ttl,
+        state_dir=args.state_dir,
         max_session_bytes=args.max_session_memory << 20,
         max_frame_bytes=args.max_frame_bytes,
         context_every=args.context_every,

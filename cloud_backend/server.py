@@ -20,6 +20,9 @@ All protocol logic lives in `cloud_backend.session` (sans-I/O). This layer only
   (the network dropped, pings went unanswered) is *detached*: kept, with its slot,
   for ``session_ttl_s`` for its device to resume (``_resume``), then freed. Every
   other path out frees the slot (``try/finally``);
+* with ``state_dir``, writes each session's checkpoints when the session asks
+  (`CloudSession.pending_checkpoint`) and, after a restart, restores a session
+  from its checkpoint when its device resumes (`cloud_backend.state_dir`);
 * stamps outgoing envelopes with the send time for the device's bandwidth estimate.
 """
 
@@ -42,8 +45,22 @@ from websockets.frames import Frame as WsFrame
 from websockets.http11 import Request, Response
 
 from cloud_backend.session import DEFAULT_SESSION_BYTES, CloudSession, Phase, SessionConfig
+from cloud_backend.state_dir import StateDir
+from edge_sdk.checkpoints import CheckpointError
 from schemas.errors import ErrorCode, WireError
-from schemas.frames import MAX_FRAME_BYTES, Envelope, Error, Frame, Gradients, Hello, HelloAck, Limits, decode, encode
+from schemas.frames import (
+    MAX_FRAME_BYTES,
+    CheckpointAck,
+    Envelope,
+    Error,
+    Frame,
+    Gradients,
+    Hello,
+    HelloAck,
+    Limits,
+    decode,
+    encode,
+)
 from schemas.transport import is_loopback
 
 log = logging.getLogger("cloud_backend")
@@ -80,6 +97,8 @@ class ServerConfig:
     cloud_slowdown: float = 1.0
     #: a session whose connection dropped waits this long for its device to resume
     session_ttl_s: float = 600.0
+    #: checkpoints and the resume-token key live here, so sessions survive a restart
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
@@ -163,13 +182,17 @@ class CloudServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.stats = ServerStats()
-        self._ids = itertools.count(1)
         self._server: Server | None = None
         self._limits = Limits(max_frame_bytes=config.max_frame_bytes)
         self._idle = asyncio.Event()
         self._idle.set()
-        #: resume tokens are HMACs under this key (one per server process)
-        self._secret = secrets.token_bytes(32)
+        #: checkpoints and the resume-token key, kept across restarts (``--state-dir``)
+        self.state = StateDir(config.state_dir) if config.state_dir else None
+        #: resume tokens are HMACs under this key (per process, or kept in the state dir)
+        self._secret = self.state.secret() if self.state is not None else secrets.token_bytes(32)
+        #: sessions found on disk at start-up: freed after the TTL unless a device resumes them
+        self._on_disk = set(self.state.session_ids()) if self.state is not None else set()
+        self._ids = itertools.count(max(self._on_disk, default=0) + 1)
         self._attached: dict[int, ServerConnection] = {}  # session id -> its open connection
         self._released: dict[int, asyncio.Event] = {}  # set when that connection's serving ended
         self._expiry: dict[int, asyncio.TimerHandle] = {}  # detached session -> its TTL
@@ -232,6 +255,16 @@ class CloudServer:
             # time out on pongs queued behind frames we stopped reading on purpose.
             ping_interval=None,
         )
+        loop = asyncio.get_running_loop()
+        for sid in self._on_disk:
+            self._expiry[sid] = loop.call_later(cfg.session_ttl_s, self._expire, sid)
+        if self._on_disk:
+            log.info(
+                "%d session(s) in %s wait for their devices to resume (%g s)",
+                len(self._on_disk),
+                cfg.state_dir,
+                cfg.session_ttl_s,
+            )
 
     async def close(self) -> None:
         for handle in self._expiry.values():
@@ -311,9 +344,22 @@ class CloudServer:
                 self._free(session)
             released.set()
 
+    def _session_config(self) -> SessionConfig:
+        cfg = self.config
+        return SessionConfig(
+            token=cfg.token,
+            context_every=cfg.context_every,
+            max_session_bytes=cfg.max_session_bytes,
+            compute_slowdown=cfg.cloud_slowdown,
+            resume_secret=self._secret,
+            checkpoints=self.state is not None,
+        )
+
     def _free(self, session: CloudSession, *, attached: bool = True) -> None:
         sid = session.session_id
         self.stats.sessions.pop(sid, None)
+        if self.state is not None:
+            self.state.remove(sid)
         self._released.pop(sid, None)
         self.stats.closed.append({"session": sid, "steps": session.applied_steps, "last_step": session.last_step})
         log.info("session %d closed after %d train steps", sid, session.applied_steps)
@@ -333,6 +379,12 @@ class CloudServer:
     def _expire(self, sid: int) -> None:
         self._expiry.pop(sid, None)
         session = self.stats.sessions.get(sid)
+        if sid in self._on_disk:  # found on disk at start-up; no device came back for it
+            self._on_disk.discard(sid)
+            log.info("session %d (from the state dir) expired: no resume within %g s", sid, self.config.session_ttl_s)
+            if self.state is not None:
+                self.state.remove(sid)
+            return
         if session is None:
             return
         self.stats.sessions_detached -= 1
@@ -342,18 +394,74 @@ class CloudServer:
     async def _resume(self, ws: ServerConnection, conn_id: int, seq: itertools.count, hello: Hello) -> CloudSession:
         """Re-attach a device to its session (`CloudSession.resume` checks the tokens).
         If the old connection still looks alive here (the device saw the drop first:
-        half-open TCP), a valid resume takes over from it."""
+        half-open TCP), a valid resume takes over from it. A session this process
+        does not hold (the server restarted), or one whose device restarted from a
+        checkpoint (``resume_restart``), is restored from the state dir at the
+        device's checkpoint step: both sides roll back to it."""
         sid = hello.resume_session
         session = self.stats.sessions.get(sid)
-        if session is None:
+        candidate = session
+        if session is None or hello.resume_restart:
+            candidate = await self._restore(ws, conn_id, seq, hello)
+        assert candidate is not None
+        (reply,) = candidate.resume(hello)  # the tokens first: a wrong one touches nothing
+        if isinstance(reply, Error):
+            await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
+            raise _Refused
+        if session is not None:
+            await self._take_over(ws, conn_id, seq, session)
+            if candidate is not session:  # rolled back: the restored state replaces the live one
+                self.stats.sessions[sid] = candidate
+        else:
+            if self.stats.sessions_active + self.stats.sessions_detached >= self.config.max_sessions:
+                await self._refuse(
+                    ws,
+                    conn_id,
+                    seq,
+                    ErrorCode.SERVER_BUSY,
+                    f"server is at its limit of {self.config.max_sessions} sessions",
+                    1013,
+                )
+                raise _Refused
+            handle = self._expiry.pop(sid, None)
+            if handle is not None:
+                handle.cancel()
+            self._on_disk.discard(sid)
+            self.stats.sessions[sid] = candidate
+            self.stats.sessions_total += 1
+        self._count(sessions=1)
+        try:
+            # built now, after the old connection's last step finished: last_step is current
+            (reply,) = candidate.resume(hello)
+            if isinstance(reply, Error):
+                await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
+                raise _Refused
+            await self._send(ws, sid, seq, reply)
+            candidate.resumed()
+        except BaseException:
+            self._detach(candidate)  # dropped again at once: wait for the next resume, as before
+            raise
+        ws.protocol.max_message_size = self.config.max_frame_bytes  # only now: the tokens were right
+        log.info("session %d: %s (from %s)", sid, reply.message, _peer(ws))
+        return candidate
+
+    async def _restore(self, ws: ServerConnection, conn_id: int, seq: itertools.count, hello: Hello) -> CloudSession:
+        """The session of ``hello`` rebuilt from its checkpoint at ``hello.resume_step``."""
+        sid = hello.resume_session
+        if self.state is None or hello.resume_step < 0:
             await self._refuse(
                 ws, conn_id, seq, ErrorCode.PROTOCOL, f"session {sid} is unknown or expired; start a new run", 1008
             )
             raise _Refused
-        (reply,) = session.resume(hello)  # the tokens first: a wrong one touches nothing
-        if isinstance(reply, Error):
-            await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
-            raise _Refused
+        try:
+            return await asyncio.to_thread(self.state.restore, sid, hello.resume_step, self._session_config())
+        except CheckpointError as exc:
+            await self._refuse(ws, conn_id, seq, ErrorCode.PROTOCOL, f"{exc}; start a new run", 1008)
+            raise _Refused from None
+
+    async def _take_over(self, ws: ServerConnection, conn_id: int, seq: itertools.count, session: CloudSession) -> None:
+        """Detach ``session`` from its old connection, if any, and stop its TTL."""
+        sid = session.session_id
         old = self._attached.get(sid)
         if old is not None:
             log.info("session %d: the resume from %s takes over from the old connection", sid, _peer(ws))
@@ -369,20 +477,6 @@ class CloudServer:
             raise _Refused
         handle.cancel()
         self.stats.sessions_detached -= 1
-        self._count(sessions=1)
-        try:
-            # built now, after the old connection's last step finished: last_step is current
-            (reply,) = session.resume(hello)
-            if isinstance(reply, Error):
-                await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
-                raise _Refused
-            await self._send(ws, sid, seq, reply)
-        except BaseException:
-            self._detach(session)  # dropped again at once: wait for the next resume, as before
-            raise
-        ws.protocol.max_message_size = self.config.max_frame_bytes  # only now: the tokens were right
-        log.info("session %d resumed from %s after step %d", sid, _peer(ws), session.last_step)
-        return session
 
     async def _admit(self, ws: ServerConnection, session_id: int, seq: itertools.count) -> CloudSession:
         """Wait for an acceptable Hello; return the session holding a slot, or raise `_Refused`."""
@@ -407,16 +501,7 @@ class CloudServer:
                 raise _Refused from None
             if hello.resume_session:
                 return await self._resume(ws, session_id, seq, hello)
-            session = CloudSession(
-                session_id,
-                SessionConfig(
-                    token=cfg.token,
-                    context_every=cfg.context_every,
-                    max_session_bytes=cfg.max_session_bytes,
-                    compute_slowdown=cfg.cloud_slowdown,
-                    resume_secret=self._secret,
-                ),
-            )
+            session = CloudSession(session_id, self._session_config())
             try:
                 session.authenticate(hello)
             except WireError as exc:
@@ -551,6 +636,24 @@ class CloudServer:
                 if isinstance(reply, Gradients):
                     await asyncio.sleep(reply.cloud_ms * (1.0 - 1.0 / s) / 1e3)
 
+    async def _save_checkpoint(self, session: CloudSession, replies: list[Frame]) -> list[Frame]:
+        """Write the checkpoint the session asked for, before its ack goes out; a
+        failed write (disk full) turns the ack into ``saved=False`` with the reason."""
+        assert session.pending_checkpoint is not None and self.state is not None
+        (step, tensors, manifest), session.pending_checkpoint = session.pending_checkpoint, None
+        try:
+            saved = await asyncio.to_thread(self.state.store(session.session_id).save, step, tensors, manifest)
+        except OSError as exc:
+            log.warning("session %d: checkpoint of step %d not written: %s", session.session_id, step, exc)
+            return [
+                CheckpointAck(step=step, saved=False, message=f"the cloud could not write its checkpoint: {exc}")
+                if isinstance(r, CheckpointAck)
+                else r
+                for r in replies
+            ]
+        log.debug("session %d: checkpoint of step %d, %d bytes in %.3f s", session.session_id, step, saved.nbytes, saved.seconds)
+        return replies
+
     async def _work(self, ws: ServerConnection, session: CloudSession, inbox: asyncio.Queue, seq: itertools.count) -> None:
         """Apply frames in arrival order, one at a time, off the event loop."""
         while True:
@@ -561,6 +664,8 @@ class CloudServer:
             session.queue_depth = inbox.qsize()
             replies = await asyncio.to_thread(session.handle, envelope.frame, recv_ns=recv_ns)
             await self._emulate_slower_compute(session, replies)
+            if session.pending_checkpoint is not None:
+                replies = await self._save_checkpoint(session, replies)
             try:
                 for reply in replies:
                     await self._send(ws, session.session_id, seq, reply)

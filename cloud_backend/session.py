@@ -12,6 +12,7 @@ seen is answered from a reply cache and never applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -20,8 +21,9 @@ import re
 import secrets
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -41,6 +43,7 @@ from cloud_backend.validation import (
     reply_cache_bytes,
 )
 from edge_sdk import zoo
+from edge_sdk.checkpoints import flatten_optimizer_state, split_state, unflatten_optimizer_state
 from edge_sdk.context import ComputeEstimator
 from edge_sdk.migration import (
     StateAssembler,
@@ -59,6 +62,8 @@ from schemas.errors import ErrorCode, WireError
 from schemas.frames import (
     MAX_PADDING,
     Bye,
+    Checkpoint,
+    CheckpointAck,
     Context,
     EpochEnd,
     Error,
@@ -105,6 +110,14 @@ class SessionConfig:
     #: resume tokens are HMACs of the session id under this key (the server's
     #: secret); empty: a random key per session
     resume_secret: bytes = b""
+    #: the server saves this session's checkpoints (``serve --state-dir``)
+    checkpoints: bool = False
+    #: the tail's dropout draws from the process's global RNG instead of the
+    #: session's own stream: only for in-process comparisons, where device and
+    #: cloud then share one stream and a K=0 split is bit-for-bit centralized
+    #: training (a server keeps one stream per session, so a restored session
+    #: draws what the original would have, whatever other sessions do)
+    shared_rng: bool = False
 
     @property
     def reply_cache_cap(self) -> int:
@@ -144,6 +157,14 @@ class CloudSession:
         self._incoming_refused = 0
         #: (step, point) of the latest repartitions (bounded: a peer may send many)
         self.partition_history: deque[tuple[int, int]] = deque(maxlen=1024)
+        self.hello: Hello | None = None  # the accepted Hello (what a restore rebuilds the model from)
+        #: this session's torch RNG (the tail's dropout): its own stream, so a restored
+        #: session draws what the original would have, whatever other sessions do
+        self.rng_state: torch.Tensor | None = None
+        #: work for the transport: (step, tensors, manifest) to save before the CheckpointAck goes out
+        self.pending_checkpoint: tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None = None
+        #: set by `restore`: the step the first resume rolls back to
+        self.restored_step = -1
 
     # ------------------------------------------------------------------ entry
     def handle(self, frame: Frame, *, recv_ns: int = 0) -> list[Frame]:
@@ -209,6 +230,8 @@ class CloudSession:
             return self._on_weights(frame)
         if isinstance(frame, Repartition):
             return self._on_repartition(frame)
+        if isinstance(frame, Checkpoint):
+            return self._on_checkpoint(frame)
         if isinstance(frame, Bye):
             self.phase = Phase.CLOSED
             return []
@@ -261,6 +284,8 @@ class CloudSession:
         self.plan = plan
         self.batch_size = hello.batch_size
         self.optimizer_config = opt_cfg
+        self.hello = replace(hello, token="", resume_token="", resume_session=0, resume_step=-1, resume_restart=False)
+        self.rng_state = torch.Generator().manual_seed(hello.seed).get_state()
         self._set_point(hello.point)
         self.phase = Phase.TRAINING
         return [self._ack(hello, f"tail blocks [{self.point}, {self.spec.model.num_blocks}) of {self.spec.name}")]
@@ -276,9 +301,11 @@ class CloudSession:
             resume_token=self.resume_token,
             resumed=resumed,
             last_step=self.last_step if resumed else -1,
+            restored_step=self.restored_step if resumed else -1,
+            checkpoints=self.config.checkpoints,
         )
 
-    def resume(self, hello: Hello) -> list[Frame]:
+    def resume(self, hello: Hello) -> list[HelloAck | Error]:
         """Re-attach a device whose connection dropped: it must present the server's
         token, this session's resume token (both compared in constant time) and the
         same model. The answer says the newest step applied; the device re-sends
@@ -295,7 +322,88 @@ class CloudSession:
                 raise WireError(ErrorCode.MODEL_MISMATCH, f"session {self.session_id} trains another model or batch size")
         except WireError as exc:
             return [Error(code=exc.code, message=exc.message, step=-1)]
-        return [self._ack(hello, f"resumed session {self.session_id} after step {self.last_step}", resumed=True)]
+        if self.restored_step >= 0:
+            what = f"restored session {self.session_id} from its checkpoint of step {self.restored_step}"
+        else:
+            what = f"resumed session {self.session_id} after step {self.last_step}"
+        return [self._ack(hello, what, resumed=True)]
+
+    def resumed(self) -> None:
+        """The resume answer went out: a later resume carries on live, no roll back."""
+        self.restored_step = -1
+
+    # ------------------------------------------------------------ checkpoints
+    def _on_checkpoint(self, frame: Checkpoint) -> list[Frame]:
+        """The device drained and asks both sides to save at ``frame.step``.
+
+        The save itself is the transport's I/O: this only checks the point is
+        consistent and hands the state over (`pending_checkpoint`)."""
+        if frame.step <= self.last_step:
+            raise WireError(ErrorCode.PROTOCOL, f"checkpoint at step {frame.step}, but step {self.last_step} is applied already")
+        if self._incoming is not None:
+            raise WireError(ErrorCode.PROTOCOL, "checkpoint in the middle of a repartition")
+        if not self.config.checkpoints:
+            return [CheckpointAck(step=frame.step, saved=False, message="this cloud keeps no checkpoints (serve --state-dir)")]
+        tensors, manifest = self.checkpoint_state()
+        self.pending_checkpoint = (frame.step, tensors, manifest)
+        return [CheckpointAck(step=frame.step, saved=True, message=f"session {self.session_id} saved at step {frame.step}")]
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything `restore` needs: the tail's weights, buffers and optimizer
+        state, this session's RNG, the counters and the Hello it started from.
+
+        The reply cache is left out on purpose: a checkpoint is taken with nothing
+        in flight, so every cached reply has been applied by the device already and
+        a roll back never asks for one."""
+        assert self.spec is not None and self.hello is not None and self.rng_state is not None
+        blocks = range(self.point, self.spec.model.num_blocks)
+        params, buffers = named_tensors(self.spec.model, blocks)
+        tensors: dict[str, torch.Tensor] = {f"param/{n}": t for n, t in params.items()}
+        tensors |= {f"buffer/{n}": t for n, t in buffers.items()}
+        tensors |= flatten_optimizer_state(optimizer_state_by_name(self.optimizer, params))
+        tensors["rng"] = self.rng_state
+        manifest = dict(
+            session=self.session_id,
+            hello=asdict(self.hello),
+            point=self.point,
+            last_step=self.last_step,
+            applied_steps=self.applied_steps,
+            partition_history=list(self.partition_history),
+        )
+        return tensors, manifest
+
+    @classmethod
+    def restore(
+        cls, session_id: int, config: SessionConfig, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
+    ) -> CloudSession:
+        """A session rebuilt from its checkpoint (after a server restart, or to roll
+        back for a device that restarted from the same step)."""
+        session = cls(session_id, config)
+        # the token is not saved: the device presents it again, `resume` checks it
+        hello = replace(Hello(**manifest["hello"]), token=config.token or "")
+        try:
+            session._on_hello(hello)  # the same checks and model build as the first time
+        except WireError as exc:
+            raise ValueError(f"the checkpoint of session {session_id} no longer builds here: {exc.message}") from None
+        assert session.spec is not None
+        model = session.spec.model
+        session._set_point(int(manifest["point"]))
+        params, buffers = named_tensors(model, range(session.point, model.num_blocks))
+        with torch.no_grad():
+            for kind, named in (("param", params), ("buffer", buffers)):
+                saved = split_state(tensors, kind)
+                if set(saved) != set(named):
+                    raise ValueError(f"checkpoint of session {session_id} holds other {kind}s than its model")
+                for name, t in named.items():
+                    t.copy_(saved[name])
+        if session.optimizer is not None:
+            install_optimizer_state(session.optimizer, params, unflatten_optimizer_state(tensors))
+        session.rng_state = tensors["rng"].clone()
+        session.last_step = int(manifest["last_step"])
+        session.applied_steps = int(manifest["applied_steps"])
+        session.partition_history.extend((int(s), int(p)) for s, p in manifest["partition_history"])
+        session.restored_step = int(manifest["step"])
+        return session
 
     def _check_cut(self, plan: ModelPlan, point: int) -> None:
         model = plan.spec.model
@@ -373,7 +481,11 @@ class CloudSession:
             b.train(True)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-        out = self._forward(feats, timed=True)
+        with contextlib.nullcontext() if self.config.shared_rng else torch.random.fork_rng(devices=[]):
+            if self.rng_state is not None and not self.config.shared_rng:
+                torch.set_rng_state(self.rng_state)
+            out = self._forward(feats, timed=True)
+            rng_after = torch.get_rng_state()
         loss, correct = self.spec.loss(out, labels)
         loss.backward()
         grad = feats.grad if feats.grad is not None else torch.zeros_like(feats, dtype=torch.float32)
@@ -396,6 +508,7 @@ class CloudSession:
         if self.optimizer is not None:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
+        self.rng_state = rng_after
         grad_frame, _ = codecs.encode_tensor(grad, grad_codec)
         cloud_ms = (time.perf_counter() - t0) * 1e3 * self.config.compute_slowdown
         self.step_ms.observe(cloud_ms)

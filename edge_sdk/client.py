@@ -29,6 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from edge_sdk.decision.setup import build_controller, initial_choice, is_adaptive
+from edge_sdk.device_checkpoint import DeviceCheckpoint
 from edge_sdk.session import (
     Closed,
     Command,
@@ -85,8 +86,10 @@ class EdgeClient:
         status: Callable[[str], None] | None = None,
         network: str = "none",
         shared_clock: bool = False,
+        resume_from: DeviceCheckpoint | None = None,
     ) -> None:
         self.url = url
+        self.resume_from = resume_from
         self.cfg = cfg
         self.setup = session.setup if session is not None else setup or build_local(cfg)
         self.session = session
@@ -121,6 +124,7 @@ class EdgeClient:
                 progress=self.progress,
                 on_epoch=self.on_epoch,
                 shared_clock=self.shared_clock,
+                resume_from=self.resume_from,
             )
             self.prepare_s = time.perf_counter() - t0
         return self.session
@@ -283,8 +287,10 @@ class EdgeClient:
         t0 = time.perf_counter()
         self.status(f"connecting to {self.url}" + ("; then probing the link" if session.controller is not None else ""))
         self._attach(await self._connect())
+        finished = False
         try:
             result = await self._drive(session.run(t0, network=self.network))
+            finished = True
             await self._outbox.put(None)
             await self._tasks[1]  # the writer: everything queued (the Bye) has gone out
             while not self._inbox.empty():  # nothing reads it any more
@@ -292,7 +298,11 @@ class EdgeClient:
                     log.warning("the link dropped at the very end: the cloud keeps the session until its TTL expires")
                     break
         finally:
-            await self._hang_up()
+            # A run stopped with a checkpoint held leaves without a goodbye: the cloud
+            # keeps the session (and its checkpoints) for --resume.
+            await self._hang_up(goodbye=finished or session.checkpoint is None)
+        if session.checkpoint_store is not None:
+            session.checkpoint_store.remove()  # the run is over: nothing to resume
         result.wall_s = time.perf_counter() - t0
         result.prepare_s = self.prepare_s
         result.bytes_up = self.counters.bytes_up

@@ -345,6 +345,28 @@ class EdgePipeline:
         if self.optimizer is not None and optimizer_state:
             install_optimizer_state(self.optimizer, named, optimizer_state)
 
+    def roll_back(
+        self,
+        runtime: HeadRuntime,
+        *,
+        point: int,
+        codec: str,
+        staleness: int,
+        next_step: int,
+        steps_applied: int,
+        updates: int,
+        optimizer_state: dict[str, dict[str, torch.Tensor]],
+    ) -> None:
+        """Return to a checkpoint: the steps in flight are abandoned (both sides go
+        back to ``next_step``, where nothing was in flight), the head is
+        ``runtime`` (holding the checkpoint's weights) with its optimizer state."""
+        self.window = ReplayWindow(staleness)
+        self._updates_at_start.clear()
+        self.switch(runtime, point=point, codec=codec, staleness=staleness, optimizer_state=optimizer_state)
+        self.window.next_step = next_step
+        self.steps_applied = steps_applied
+        self.updates = updates
+
     def optimizer_state_by_name(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per-parameter optimizer state keyed by full parameter name."""
         return optimizer_state_by_name(self.optimizer, self.runtime.named_parameters())

@@ -34,18 +34,21 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, TypeVar
 
 import torch
 
 from edge_sdk import repartition
+from edge_sdk.checkpoints import CheckpointStore, unflatten_optimizer_state
 from edge_sdk.context import ContextTracker, LinkChangeDetector
 from edge_sdk.decision.controller import DecisionController
 from edge_sdk.decision.cost_model import Choice
 from edge_sdk.decision.setup import initial_choice
+from edge_sdk.device_checkpoint import SECRET_FIELDS, DeviceCheckpoint
 from edge_sdk.hello import hello_frame
+from edge_sdk.migration import named_tensors
 from edge_sdk.pipeline import EdgePipeline, StepResult
 from edge_sdk.runtime import EagerRuntime, HeadRuntime, load_runtime
 from edge_sdk.training import LocalSetup, TrainConfig, TrainResult
@@ -65,6 +68,15 @@ INITIAL_PROBES = 14
 
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message is meant for the user as is."""
+
+
+class RolledBack(Exception):
+    """Both sides went back to the device's checkpoint (the cloud restarted from
+    its own): the run carries on from that checkpoint's position in the data."""
+
+    def __init__(self, checkpoint: DeviceCheckpoint) -> None:
+        super().__init__(f"rolled back to step {checkpoint.step}")
+        self.checkpoint = checkpoint
 
 
 # ------------------------------------------------------------------ commands
@@ -246,6 +258,7 @@ class EdgeSession:
         progress: Callable[[ProgressEvent], None] | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         shared_clock: bool = False,
+        resume_from: DeviceCheckpoint | None = None,
     ) -> None:
         self.cfg = cfg
         self.setup = setup
@@ -261,6 +274,17 @@ class EdgeSession:
         self.reconnects: list[dict[str, Any]] = []
         #: step -> its Features frame, until the gradient is applied: what a resume re-sends
         self._unacked: dict[int, fr.Features] = {}
+        #: the cloud keeps checkpoints (HelloAck): agree on them at epoch ends and every N steps
+        self._checkpointing = False
+        #: the newest checkpoint both sides hold (in memory; on disk too with --checkpoint-dir)
+        self.checkpoint: DeviceCheckpoint | None = None
+        #: a device checkpoint to carry on from (``--resume``): the process that made it died
+        self.resume_from = resume_from
+        self.checkpoint_store = CheckpointStore(cfg.checkpoint_dir, keep=1) if cfg.checkpoint_dir else None
+        #: checkpoints agreed so far, and what the device's own writes cost
+        self.checkpoint_stats: dict[str, Any] = dict(saved=0, step=-1, bytes=0, write_s=0.0)
+        #: one entry per roll back to a checkpoint: from which step, to which, why
+        self.rollbacks: list[dict[str, Any]] = []
         self.choice = initial_choice(cfg, setup)
         self.controller = controller
         if controller is not None:
@@ -289,6 +313,7 @@ class EdgeSession:
         self.one_way_ms: dict[str, list[float]] = {"up": [], "down": []}
         self.last_migration: list[fr.Weights] = []  # the Weights frames of the latest repartition
         self.result: TrainResult | None = None  # the run's report, filled in as it goes
+        self.trained_choice = self.choice  # the configuration at the end of the epochs
         #: applied steps per configuration ("p=2 int8 K=4": n), for the summary
         self.steps_by_choice: dict[str, int] = {}
         self._t_run = 0.0  # the run's time base (transport clock at its start)
@@ -368,21 +393,21 @@ class EdgeSession:
             first = False
             if isinstance(got, Closed):
                 raise TrainingError(f"{reason}; gave up reconnecting: {got.reason}")
-            hello = replace(self.hello(), resume_session=self.session_id, resume_token=self.resume_token)
-            yield from self._send(hello)
-            reply = yield Receive(True)
-            if isinstance(reply, Closed):
-                reason = reply.reason  # dropped again at once: dial again
+            got_ack = yield from self._resume_hello(reason, restart=False)
+            if isinstance(got_ack, Closed):
+                reason = got_ack.reason  # dropped again at once: dial again
                 continue
-            assert isinstance(reply, Received)
-            self._last_recv = (reply.envelope.sent_ns, reply.recv_ns, reply.nbytes)
-            ack = reply.envelope.frame
-            if isinstance(ack, fr.Error):
-                raise TrainingError(f"{reason}; the cloud refused to resume: {ack.message} ({ack.code.name})")
-            if not isinstance(ack, fr.HelloAck) or not ack.resumed:
-                raise TrainingError(f"{reason}; the cloud answered the resume with {type(ack).__name__}")
+            ack = got_ack
             break
         self._context_requests.clear()  # their answers went down with the old link
+        if ack.restored_step >= 0:  # the cloud restarted: both sides go back to the checkpoint
+            assert self.checkpoint is not None  # _resume_hello checked the step is ours
+            outage_s = (yield from self._now()) - t0
+            self.reconnects.append(
+                dict(step=self.pipeline.next_step, reason=reason, outage_s=outage_s, resent=0, cloud_last_step=ack.last_step)
+            )
+            self._note_rollback(self.checkpoint, reason)
+            raise RolledBack(self.checkpoint)
         for step in sorted(self._unacked):
             self._sent[step] = yield from self._send(self._unacked[step])
         self._interval_reset = True  # the outage is not a step time
@@ -397,6 +422,163 @@ class EdgeSession:
             )
         )
         log.info("resumed after %.2f s (%s); re-sent %d steps", outage_s, reason, len(self._unacked))
+
+    def _resume_hello(self, reason: str, *, restart: bool) -> Steps[fr.HelloAck | Closed]:
+        """Present the session's resume token (and the newest checkpoint held) on a
+        fresh connection; the cloud's answer, or `Closed` if this link dropped too.
+        ``restart``: this process carries on from that checkpoint (the one that
+        made it died), so the cloud must roll back to it."""
+        held = self.checkpoint.step if self.checkpoint is not None else -1
+        hello = replace(
+            self.hello(),
+            resume_session=self.session_id,
+            resume_token=self.resume_token,
+            resume_step=held,
+            resume_restart=restart,
+        )
+        yield from self._send(hello)
+        reply = yield Receive(True)
+        if isinstance(reply, Closed):
+            return reply
+        assert isinstance(reply, Received)
+        self._last_recv = (reply.envelope.sent_ns, reply.recv_ns, reply.nbytes)
+        ack = reply.envelope.frame
+        if isinstance(ack, fr.Error):
+            raise TrainingError(f"{reason}; the cloud refused to resume: {ack.message} ({ack.code.name})")
+        if not isinstance(ack, fr.HelloAck) or not ack.resumed:
+            raise TrainingError(f"{reason}; the cloud answered the resume with {type(ack).__name__}")
+        if ack.restored_step >= 0 and ack.restored_step != held:
+            raise TrainingError(f"{reason}; the cloud restored step {ack.restored_step}, the device holds step {held}")
+        if restart and ack.restored_step != held:
+            raise TrainingError(f"{reason}; the cloud did not roll back to the device's checkpoint of step {held}")
+        self._checkpointing = ack.checkpoints
+        return ack
+
+    # --------------------------------------------------------- checkpoints
+    def _checkpoint(self, epoch: int, batch: int) -> Steps[None]:
+        """Agree a checkpoint with the cloud at the next step: drain, ask the cloud to
+        save, and keep the device's state only once it did (so the cloud always holds
+        the device's newest). ``epoch``/``batch``: the next batch to train."""
+        if not self._checkpointing:
+            return
+        yield from self.drain(adapt=False)
+        step = self.pipeline.next_step
+        while True:
+            resumes = self.resumes
+            yield from self._send(fr.Checkpoint(step=step, epoch=epoch))
+            ack: fr.CheckpointAck | None = None
+            while ack is None and self.resumes == resumes:  # a resume lost the request: ask again
+                frame = yield from self._receive()
+                if isinstance(frame, fr.CheckpointAck) and frame.step == step:
+                    ack = frame
+                elif frame is not None:
+                    yield from self._apply(frame)
+            if ack is not None:
+                break
+        if not ack.saved:
+            log.warning("step %d: no checkpoint: %s", step, ack.message)
+            return
+        self.checkpoint = self._capture(step, epoch, batch)
+        self.checkpoint_stats["saved"] += 1
+        self.checkpoint_stats["step"] = step
+        if self.checkpoint_store is not None:
+            nbytes, seconds = yield from self._compute(self.checkpoint.save, self.checkpoint_store, train=False, scaled=False)
+            self.checkpoint_stats["bytes"] = nbytes
+            self.checkpoint_stats["write_s"] += seconds
+
+    def _capture(self, step: int, epoch: int, batch: int) -> DeviceCheckpoint:
+        self.sync_head_to_model()
+        model = self.setup.spec.model
+        point = self.pipeline.point
+        params, buffers = named_tensors(model, range(point))
+        result = self.result or TrainResult()
+        config = {k: v for k, v in asdict(self.cfg).items() if k not in SECRET_FIELDS}
+        guard = self.pipeline.guard
+        manifest = dict(
+            session=self.session_id,
+            resume_token=self.resume_token,
+            config=config,
+            point=point,
+            codec=self.pipeline.codec.label,
+            staleness=self.pipeline.staleness,
+            steps_applied=self.pipeline.steps_applied,
+            updates=self.pipeline.updates,
+            guard=None if guard is None else dict(seen=guard._seen, threshold=guard.threshold, clipped=guard.clipped),
+            means=dict(loss_sum=self._means.loss_sum, correct=self._means.correct, count=self._means.count),
+            history=list(result.history),
+            timeline=list(result.timeline),
+            train_s=result.train_s,
+            steps_by_choice=dict(self.steps_by_choice),
+            step_times=list(self.step_times),
+        )
+        return DeviceCheckpoint.capture(
+            step=step,
+            epoch=epoch,
+            batch=batch,
+            head={**params, **buffers},
+            optimizer_state=self.pipeline.optimizer_state_by_name(),
+            manifest=manifest,
+        )
+
+    def _roll_back(self, checkpoint: DeviceCheckpoint) -> None:
+        """Put the device back where ``checkpoint`` was taken: head, optimizer,
+        counters, RNG and the run's records; what was in flight is abandoned
+        (the cloud went back to the same step)."""
+        m = checkpoint.manifest
+        model = self.setup.spec.model
+        state = model.state_dict()
+        with torch.no_grad():
+            for name, t in checkpoint.head.items():
+                state[name].copy_(t)
+        point = int(m["point"])
+        moved = point != self.pipeline.point
+        runtime = self.make_runtime(point)
+        self.pipeline.roll_back(
+            runtime,
+            point=point,
+            codec=str(m["codec"]),
+            staleness=int(m["staleness"]),
+            next_step=checkpoint.step,
+            steps_applied=int(m["steps_applied"]),
+            updates=int(m["updates"]),
+            optimizer_state=unflatten_optimizer_state(checkpoint.tensors),
+        )
+        self.runtime = runtime
+        guard = self.pipeline.guard
+        if guard is not None and m.get("guard") is not None:
+            guard._seen = list(m["guard"]["seen"])
+            guard.threshold = m["guard"]["threshold"]
+            guard.clipped = int(m["guard"]["clipped"])
+        torch.set_rng_state(checkpoint.tensors["rng"])
+        self.choice = Choice(point, str(m["codec"]), int(m["staleness"]))
+        if self.controller is not None:
+            self.controller.current = self.choice
+            self.controller.switched(self.pipeline.steps_applied)
+        if moved:
+            self.tracker.reset_compute()
+        self._unacked.clear()
+        self._sent.clear()
+        self._step_compute.clear()
+        self._context_requests.clear()
+        means = m["means"]
+        self._means = RunningMeans(loss_sum=float(means["loss_sum"]), correct=int(means["correct"]), count=int(means["count"]))
+        if self.result is not None:
+            self.result.history = list(m["history"])
+            self.result.timeline = list(m["timeline"])
+        self.steps_by_choice = dict(m["steps_by_choice"])
+        self.step_times = list(m["step_times"])
+        self.tracker.reset_step_interval()
+        self._interval_reset = True
+
+    def _note_rollback(self, checkpoint: DeviceCheckpoint, reason: str) -> None:
+        self.rollbacks.append(dict(from_step=self.pipeline.next_step, to_step=checkpoint.step, reason=reason))
+        log.warning(
+            "the cloud restarted from its checkpoint: rolled back from step %d to step %d (epoch %d, batch %d)",
+            self.pipeline.next_step,
+            checkpoint.step,
+            checkpoint.epoch + 1,
+            checkpoint.batch,
+        )
 
     def _compute(self, fn: Callable[..., T], *args: Any, train: bool = True, scaled: bool = True, **kwargs: Any) -> Steps[T]:
         done: Computed = yield Compute(fn, args, kwargs, scaled)
@@ -427,6 +609,12 @@ class EdgeSession:
             raise TrainingError(f"cloud did not accept the session: {getattr(frame, 'message', type(frame).__name__)}")
         self.session_id = frame.session
         self.resume_token = frame.resume_token
+        self._checkpointing = frame.checkpoints
+        if self.checkpoint_store is not None and not frame.checkpoints:
+            log.warning(
+                "warning: the cloud keeps no checkpoints (start it with `serve --state-dir`), so nothing is saved "
+                "to --checkpoint-dir and this run cannot be resumed after a crash"
+            )
 
     def _apply(self, frame: fr.Frame | None, *, adapt: bool = True) -> Steps[StepResult | None]:
         """Act on one frame from the cloud; a Gradients frame completes its step."""
@@ -719,14 +907,54 @@ class EdgeSession:
                     return frame
 
     # ------------------------------------------------------------- the run
-    def _train(self, result: TrainResult) -> Steps[None]:
+    def _train(self, result: TrainResult, start: DeviceCheckpoint | None = None) -> Steps[None]:
+        """The epochs (from ``start``'s position when carrying on from a checkpoint)
+        and, with ``--save-model``, bringing the model home. A cloud that restarts
+        rolls both sides back to the newest checkpoint (`RolledBack`), and the
+        epochs go on from there."""
         self._t_train = yield from self._now()
-        all_means = RunningMeans()
-        for epoch in range(self.cfg.epochs):
-            self._means = RunningMeans()
+        self._t_epoch = self._t_train
+        self._all_means = RunningMeans()
+        if start is None:
+            # step 0: a cloud that restarts before the first epoch ends has something to go back to
+            yield from self._checkpoint(0, 0)
+        position = (start.epoch, start.batch) if start is not None else (0, 0)
+        while True:
+            try:
+                yield from self._epochs(result, *position)
+                self.trained_choice = self.choice  # what trained (collecting the model moves the cut)
+                if self.cfg.save_model:
+                    yield from self.collect_model()
+                break
+            except RolledBack as back:
+                result.train_s += (yield from self._now()) - self._t_epoch
+                self._roll_back(back.checkpoint)
+                position = (back.checkpoint.epoch, back.checkpoint.batch)
+        steps = self.pipeline.steps_applied
+        all_means = self._all_means
+        cloud = sum(all_means.cloud_ms) / len(all_means.cloud_ms) if all_means.cloud_ms else 0.0
+        rtt = statistics.median_high(all_means.rtt_ms) if all_means.rtt_ms else 0.0
+        result.stage_ms = {"edge": 1e3 * self.edge_busy_s / steps if steps else 0.0, "cloud": cloud}
+        if self.one_way_ms["up"]:
+            # medians: one-way time per frame including any queueing behind earlier frames
+            result.stage_ms["up"] = statistics.median_high(self.one_way_ms["up"])
+            result.stage_ms["down"] = statistics.median_high(self.one_way_ms["down"])
+        result.stage_ms["round_trip"] = rtt
+
+    def _epochs(self, result: TrainResult, first_epoch: int, first_batch: int) -> Steps[None]:
+        """Epochs ``first_epoch``.. to the end, the first from batch ``first_batch``
+        (the batch order is a function of seed and epoch, so a resumed epoch sees the
+        batches the interrupted one would have)."""
+        every = self.cfg.checkpoint_every
+        for epoch in range(first_epoch, self.cfg.epochs):
+            skip = first_batch if epoch == first_epoch else 0
+            if not skip:
+                self._means = RunningMeans()  # (a resumed epoch goes on with its checkpoint's means)
             self._interval_reset = True  # evaluation and the epoch's drain are not a step
-            t_epoch = yield from self._now()
+            self._t_epoch = t_epoch = yield from self._now()
             for i, (x, y) in enumerate(self.setup.train_loader(self.cfg, epoch)):
+                if i < skip:
+                    continue
                 if self.cfg.max_steps_per_epoch is not None and i >= self.cfg.max_steps_per_epoch:
                     break
                 if self.cfg.max_train_s is not None:
@@ -734,9 +962,12 @@ class EdgeSession:
                     if result.train_s + now - t_epoch > self.cfg.max_train_s:
                         result.stopped_early = True
                         break
+                if every and i > skip and self.pipeline.next_step - max(0, self.checkpoint_stats["step"]) >= every:
+                    yield from self._checkpoint(epoch, i)
                 yield from self.train_batch(x, y, epoch)
             yield from self.drain()
             result.train_s += (yield from self._now()) - t_epoch
+            self._t_epoch = yield from self._now()
             if result.stopped_early:
                 break  # a partial epoch: no evaluation, no record
             yield from self.probe_rtt(1)
@@ -765,22 +996,16 @@ class EdgeSession:
             result.timeline.append(dict(wall_s=wall, train_loss=means.loss, test_accuracy=test_acc))
             result.train_loss, result.train_accuracy = means.loss, means.accuracy
             result.test_loss, result.test_accuracy = ev.loss, test_acc
-            all_means.cloud_ms += means.cloud_ms
-            all_means.rtt_ms += means.rtt_ms
-        steps = self.pipeline.steps_applied
-        cloud = sum(all_means.cloud_ms) / len(all_means.cloud_ms) if all_means.cloud_ms else 0.0
-        rtt = statistics.median_high(all_means.rtt_ms) if all_means.rtt_ms else 0.0
-        result.stage_ms = {"edge": 1e3 * self.edge_busy_s / steps if steps else 0.0, "cloud": cloud}
-        if self.one_way_ms["up"]:
-            # medians: one-way time per frame including any queueing behind earlier frames
-            result.stage_ms["up"] = statistics.median_high(self.one_way_ms["up"])
-            result.stage_ms["down"] = statistics.median_high(self.one_way_ms["down"])
-        result.stage_ms["round_trip"] = rtt
+            self._all_means.cloud_ms += means.cloud_ms
+            self._all_means.rtt_ms += means.rtt_ms
+            yield from self._checkpoint(epoch + 1, 0)
+            self._t_epoch = yield from self._now()
 
     def run(self, t_start: float, *, network: str = "none") -> Steps[TrainResult]:
-        """The whole run on a connected link: handshake, probes, the engine's
-        start-up decision, the epochs, Bye. ``t_start`` is the transport's clock
-        when the run began (before connecting): the time base of every record."""
+        """The whole run on a connected link: handshake (or, carrying on from a
+        checkpoint, the resume), probes, the engine's start-up decision, the
+        epochs, Bye. ``t_start`` is the transport's clock when the run began
+        (before connecting): the time base of every record."""
         cfg = self.cfg
         self._t_run = t_start
         result = TrainResult(
@@ -795,16 +1020,21 @@ class EdgeSession:
             error_feedback=cfg.error_feedback,
         )
         self.result = result
-        yield from self.handshake()
+        start = self.resume_from
+        if start is None:
+            yield from self.handshake()
+        else:
+            yield from self._restart(start, result)
         self._resumable = self.cfg.reconnect_timeout_s > 0
-        yield from self.probe_rtt()
-        if self.controller is not None:
+        try:
+            yield from self.probe_rtt()
+        except RolledBack as back:  # the cloud restarted this early: nothing trained since the checkpoint
+            self._roll_back(back.checkpoint)
+        if self.controller is not None and start is None:
             yield from self._initial_decision()
         result.startup_s = yield from self._now()
-        yield from self._train(result)
-        trained = self.choice
-        if self.cfg.save_model:
-            yield from self.collect_model()
+        yield from self._train(result, start)
+        trained = self.trained_choice
         self.sync_head_to_model()
         self._resumable = False
         yield from self._send(fr.Bye(reason="training finished"))
@@ -812,6 +1042,22 @@ class EdgeSession:
         self._report(result)
         result.point, result.codec, result.staleness = trained.point, trained.codec, trained.staleness
         return result
+
+    def _restart(self, checkpoint: DeviceCheckpoint, result: TrainResult) -> Steps[None]:
+        """Carry on a run whose device process died: take its checkpoint's state and
+        records, and re-attach to its session; the cloud rolls back to the same step."""
+        m = checkpoint.manifest
+        self.session_id = int(m["session"])
+        self.resume_token = str(m["resume_token"])
+        self.checkpoint = checkpoint
+        self.checkpoint_stats["step"] = checkpoint.step
+        self._roll_back(checkpoint)
+        result.train_s = float(m["train_s"])
+        ack = yield from self._resume_hello("carrying on from the checkpoint", restart=True)
+        if isinstance(ack, Closed):
+            raise TrainingError(f"cannot resume the run: {ack.reason}")
+        self.rollbacks.append(dict(from_step=None, to_step=checkpoint.step, reason="the device restarted (--resume)"))
+        log.info("resumed session %d from the checkpoint of step %d", self.session_id, checkpoint.step)
 
     def collect_model(self) -> Steps[None]:
         """Bring every block and its optimizer state to the device (the repartition
@@ -853,6 +1099,8 @@ class EdgeSession:
         result.step_times = self.step_times
         result.steps_by_choice = dict(self.steps_by_choice)
         result.reconnects = list(self.reconnects)
+        result.rollbacks = list(self.rollbacks)
+        result.checkpoints = dict(self.checkpoint_stats, directory=self.cfg.checkpoint_dir)
         result.num_blocks = self.setup.spec.model.num_blocks
         if self.controller is not None:
             result.device_only_estimate = self.controller.device_only_estimate(self.tracker.snapshot(), result.steps)

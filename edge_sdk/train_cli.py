@@ -75,6 +75,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_recipe(**given)
 
 
+def resume_point(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
+    """With ``--resume``: the saved run's configuration (the connection options from
+    this command line) and its newest device checkpoint; else ``(cfg, None)``.
+    Raises ValueError (for the user) when there is nothing to resume."""
+    if not cfg.resume:
+        return cfg, None
+    from edge_sdk.device_checkpoint import RESUME_OVERRIDES, DeviceCheckpoint
+
+    assert cfg.checkpoint_dir is not None  # TrainConfig.validate
+    checkpoint = DeviceCheckpoint.load(cfg.checkpoint_dir)
+    resumed = checkpoint.config(**{k: getattr(cfg, k) for k in RESUME_OVERRIDES})
+    print(
+        f"resuming session {checkpoint.manifest['session']} from its checkpoint of step {checkpoint.step} "
+        f"(epoch {checkpoint.epoch + 1}/{resumed.epochs}, batch {checkpoint.batch}); "
+        "the run's options come from the checkpoint",
+        file=sys.stderr,
+    )
+    return resumed, checkpoint
+
+
 def write_json(result: TrainResult, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -169,9 +189,19 @@ def run(args: argparse.Namespace) -> int:
     stopped = False
     with stop_signals() as caught:
         try:
+            cfg.validate()
+            cfg, checkpoint = resume_point(cfg)
             setup = build_local(cfg)
             with ProgressBar(cfg, enabled=args.progress, total=setup.total_steps(cfg)) as bar:
-                client = EdgeClient(args.server, cfg, setup=setup, progress=bar.update, on_epoch=bar.epoch, status=bar.status)
+                client = EdgeClient(
+                    args.server,
+                    cfg,
+                    setup=setup,
+                    progress=bar.update,
+                    on_epoch=bar.epoch,
+                    status=bar.status,
+                    resume_from=checkpoint,
+                )
                 result = run_client(client)
         except (TrainingError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -179,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             stopped = True
     if stopped:
-        return interrupted(client, cfg, args.json_path, caught)
+        hint = f"python -m edge_sdk train --server {args.server} --checkpoint-dir {cfg.checkpoint_dir} --resume"
+        return interrupted(client, cfg, args.json_path, caught, resume_hint=hint)
     return finish(result, client, cfg, args.json_path)
 
 
@@ -228,18 +259,19 @@ def stop_signals() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int]) -> int:
+def interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int], *, resume_hint: str = "") -> int:
     """One line instead of a traceback, the partial report written; 130 (SIGINT) or 143 (SIGTERM).
+    ``resume_hint``: the command that carries on, said when a checkpoint is on disk.
     A second signal while this writes is ignored."""
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _report_interrupted(client, cfg, json_path, caught)
+        return _report_interrupted(client, cfg, json_path, caught, resume_hint)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def _report_interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int]) -> int:
+def _report_interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int], resume_hint: str) -> int:
     name = "SIGTERM" if caught else "SIGINT"
     result = client.partial_result(name) if client is not None else None
     if result is None:
@@ -252,7 +284,9 @@ def _report_interrupted(client: Any, cfg: TrainConfig, json_path: str | None, ca
             return 143 if caught else 130
         done = len(result.history)
         where = f"interrupted ({name}) after epoch {done}/{cfg.epochs}, step {result.steps}"
-        print(
-            f"{where}; report written to {json_path}" if json_path else f"{where} (no --json report asked for)", file=sys.stderr
-        )
+        line = f"{where}; report written to {json_path}" if json_path else f"{where} (no --json report asked for)"
+        saved = result.checkpoints.get("step", -1) if cfg.checkpoint_dir else -1
+        if saved >= 0 and resume_hint:
+            line += f"; checkpoint of step {saved} kept: resume with `{resume_hint}`"
+        print(line, file=sys.stderr)
     return 143 if caught else 130

@@ -147,6 +147,24 @@ class TrainConfig:
         "config goes beside it as .json; `python -m edge_sdk evaluate --model-file` reads them)",
         metavar="PATH",
     )
+    checkpoint_dir: str | None = _opt(
+        None,
+        "save the device's state here at the points agreed with the cloud (each epoch end and every "
+        "--checkpoint-every steps; the cloud needs `serve --state-dir`), so --resume can continue the run "
+        "after this process died",
+        metavar="DIR",
+    )
+    checkpoint_every: int = _opt(
+        500,
+        "with a cloud that keeps checkpoints: also checkpoint every N steps inside an epoch (0: only at epoch ends); "
+        "each one drains the steps in flight",
+        metavar="N",
+    )
+    resume: bool = _opt(
+        False,
+        "continue the run saved in --checkpoint-dir (after a crash, a kill or Ctrl-C) from its newest checkpoint; "
+        "the run's configuration comes from the checkpoint",
+    )
     max_steps_per_epoch: int | None = _opt(None, "cut each epoch short (smoke runs)", shown="the whole epoch", metavar="N")
     #: benchmarks: stop after this many seconds of training (the report says ``stopped_early``)
     max_train_s: float | None = None
@@ -195,6 +213,10 @@ class TrainConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.save_model is not None and not self.save_model.endswith(".safetensors"):
             raise ValueError(f"--save-model {self.save_model}: the file name must end in .safetensors")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume continues the run saved in --checkpoint-dir DIR: give the folder")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0 steps, got {self.checkpoint_every}")
         if not (self.reconnect_timeout_s >= 0 and math.isfinite(self.reconnect_timeout_s)):
             raise ValueError(f"--reconnect-timeout must be >= 0 seconds, got {self.reconnect_timeout_s}")
         if self.staleness is not None and self.staleness < 0:
@@ -254,6 +276,11 @@ class TrainResult:
     interrupted: str | None = None
     #: one entry per dropped connection survived: step, reason, outage_s, resent
     reconnects: list[dict[str, Any]] = field(default_factory=list)
+    #: roll backs to a checkpoint: from_step (None: the device restarted), to_step, reason
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    #: checkpoints agreed with the cloud: saved (count), step (the newest), bytes and
+    #: write_s (the device's own files, with --checkpoint-dir), directory
+    checkpoints: dict[str, Any] = field(default_factory=dict)
     #: applied steps per configuration ("p=2 int8 K=4": n); device-only is "p=L fp32 K=0"
     steps_by_choice: dict[str, int] = field(default_factory=dict)
     #: what the same steps would have cost on the device alone, from the calibrated

@@ -34,6 +34,8 @@ __all__ = [
     "TENSOR_OVERHEAD_BYTES",
     "WEIGHT_KINDS",
     "Bye",
+    "Checkpoint",
+    "CheckpointAck",
     "Context",
     "Envelope",
     "EpochEnd",
@@ -60,7 +62,7 @@ class ProtocolVersion(NamedTuple):
 
 
 #: Bump minor for additive schema changes, major for breaking ones (frames.fbs rule 5).
-PROTOCOL_VERSION = ProtocolVersion(1, 0)
+PROTOCOL_VERSION = ProtocolVersion(1, 1)
 FILE_IDENTIFIER = b"SRW1"
 #: Upper bound of the bytes a frame adds around one tensor's `TensorFrame.nbytes`
 #: (tables, vtables, shape, alignment); for the cost model.
@@ -114,6 +116,10 @@ class Hello:
     #: != 0: re-attach to this session (detached when its connection dropped)
     resume_session: int = 0
     resume_token: str = ""
+    #: resuming: the newest checkpoint step the device holds (-1: none)
+    resume_step: int = -1
+    #: resuming: the device restarted from that checkpoint (its live state is gone): roll back to it
+    resume_restart: bool = False
 
 
 @dataclass
@@ -128,6 +134,10 @@ class HelloAck:
     resume_token: str = ""
     resumed: bool = False
     last_step: int = -1  # resumed: the newest step the cloud applied
+    #: resumed from a checkpoint: both sides roll back to this step (-1: carry on live)
+    restored_step: int = -1
+    #: the cloud keeps checkpoints (``serve --state-dir``)
+    checkpoints: bool = False
 
 
 @dataclass
@@ -230,6 +240,21 @@ class Bye:
     reason: str = ""
 
 
+@dataclass
+class Checkpoint:
+    """Save the session at ``step``: nothing is in flight, every earlier step is applied."""
+
+    step: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class CheckpointAck:
+    step: int = 0
+    saved: bool = False
+    message: str = ""
+
+
 Frame = (
     Hello
     | HelloAck
@@ -243,6 +268,8 @@ Frame = (
     | EvalResult
     | Error
     | Bye
+    | Checkpoint
+    | CheckpointAck
 )
 
 #: union members in schema order; the union type id is index + 1.
@@ -259,6 +286,8 @@ FRAME_TYPES: tuple[type, ...] = (
     EvalResult,
     Error,
     Bye,
+    Checkpoint,
+    CheckpointAck,
 )
 
 
@@ -294,6 +323,8 @@ _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
         ("program_hash", "str", ""),
         ("resume_session", "Q", 0),
         ("resume_token", "str", ""),
+        ("resume_step", "q", -1),
+        ("resume_restart", "?", False),
     ),
     HelloAck: (
         ("session", "Q", 0),
@@ -305,6 +336,8 @@ _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
         ("resume_token", "str", ""),
         ("resumed", "?", False),
         ("last_step", "q", -1),
+        ("restored_step", "q", -1),
+        ("checkpoints", "?", False),
     ),
     Features: (
         ("step", "q", 0),
@@ -360,6 +393,8 @@ _SPECS: dict[type, tuple[tuple[str, str, Any], ...]] = {
     EvalResult: (("epoch", "i", 0), ("loss", "d", 0.0), ("correct", "q", 0), ("count", "q", 0)),
     Error: (("code", "ecode", 0), ("message", "str", ""), ("step", "q", -1)),
     Bye: (("reason", "str", ""),),
+    Checkpoint: (("step", "q", 0), ("epoch", "i", 0)),
+    CheckpointAck: (("step", "q", 0), ("saved", "?", False), ("message", "str", "")),
 }
 _TYPE_ID = {cls: i + 1 for i, cls in enumerate(FRAME_TYPES)}
 

@@ -13,6 +13,8 @@ from .codecs import Codec, encode_tensor, tensor_frame_from_array
 from .errors import ErrorCode
 from .frames import (
     Bye,
+    Checkpoint,
+    CheckpointAck,
     Context,
     Envelope,
     EpochEnd,
@@ -83,6 +85,8 @@ def sample_frames(shape=(2, 3, 4, 5), codec: Codec = Codec.INT8_CHANNEL) -> list
         EvalResult(epoch=4, loss=0.125, correct=900, count=1000),
         Error(code=ErrorCode.DUPLICATE_STEP, message="step 5 already seen", step=5),
         Bye(reason="done"),
+        Checkpoint(step=640, epoch=4),
+        CheckpointAck(step=640, saved=True, message="saved"),
     ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from cloud_backend.session import CloudSession
+from cloud_backend.session import CloudSession, SessionConfig
 from edge_sdk.decision.cost_model import Choice
 from edge_sdk.emulation.inprocess import InProcessLink
 from edge_sdk.optim import OptimizerConfig
@@ -56,7 +56,7 @@ class InProcessRun:
         )
         self.session = EdgeSession(cfg, build_local(cfg))
         self.model = self.session.setup.spec.model
-        self.cloud = CloudSession(1)
+        self.cloud = CloudSession(1, SessionConfig(shared_rng=True))  # one RNG stream: exact comparisons
         self.link = InProcessLink(self.session, self.cloud)
         self.link.drive(self.session.handshake())
 

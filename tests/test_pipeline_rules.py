@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from cloud_backend.session import CloudSession
+from cloud_backend.session import CloudSession, SessionConfig
 from edge_sdk import zoo
 from edge_sdk.hello import hello_frame
 from edge_sdk.optim import OptimizerConfig
@@ -35,7 +35,7 @@ def make_split(model_name: str, point: int, *, staleness: int, codec: str, opt: 
     spec = zoo.build(model_name, seed=seed)
     runtime = EagerRuntime(spec.model.head(point), name_map=spec.model.head_name_map(point))
     pipe = EdgePipeline(runtime, point=point, optimizer=opt, codec=codec, staleness=staleness)
-    cloud = CloudSession(1)
+    cloud = CloudSession(1, SessionConfig(shared_rng=True))  # one RNG stream: exact comparisons
     hello = hello_frame(spec, point=point, codec=codec, staleness=staleness, optimizer=opt, batch_size=16)
     (ack,) = cloud.handle(wire(hello))
     assert isinstance(ack, fr.HelloAck) and ack.accepted, ack
@@ -266,7 +266,7 @@ def test_cloud_is_idempotent_on_repeated_step():
 
 
 def test_cloud_refuses_features_before_hello_and_bad_points():
-    cloud = CloudSession(1)
+    cloud = CloudSession(1, SessionConfig(shared_rng=True))  # one RNG stream: exact comparisons
     tf, _ = codecs.encode_tensor(torch.zeros(2, 3), codecs.Codec.NONE)
     feats = fr.Features(
         step=0,

@@ -27,6 +27,7 @@ from edge_sdk.train_cli import (
     config_from_args,
     finish,
     interrupted,
+    resume_point,
     stop_signals,
 )
 
@@ -135,10 +136,12 @@ async def run_through_proxy(
     status=None,
     clients=None,
     faults: FaultSchedule | None = None,
+    resume_from=None,
 ) -> object:
     """Train through a shaping proxy in front of the cloud at ``cloud_port``
     (``clients``: a list the client is appended to, for a report if interrupted;
-    ``faults``: when the proxy cuts the connection)."""
+    ``faults``: when the proxy cuts the connection; ``resume_from``: a device
+    checkpoint to carry on from)."""
     from edge_sdk.client import EdgeClient
     from edge_sdk.emulation.network import parse_network
     from edge_sdk.emulation.proxy import ProxyThread
@@ -153,6 +156,7 @@ async def run_through_proxy(
         network=network_spec,
         setup=setup,
         shared_clock=True,
+        resume_from=resume_from,
     )
     if clients is not None:
         clients.append(client)
@@ -175,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         cfg.memory_budget_bytes = budget  # the decision engine caps K to fit it
         cfg.validate()
+        cfg, checkpoint = resume_point(cfg)
     except (ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -192,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     extra = ["--threads", str(max(1, args.threads))] + (["--token", cfg.token] if cfg.token else [])
+    if cfg.checkpoint_dir:  # the cloud's half of each checkpoint goes beside the device's
+        extra += ["--state-dir", str(Path(cfg.checkpoint_dir) / "cloud")]
     clients: list = []
     stopped = False
     with stop_signals() as caught:
@@ -213,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
                         status=bar.status,
                         clients=clients,
                         faults=faults,
+                        resume_from=checkpoint,
                     )
                     result = asyncio.run(run)
         except (TrainingError, EmulationError, ValueError) as exc:
@@ -221,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             stopped = True
     if stopped:
-        return interrupted(clients[0] if clients else None, cfg, args.json_path, caught)
+        hint = f"python -m edge_sdk emulate --network {args.network} --checkpoint-dir {cfg.checkpoint_dir} --resume"
+        return interrupted(clients[0] if clients else None, cfg, args.json_path, caught, resume_hint=hint)
     code = finish(result, clients[0], cfg, args.json_path)
     if code:
         return code

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any, TypeVar
 
 from cloud_backend.session import CloudSession
+from cloud_backend.state_dir import StateDir
 from edge_sdk.session import (
     Closed,
     Command,
@@ -47,13 +48,25 @@ class InProcessLink:
     lets the cloud apply it and loses its answers. Either way everything in flight
     is gone, the device's next receive reports the drop, and a `Reconnect` brings
     the link back (the server's part, routing a resuming Hello to
-    `CloudSession.resume`, is done here)."""
+    `CloudSession.resume`, is done here). ``"restart"`` is a cut that also loses
+    the cloud session: like a killed server, it comes back from ``state``'s
+    checkpoints (which the link writes when the session asks, as the server
+    does) at the step the device's resume names."""
 
     def __init__(
-        self, edge: EdgeSession, cloud: CloudSession, *, tick_ns: int = 1_000_000, cuts: dict[int, str] | None = None
+        self,
+        edge: EdgeSession,
+        cloud: CloudSession,
+        *,
+        tick_ns: int = 1_000_000,
+        cuts: dict[int, str] | None = None,
+        state: StateDir | None = None,
     ) -> None:
         self.edge = edge
-        self.cloud = cloud
+        self.cloud: CloudSession | None = cloud
+        self.config = cloud.config
+        self.state = state
+        self.restarts = 0
         self.tick_ns = tick_ns
         self.clock_ns = 0
         self.inbox: deque[Received | Closed] = deque()
@@ -109,20 +122,33 @@ class InProcessLink:
         self._seq += 1
         self.sends += 1
         cut = self.cuts.pop(self.sends, None)
-        if self._down or cut == "request":
+        if cut == "restart":
+            self.cloud = None  # the server died: only what it saved survives
+            self.restarts += 1
+        if self._down or cut in ("request", "restart"):
             if cut:
                 self._cut()
             return Sent(sent_ns, len(data))
         seen = fr.decode(data).frame
         self.sent.append(seen)
+        replies: list[fr.Frame]
         if isinstance(seen, fr.Hello) and seen.resume_session:
-            replies = self.cloud.resume(seen)
+            if self.cloud is None or seen.resume_restart:
+                if self.state is None:
+                    raise Stuck("the cloud restarted with nothing saved")
+                self.cloud = self.state.restore(seen.resume_session, seen.resume_step, self.config)
+            replies = list(self.cloud.resume(seen))
+            self.cloud.resumed()
         else:
+            assert self.cloud is not None
             replies = self.cloud.handle(seen, recv_ns=self._tick())
+            pending, self.cloud.pending_checkpoint = self.cloud.pending_checkpoint, None
+            if pending is not None and self.state is not None:
+                self.state.store(self.cloud.session_id).save(*pending)
         if cut == "reply":
             self._cut()
             return Sent(sent_ns, len(data))
         for reply in replies:
-            out = fr.encode(fr.Envelope(frame=reply, session=self.cloud.session_id, sent_ns=self._tick()))
+            out = fr.encode(fr.Envelope(frame=reply, session=self.edge.session_id, sent_ns=self._tick()))
             self.inbox.append(Received(fr.decode(out), self._tick(), len(out)))
         return Sent(sent_ns, len(data))

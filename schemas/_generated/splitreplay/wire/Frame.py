@@ -16,3 +16,5 @@ class Frame(object):
     EvalResult = 10
     Error = 11
     Bye = 12
+    Checkpoint = 13
+    CheckpointAck = 14

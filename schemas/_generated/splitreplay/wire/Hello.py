@@ -133,8 +133,22 @@ class Hello(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Hello
+    def ResumeStep(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(34))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
+        return -1
+
+    # Hello
+    def ResumeRestart(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(36))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def HelloStart(builder):
-    builder.StartObject(15)
+    builder.StartObject(17)
 
 def Start(builder):
     HelloStart(builder)
@@ -228,6 +242,18 @@ def HelloAddResumeToken(builder, resumeToken):
 
 def AddResumeToken(builder, resumeToken):
     HelloAddResumeToken(builder, resumeToken)
+
+def HelloAddResumeStep(builder, resumeStep):
+    builder.PrependInt64Slot(15, resumeStep, -1)
+
+def AddResumeStep(builder, resumeStep):
+    HelloAddResumeStep(builder, resumeStep)
+
+def HelloAddResumeRestart(builder, resumeRestart):
+    builder.PrependBoolSlot(16, resumeRestart, 0)
+
+def AddResumeRestart(builder, resumeRestart):
+    HelloAddResumeRestart(builder, resumeRestart)
 
 def HelloEnd(builder):
     return builder.EndObject()

@@ -91,8 +91,22 @@ class HelloAck(object):
             return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
         return -1
 
+    # HelloAck
+    def RestoredStep(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
+        return -1
+
+    # HelloAck
+    def Checkpoints(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def HelloAckStart(builder):
-    builder.StartObject(9)
+    builder.StartObject(11)
 
 def Start(builder):
     HelloAckStart(builder)
@@ -150,6 +164,18 @@ def HelloAckAddLastStep(builder, lastStep):
 
 def AddLastStep(builder, lastStep):
     HelloAckAddLastStep(builder, lastStep)
+
+def HelloAckAddRestoredStep(builder, restoredStep):
+    builder.PrependInt64Slot(9, restoredStep, -1)
+
+def AddRestoredStep(builder, restoredStep):
+    HelloAckAddRestoredStep(builder, restoredStep)
+
+def HelloAckAddCheckpoints(builder, checkpoints):
+    builder.PrependBoolSlot(10, checkpoints, 0)
+
+def AddCheckpoints(builder, checkpoints):
+    HelloAckAddCheckpoints(builder, checkpoints)
 
 def HelloAckEnd(builder):
     return builder.EndObject()
