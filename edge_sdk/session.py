@@ -406,7 +406,7 @@ class EdgeSession:
             self.reconnects.append(
                 dict(step=self.pipeline.next_step, reason=reason, outage_s=outage_s, resent=0, cloud_last_step=ack.last_step)
             )
-            self._note_rollback(self.checkpoint, reason)
+            self._note_rollback(self.checkpoint, reason, outage_s)
             raise RolledBack(self.checkpoint)
         for step in sorted(self._unacked):
             self._sent[step] = yield from self._send(self._unacked[step])
@@ -570,8 +570,8 @@ class EdgeSession:
         self.tracker.reset_step_interval()
         self._interval_reset = True
 
-    def _note_rollback(self, checkpoint: DeviceCheckpoint, reason: str) -> None:
-        self.rollbacks.append(dict(from_step=self.pipeline.next_step, to_step=checkpoint.step, reason=reason))
+    def _note_rollback(self, checkpoint: DeviceCheckpoint, reason: str, outage_s: float) -> None:
+        self.rollbacks.append(dict(from_step=self.pipeline.next_step, to_step=checkpoint.step, reason=reason, outage_s=outage_s))
         log.warning(
             "the cloud restarted from its checkpoint: rolled back from step %d to step %d (epoch %d, batch %d)",
             self.pipeline.next_step,
