@@ -273,6 +273,14 @@ class EdgeClient:
         except (OSError, InvalidHandshake, InvalidURI, asyncio.TimeoutError) as exc:
             raise TrainingError(f"cannot connect to the cloud at {self.url}: {exc}") from None
 
+    def request_stop(self, reason: str) -> bool:
+        """Ask the run to stop at the next batch (see `EdgeSession.request_stop`);
+        False before the session exists (nothing to stop gracefully)."""
+        if self.session is None:
+            return False
+        self.session.request_stop(reason)
+        return True
+
     def partial_result(self, reason: str) -> TrainResult | None:
         """The report so far of a run stopped from outside; None before the session existed."""
         if self.session is None:

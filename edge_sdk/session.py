@@ -70,6 +70,16 @@ class TrainingError(RuntimeError):
     """A run that cannot go on; the message is meant for the user as is."""
 
 
+class Stopped(Exception):
+    """The run was asked to stop (`EdgeSession.request_stop`: Ctrl-C, SIGTERM) and did,
+    at a step boundary with nothing in flight and, where the cloud keeps them, a
+    checkpoint agreed there: ``--resume`` carries on from exactly this step."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class RolledBack(Exception):
     """Both sides went back to the device's checkpoint (the cloud restarted from
     its own): the run carries on from that checkpoint's position in the data."""
@@ -285,6 +295,8 @@ class EdgeSession:
         self.checkpoint_stats: dict[str, Any] = dict(saved=0, step=-1, bytes=0, write_s=0.0)
         #: one entry per roll back to a checkpoint: from which step, to which, why
         self.rollbacks: list[dict[str, Any]] = []
+        #: set from outside (a signal handler): stop before the next batch
+        self.stop_reason: str | None = None
         self.choice = initial_choice(cfg, setup)
         self.controller = controller
         if controller is not None:
@@ -453,6 +465,19 @@ class EdgeSession:
             raise TrainingError(f"{reason}; the cloud did not roll back to the device's checkpoint of step {held}")
         self._checkpointing = ack.checkpoints
         return ack
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next batch: the steps in flight are finished, a checkpoint is
+        agreed there (if the cloud keeps them) and the run raises `Stopped`. Safe
+        to call from a signal handler: it only sets a flag."""
+        self.stop_reason = reason
+
+    def _stop_here(self, epoch: int, batch: int) -> Steps[None]:
+        assert self.stop_reason is not None
+        yield from self.drain(adapt=False)
+        if self.checkpoint is None or self.checkpoint.step != self.pipeline.next_step:
+            yield from self._checkpoint(epoch, batch)
+        raise Stopped(self.stop_reason)
 
     # --------------------------------------------------------- checkpoints
     def _checkpoint(self, epoch: int, batch: int) -> Steps[None]:
@@ -955,6 +980,8 @@ class EdgeSession:
             for i, (x, y) in enumerate(self.setup.train_loader(self.cfg, epoch)):
                 if i < skip:
                     continue
+                if self.stop_reason is not None:
+                    yield from self._stop_here(epoch, i)
                 if self.cfg.max_steps_per_epoch is not None and i >= self.cfg.max_steps_per_epoch:
                     break
                 if self.cfg.max_train_s is not None:
@@ -1000,6 +1027,8 @@ class EdgeSession:
             self._all_means.rtt_ms += means.rtt_ms
             yield from self._checkpoint(epoch + 1, 0)
             self._t_epoch = yield from self._now()
+            if self.stop_reason is not None and epoch + 1 < self.cfg.epochs:
+                yield from self._stop_here(epoch + 1, 0)
 
     def run(self, t_start: float, *, network: str = "none") -> Steps[TrainResult]:
         """The whole run on a connected link: handshake (or, carrying on from a

@@ -181,13 +181,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edge_sdk.client import EdgeClient, run_client
     from edge_sdk.progress import ProgressBar
-    from edge_sdk.session import TrainingError
+    from edge_sdk.session import Stopped, TrainingError
     from edge_sdk.training import build_local
 
     cfg = config_from_args(args)
     client: EdgeClient | None = None
+    clients: list[EdgeClient] = []
     stopped = False
-    with stop_signals() as caught:
+    with stop_signals(clients) as caught:
         try:
             cfg.validate()
             cfg, checkpoint = resume_point(cfg)
@@ -202,11 +203,12 @@ def run(args: argparse.Namespace) -> int:
                     status=bar.status,
                     resume_from=checkpoint,
                 )
+                clients.append(client)
                 result = run_client(client)
         except (TrainingError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stopped):
             stopped = True
     if stopped:
         hint = f"python -m edge_sdk train --server {args.server} --checkpoint-dir {cfg.checkpoint_dir} --resume"
@@ -243,20 +245,28 @@ def save_trained_model(client: Any, cfg: TrainConfig, result: TrainResult) -> No
 
 
 @contextlib.contextmanager
-def stop_signals() -> Iterator[list[int]]:
-    """SIGTERM stops a run the way Ctrl-C does (a KeyboardInterrupt where the
-    program is); the list names the signal that did it (empty: SIGINT)."""
+def stop_signals(clients: list[Any] | None = None) -> Iterator[list[int]]:
+    """Ctrl-C (SIGINT) and SIGTERM. The first asks the run in ``clients`` to stop
+    at the next batch (`EdgeClient.request_stop`: the steps in flight finish and a
+    checkpoint is agreed there, so ``--resume`` loses nothing); a second signal, or
+    one before the run exists, is a KeyboardInterrupt where the program is. The
+    list names the signals received, in order."""
     caught: list[int] = []
 
-    def on_term(signum: int, _frame: object) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
         caught.append(signum)
+        name = signal.Signals(signum).name
+        if len(caught) == 1 and clients and clients[-1].request_stop(name):
+            print(f"{name}: stopping after the steps in flight (again to stop at once)", file=sys.stderr)
+            return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield caught
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int], *, resume_hint: str = "") -> int:
@@ -272,7 +282,8 @@ def interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: li
 
 
 def _report_interrupted(client: Any, cfg: TrainConfig, json_path: str | None, caught: list[int], resume_hint: str) -> int:
-    name = "SIGTERM" if caught else "SIGINT"
+    name = signal.Signals(caught[0]).name if caught else "SIGINT"
+    code = 143 if name == "SIGTERM" else 130
     result = client.partial_result(name) if client is not None else None
     if result is None:
         print(f"interrupted ({name}) before training started", file=sys.stderr)
@@ -281,7 +292,7 @@ def _report_interrupted(client: Any, cfg: TrainConfig, json_path: str | None, ca
             write_json(result, json_path)
         except OSError as exc:
             print(f"interrupted ({name}); cannot write the report {json_path}: {exc.strerror or exc}", file=sys.stderr)
-            return 143 if caught else 130
+            return code
         done = len(result.history)
         where = f"interrupted ({name}) after epoch {done}/{cfg.epochs}, step {result.steps}"
         line = f"{where}; report written to {json_path}" if json_path else f"{where} (no --json report asked for)"
@@ -289,4 +300,4 @@ def _report_interrupted(client: Any, cfg: TrainConfig, json_path: str | None, ca
         if saved >= 0 and resume_hint:
             line += f"; checkpoint of step {saved} kept: resume with `{resume_hint}`"
         print(line, file=sys.stderr)
-    return 143 if caught else 130
+    return code

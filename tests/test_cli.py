@@ -166,6 +166,41 @@ def test_a_stopped_run_says_where_it_stopped_and_writes_its_report(tmp_path, sig
 
 
 @pytest.mark.slow
+def test_ctrl_c_keeps_a_checkpoint_at_the_step_it_stopped_and_resume_finishes_the_run(tmp_path):
+    """With --checkpoint-dir, Ctrl-C finishes the steps in flight, agrees a checkpoint
+    at that very step and says how to resume; --resume then trains the remaining epochs."""
+    import json
+
+    ckpt, out = tmp_path / "ck", tmp_path / "run.json"
+    base = [sys.executable, "-m", "edge_sdk", "emulate", "--network", "none", "--device-slowdown", "1", "--no-progress"]
+    cmd = [*base, "--point", "2", "--staleness", "2", "--epochs", "6", "--max-steps-per-epoch", "20"]
+    cmd += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "0", "--json", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("epoch 2/6:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT: stopping after the steps in flight" in err and "Traceback" not in err
+    report = json.loads(out.read_text())
+    stopped_at = report["steps"]
+    assert report["interrupted"] == "SIGINT" and report["checkpoints"]["step"] == stopped_at  # not the epoch's start
+    assert f"checkpoint of step {stopped_at} kept: resume with `python -m edge_sdk emulate" in err
+    resumed = subprocess.run(
+        [*base, "--checkpoint-dir", str(ckpt), "--resume", "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"from its checkpoint of step {stopped_at}" in resumed.stderr and "epoch 6/6:" in resumed.stderr
+    final = json.loads(out.read_text())
+    assert final["steps"] == 6 * 20 and [h["epoch"] for h in final["history"]] == list(range(6))
+
+
+@pytest.mark.slow
 def test_a_saved_model_evaluates_to_the_accuracy_the_run_reported(tmp_path):
     import json
 

@@ -80,7 +80,9 @@ def cloud_process(extra_args: list[str] | None = None, timeout_s: float = 60.0) 
     # The server logs a line per session to stderr: a file, not a pipe nobody reads
     # while training (a full pipe would block the server).
     with tempfile.TemporaryFile(mode="w+") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+        # its own session: Ctrl-C in the terminal reaches only this process, which
+        # stops its run gracefully while the cloud stays up for the last exchange
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env, start_new_session=True)
         try:
             port = _read_port(proc, log_file, timeout_s)
             yield proc, port
@@ -172,7 +174,7 @@ async def run_through_proxy(
 
 def run(args: argparse.Namespace) -> int:
     from edge_sdk.progress import ProgressBar
-    from edge_sdk.session import TrainingError
+    from edge_sdk.session import Stopped, TrainingError
 
     try:
         args.device_slowdown, budget = resolve_device(args)
@@ -201,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         extra += ["--state-dir", str(Path(cfg.checkpoint_dir) / "cloud")]
     clients: list = []
     stopped = False
-    with stop_signals() as caught:
+    with stop_signals(clients) as caught:
         try:
             with cloud_process(extra) as (_proc, port):
                 print(
@@ -226,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         except (TrainingError, EmulationError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stopped):
             stopped = True
     if stopped:
         hint = f"python -m edge_sdk emulate --network {args.network} --checkpoint-dir {cfg.checkpoint_dir} --resume"
