@@ -45,7 +45,7 @@ from websockets.frames import Frame as WsFrame
 from websockets.http11 import Request, Response
 
 from cloud_backend.session import DEFAULT_SESSION_BYTES, CloudSession, Phase, SessionConfig
-from cloud_backend.state_dir import StateDir
+from cloud_backend.state_dir import StateDir, WrongResumeToken
 from edge_sdk.checkpoints import CheckpointError
 from schemas.errors import ErrorCode, WireError
 from schemas.frames import (
@@ -196,6 +196,10 @@ class CloudServer:
         self._attached: dict[int, ServerConnection] = {}  # session id -> its open connection
         self._released: dict[int, asyncio.Event] = {}  # set when that connection's serving ended
         self._expiry: dict[int, asyncio.TimerHandle] = {}  # detached session -> its TTL
+        #: one resume at a time per session: a device that re-dials during a slow restore waits
+        self._resuming: dict[int, asyncio.Lock] = {}
+        self._closing = False
+        self._removals: set[asyncio.Future[None]] = set()  # checkpoint folders being deleted
 
     def _count(self, *, sessions: int = 0, unauthenticated: int = 0) -> None:
         self.stats.sessions_active += sessions
@@ -267,12 +271,15 @@ class CloudServer:
             )
 
     async def close(self) -> None:
+        self._closing = True  # connections closing now detach without arming a TTL
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
 
     async def __aenter__(self) -> CloudServer:
         await self.start()
@@ -331,7 +338,7 @@ class CloudServer:
         try:
             await self._serve_session(ws, session, seq)
         finally:
-            del self._attached[sid]
+            self._attached.pop(sid, None)
             # Unless it said goodbye (Bye, or a normal close it started) or the server
             # ended it (idle, an error), a session may come back: the network dropped,
             # it stopped answering pings, or a slow link made a ping late.
@@ -343,6 +350,11 @@ class CloudServer:
             else:
                 self._free(session)
             released.set()
+
+    def _sessions_held(self) -> int:
+        """Slots taken: sessions with a connection, detached ones, and those found on
+        disk at start-up whose devices may still come back."""
+        return self.stats.sessions_active + self.stats.sessions_detached + len(self._on_disk)
 
     def _session_config(self) -> SessionConfig:
         cfg = self.config
@@ -358,13 +370,20 @@ class CloudServer:
     def _free(self, session: CloudSession, *, attached: bool = True) -> None:
         sid = session.session_id
         self.stats.sessions.pop(sid, None)
-        if self.state is not None:
-            self.state.remove(sid)
+        self._resuming.pop(sid, None)
+        self._forget_on_disk(sid)
         self._released.pop(sid, None)
         self.stats.closed.append({"session": sid, "steps": session.applied_steps, "last_step": session.last_step})
         log.info("session %d closed after %d train steps", sid, session.applied_steps)
         if attached:
             self._count(sessions=-1)
+
+    def _forget_on_disk(self, sid: int) -> None:
+        """Delete a session's checkpoints, off the event loop (an rmtree of up to two)."""
+        if self.state is not None:
+            removal = asyncio.get_running_loop().run_in_executor(None, self.state.remove, sid)
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
 
     def _detach(self, session: CloudSession) -> None:
         """Keep a session whose connection dropped for ``session_ttl_s``; it still
@@ -373,6 +392,8 @@ class CloudServer:
         ttl = self.config.session_ttl_s
         self.stats.sessions_detached += 1
         self._count(sessions=-1)
+        if self._closing:  # the server is going down: the state dir (if any) keeps it
+            return
         self._expiry[sid] = asyncio.get_running_loop().call_later(ttl, self._expire, sid)
         log.info("session %d detached after step %d (connection lost); kept %g s for a resume", sid, session.last_step, ttl)
 
@@ -382,8 +403,7 @@ class CloudServer:
         if sid in self._on_disk:  # found on disk at start-up; no device came back for it
             self._on_disk.discard(sid)
             log.info("session %d (from the state dir) expired: no resume within %g s", sid, self.config.session_ttl_s)
-            if self.state is not None:
-                self.state.remove(sid)
+            self._forget_on_disk(sid)
             return
         if session is None:
             return
@@ -399,6 +419,11 @@ class CloudServer:
         checkpoint (``resume_restart``), is restored from the state dir at the
         device's checkpoint step: both sides roll back to it."""
         sid = hello.resume_session
+        async with self._resuming.setdefault(sid, asyncio.Lock()):  # dropped when the session ends (`_free`)
+            return await self._resume_locked(ws, conn_id, seq, hello)
+
+    async def _resume_locked(self, ws: ServerConnection, conn_id: int, seq: itertools.count, hello: Hello) -> CloudSession:
+        sid = hello.resume_session
         session = self.stats.sessions.get(sid)
         candidate = session
         if session is None or hello.resume_restart:
@@ -413,7 +438,8 @@ class CloudServer:
             if candidate is not session:  # rolled back: the restored state replaces the live one
                 self.stats.sessions[sid] = candidate
         else:
-            if self.stats.sessions_active + self.stats.sessions_detached >= self.config.max_sessions:
+            # a session found on disk at start-up has its slot kept; another one needs a free slot
+            if sid not in self._on_disk and self._sessions_held() >= self.config.max_sessions:
                 await self._refuse(
                     ws,
                     conn_id,
@@ -437,7 +463,6 @@ class CloudServer:
                 await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
                 raise _Refused
             await self._send(ws, sid, seq, reply)
-            candidate.resumed()
         except BaseException:
             self._detach(candidate)  # dropped again at once: wait for the next resume, as before
             raise
@@ -448,13 +473,22 @@ class CloudServer:
     async def _restore(self, ws: ServerConnection, conn_id: int, seq: itertools.count, hello: Hello) -> CloudSession:
         """The session of ``hello`` rebuilt from its checkpoint at ``hello.resume_step``."""
         sid = hello.resume_session
+        config = self._session_config()
+        try:
+            CloudSession(sid, config).authenticate(hello)  # the server's token before any disk or model work
+        except WireError as exc:
+            await self._refuse(ws, conn_id, seq, exc.code, exc.message, 1008)
+            raise _Refused from None
         if self.state is None or hello.resume_step < 0:
             await self._refuse(
                 ws, conn_id, seq, ErrorCode.PROTOCOL, f"session {sid} is unknown or expired; start a new run", 1008
             )
             raise _Refused
         try:
-            return await asyncio.to_thread(self.state.restore, sid, hello.resume_step, self._session_config())
+            return await asyncio.to_thread(self.state.restore, sid, hello.resume_step, config, hello.resume_token)
+        except WrongResumeToken as exc:
+            await self._refuse(ws, conn_id, seq, ErrorCode.UNAUTHORIZED, f"{exc}; start a new run", 1008)
+            raise _Refused from None
         except CheckpointError as exc:
             await self._refuse(ws, conn_id, seq, ErrorCode.PROTOCOL, f"{exc}; start a new run", 1008)
             raise _Refused from None
@@ -507,7 +541,7 @@ class CloudServer:
             except WireError as exc:
                 await self._refuse(ws, session_id, seq, exc.code, exc.message, 1008)
                 raise _Refused from None
-            if self.stats.sessions_active + self.stats.sessions_detached >= cfg.max_sessions:
+            if self._sessions_held() >= cfg.max_sessions:
                 await self._refuse(
                     ws, session_id, seq, ErrorCode.SERVER_BUSY, f"server is at its limit of {cfg.max_sessions} sessions", 1013
                 )
@@ -642,8 +676,8 @@ class CloudServer:
         assert session.pending_checkpoint is not None and self.state is not None
         (step, tensors, manifest), session.pending_checkpoint = session.pending_checkpoint, None
         try:
-            saved = await asyncio.to_thread(self.state.store(session.session_id).save, step, tensors, manifest)
-        except OSError as exc:
+            saved = await asyncio.to_thread(self.state.save, session.session_id, step, tensors, manifest)
+        except Exception as exc:  # noqa: BLE001 - disk full, a bad path: the device hears why, training goes on
             log.warning("session %d: checkpoint of step %d not written: %s", session.session_id, step, exc)
             return [
                 CheckpointAck(step=step, saved=False, message=f"the cloud could not write its checkpoint: {exc}")

@@ -87,6 +87,13 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 DEFAULT_SESSION_BYTES = 2 << 30
 
 
+def resume_token(secret: bytes, session_id: int, nonce: str) -> str:
+    """HMAC-SHA256 of the session's id and nonce under the server's secret (an empty
+    secret: a random key, so the token cannot be recomputed by anyone)."""
+    key = secret or secrets.token_bytes(32)
+    return hmac.new(key, f"session {session_id} {nonce}".encode(), hashlib.sha256).hexdigest()
+
+
 class Phase(Enum):
     AWAIT_HELLO = "await_hello"
     TRAINING = "training"
@@ -148,9 +155,11 @@ class CloudSession:
         #: eval batch index -> (loss sum, correct, count): a batch sent again after a
         #: reconnect replaces itself instead of counting twice
         self._eval: dict[int, tuple[float, int, int]] = {}
-        key = self.config.resume_secret or secrets.token_bytes(32)
+        #: in the token with the id: a session id that comes again (after a restart)
+        #: never accepts an older session's token
+        self.nonce = secrets.token_hex(16)
         #: what a device presents to re-attach after its connection dropped
-        self.resume_token = hmac.new(key, f"session {session_id}".encode(), hashlib.sha256).hexdigest()
+        self.resume_token = resume_token(self.config.resume_secret, session_id, self.nonce)
         self._incoming: StateAssembler | None = None
         self._incoming_plan: WeightsPlan | None = None
         self._incoming_bytes = 0
@@ -159,7 +168,9 @@ class CloudSession:
         self.partition_history: deque[tuple[int, int]] = deque(maxlen=1024)
         self.hello: Hello | None = None  # the accepted Hello (what a restore rebuilds the model from)
         #: this session's torch RNG (the tail's dropout): its own stream, so a restored
-        #: session draws what the original would have, whatever other sessions do
+        #: session draws what the original would have. (It is swapped into torch's
+        #: process-wide generator for the forward pass; sessions computing at the
+        #: same moment can interleave their draws: masks stay random, not reproducible.)
         self.rng_state: torch.Tensor | None = None
         #: work for the transport: (step, tensors, manifest) to save before the CheckpointAck goes out
         self.pending_checkpoint: tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None = None
@@ -209,6 +220,9 @@ class CloudSession:
             raise WireError(ErrorCode.PROTOCOL, "session is closed")
         if isinstance(frame, Hello):
             return self._on_hello(frame)
+        # a frame after the resume answer: the device heard it (and rolled back);
+        # a device that dials again before it did is told to roll back again
+        self.restored_step = -1
         if self.phase is Phase.AWAIT_HELLO:
             raise WireError(ErrorCode.PROTOCOL, f"expected Hello first, got {type(frame).__name__}")
         if isinstance(frame, Features):
@@ -328,10 +342,6 @@ class CloudSession:
             what = f"resumed session {self.session_id} after step {self.last_step}"
         return [self._ack(hello, what, resumed=True)]
 
-    def resumed(self) -> None:
-        """The resume answer went out: a later resume carries on live, no roll back."""
-        self.restored_step = -1
-
     # ------------------------------------------------------------ checkpoints
     def _on_checkpoint(self, frame: Checkpoint) -> list[Frame]:
         """The device drained and asks both sides to save at ``frame.step``.
@@ -364,6 +374,7 @@ class CloudSession:
         tensors["rng"] = self.rng_state
         manifest = dict(
             session=self.session_id,
+            nonce=self.nonce,
             hello=asdict(self.hello),
             point=self.point,
             last_step=self.last_step,
@@ -379,7 +390,9 @@ class CloudSession:
         """A session rebuilt from its checkpoint (after a server restart, or to roll
         back for a device that restarted from the same step)."""
         session = cls(session_id, config)
-        # the token is not saved: the device presents it again, `resume` checks it
+        session.nonce = str(manifest["nonce"])
+        session.resume_token = resume_token(config.resume_secret, session_id, session.nonce)
+        # the server's token is not saved: the device presents it again, `resume` checks it
         hello = replace(Hello(**manifest["hello"]), token=config.token or "")
         try:
             session._on_hello(hello)  # the same checks and model build as the first time

@@ -15,14 +15,23 @@ expired), so the directory holds only sessions a device may still resume.
 
 from __future__ import annotations
 
+import hmac
+import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
-from cloud_backend.session import CloudSession, SessionConfig
-from edge_sdk.checkpoints import CheckpointError, CheckpointStore
+import torch
+
+from cloud_backend.session import CloudSession, SessionConfig, resume_token
+from edge_sdk.checkpoints import MANIFEST, CheckpointError, CheckpointStore, Saved
 
 SECRET_BYTES = 32
+
+
+class WrongResumeToken(CheckpointError):
+    """The resume token does not belong to the session on disk."""
 
 
 class StateDir:
@@ -72,17 +81,37 @@ class StateDir:
     def remove(self, session_id: int) -> None:
         self.store(session_id).remove()
 
-    def restore(self, session_id: int, step: int, config: SessionConfig) -> CloudSession:
-        """The session as it was at its checkpoint of ``step``.
+    def save(self, session_id: int, step: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Saved:
+        return self.store(session_id).save(step, tensors, manifest)
 
-        Raises `CheckpointError` with a message for the device when that step is not kept."""
+    def restore(self, session_id: int, step: int, config: SessionConfig, token: str) -> CloudSession:
+        """The session as it was at its checkpoint of ``step``, for a device that
+        presents its resume ``token``; the checkpoints after ``step`` are dropped
+        (both sides roll back to it).
+
+        The token is checked (constant time) before anything is loaded or said
+        about the session. Raises `WrongResumeToken`, or `CheckpointError` with a
+        message for the device when that step is not kept or does not load."""
         store = self.store(session_id)
         steps = store.steps()
+        nonce = None
+        if steps:
+            try:
+                nonce = json.loads((store.path(steps[-1]) / MANIFEST).read_text()).get("nonce")
+            except (OSError, ValueError):
+                nonce = None
+        expected = resume_token(config.resume_secret, session_id, str(nonce)) if nonce else ""
+        if not expected or not hmac.compare_digest(token.encode("utf-8"), expected.encode("utf-8")):
+            raise WrongResumeToken(f"session {session_id} is unknown or expired, or the resume token is wrong")
         if step not in steps:
-            held = ", ".join(map(str, steps)) or "none"
+            held = ", ".join(map(str, steps))
             raise CheckpointError(f"session {session_id} has no checkpoint of step {step} on this cloud (it holds: {held})")
         tensors, manifest = store.load(step)
         try:
-            return CloudSession.restore(session_id, config, tensors, manifest)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"the checkpoint of session {session_id} at step {step} cannot be restored: {exc}") from None
+            session = CloudSession.restore(session_id, config, tensors, manifest)
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged or foreign checkpoint breaks: one line
+            raise CheckpointError(
+                f"the checkpoint of session {session_id} at step {step} cannot be restored: {type(exc).__name__}: {exc}"
+            ) from None
+        store.drop_after(step)
+        return session

@@ -78,6 +78,10 @@ class CheckpointStore:
     def _name(step: int) -> str:
         return f"step-{step:012d}"
 
+    def path(self, step: int) -> Path:
+        """The folder of ``step``'s checkpoint."""
+        return self.root / self._name(step)
+
     def steps(self) -> list[int]:
         """The complete checkpoints here, oldest first."""
         if not self.root.is_dir():
@@ -96,7 +100,10 @@ class CheckpointStore:
         return steps[-1] if steps else None
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Saved:
-        """Write the checkpoint of ``step`` atomically, then drop all but the newest ``keep``."""
+        """Write the checkpoint of ``step`` atomically, then drop every checkpoint
+        after it (a future that a roll back abandoned) and all but the newest
+        ``keep``. Files are private to the user (0600): they hold the session's
+        resume token."""
         t0 = time.perf_counter()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds the session's resume token
         tmp = self.root / f".tmp-{self._name(step)}-{secrets.token_hex(4)}"
@@ -106,6 +113,7 @@ class CheckpointStore:
             save_file({k: t.detach().contiguous().clone() for k, t in tensors.items()}, str(tmp / TENSORS))
             (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, **manifest}, indent=1))
             for name in (TENSORS, MANIFEST):
+                os.chmod(tmp / name, 0o600)
                 _fsync_file(tmp / name)
             _fsync_dir(tmp)
             final = self.root / self._name(step)
@@ -117,9 +125,16 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         nbytes = sum(f.stat().st_size for f in final.iterdir())
-        for old in self.steps()[: -self.keep]:
+        kept = [s for s in self.steps() if s <= step]
+        for old in [s for s in self.steps() if s > step] + kept[: -self.keep]:
             shutil.rmtree(self.root / self._name(old), ignore_errors=True)
         return Saved(final, nbytes, time.perf_counter() - t0)
+
+    def drop_after(self, step: int) -> None:
+        """Delete the checkpoints after ``step``: both sides rolled back to it."""
+        for later in self.steps():
+            if later > step:
+                shutil.rmtree(self.root / self._name(later), ignore_errors=True)
 
     def load(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The tensors and manifest of ``step``; `CheckpointError` if it is missing or unreadable."""

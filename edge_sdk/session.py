@@ -179,6 +179,15 @@ Command = Send | Receive | Compute | Now | Reconnect
 Steps = Generator[Command, Any, T]
 
 
+def _write_checkpoint(checkpoint: DeviceCheckpoint, store: CheckpointStore) -> tuple[int, float, str]:
+    """Write the device's half to disk: (bytes, seconds, error text or "")."""
+    try:
+        nbytes, seconds = checkpoint.save(store)
+    except OSError as exc:
+        return 0, 0.0, exc.strerror or str(exc)
+    return nbytes, seconds, ""
+
+
 # ----------------------------------------------------------- scheduling rule
 class Next(Enum):
     """What the session does next with the batch in hand."""
@@ -293,6 +302,7 @@ class EdgeSession:
         self.checkpoint_store = CheckpointStore(cfg.checkpoint_dir, keep=1) if cfg.checkpoint_dir else None
         #: checkpoints agreed so far, and what the device's own writes cost
         self.checkpoint_stats: dict[str, Any] = dict(saved=0, step=-1, bytes=0, write_s=0.0)
+        self._checkpoint_asked = 0  # step of the latest request, saved or not: the next is N steps on
         #: one entry per roll back to a checkpoint: from which step, to which, why
         self.rollbacks: list[dict[str, Any]] = []
         #: set from outside (a signal handler): stop before the next batch
@@ -487,7 +497,7 @@ class EdgeSession:
         if not self._checkpointing:
             return
         yield from self.drain(adapt=False)
-        step = self.pipeline.next_step
+        step = self._checkpoint_asked = self.pipeline.next_step
         while True:
             resumes = self.resumes
             yield from self._send(fr.Checkpoint(step=step, epoch=epoch))
@@ -507,7 +517,11 @@ class EdgeSession:
         self.checkpoint_stats["saved"] += 1
         self.checkpoint_stats["step"] = step
         if self.checkpoint_store is not None:
-            nbytes, seconds = yield from self._compute(self.checkpoint.save, self.checkpoint_store, train=False, scaled=False)
+            nbytes, seconds, error = yield from self._compute(
+                _write_checkpoint, self.checkpoint, self.checkpoint_store, train=False, scaled=False
+            )
+            if error:  # the cloud's half and the one in memory still cover a cloud restart
+                log.warning("warning: cannot write the checkpoint of step %d to %s: %s", step, self.cfg.checkpoint_dir, error)
             self.checkpoint_stats["bytes"] = nbytes
             self.checkpoint_stats["write_s"] += seconds
 
@@ -989,7 +1003,7 @@ class EdgeSession:
                     if result.train_s + now - t_epoch > self.cfg.max_train_s:
                         result.stopped_early = True
                         break
-                if every and i > skip and self.pipeline.next_step - max(0, self.checkpoint_stats["step"]) >= every:
+                if every and i > skip and self.pipeline.next_step - self._checkpoint_asked >= every:
                     yield from self._checkpoint(epoch, i)
                 yield from self.train_batch(x, y, epoch)
             yield from self.drain()
@@ -1079,7 +1093,7 @@ class EdgeSession:
         self.session_id = int(m["session"])
         self.resume_token = str(m["resume_token"])
         self.checkpoint = checkpoint
-        self.checkpoint_stats["step"] = checkpoint.step
+        self.checkpoint_stats["step"] = self._checkpoint_asked = checkpoint.step
         self._roll_back(checkpoint)
         result.train_s = float(m["train_s"])
         ack = yield from self._resume_hello("carrying on from the checkpoint", restart=True)

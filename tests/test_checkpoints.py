@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cloud_backend.session import CloudSession, SessionConfig
-from cloud_backend.state_dir import StateDir
+from cloud_backend.state_dir import StateDir, WrongResumeToken
 from edge_sdk.checkpoints import CheckpointError, CheckpointStore
 from edge_sdk.device_checkpoint import DeviceCheckpoint
 from edge_sdk.emulation.inprocess import InProcessLink
@@ -174,14 +174,48 @@ def test_a_device_restarted_from_its_checkpoint_matches_the_uninterrupted_run(tm
     assert resumed.rollbacks[0]["reason"] == "the device restarted (--resume)"
 
 
-def test_a_checkpoint_the_cloud_does_not_hold_is_refused_clearly(tmp_path):
+def test_a_restore_checks_the_token_first_and_refuses_a_step_it_does_not_hold(tmp_path):
     state = StateDir(tmp_path)
-    _run(tmp_path, state=state)  # session 1's newest two checkpoints stay (the in-process link deletes nothing)
+    edge, *_ = _run(tmp_path, state=state)  # session 1's newest two checkpoints stay (the in-process link deletes nothing)
     assert state.store(1).steps() == [34, 36]
-    with pytest.raises(CheckpointError, match=r"no checkpoint of step 999 on this cloud \(it holds: "):
-        state.restore(1, 999, SessionConfig(checkpoints=True))
-    with pytest.raises(CheckpointError, match=r"it holds: none"):
-        state.restore(77, 3, SessionConfig(checkpoints=True))
+    config = SessionConfig(checkpoints=True, resume_secret=state.secret())
+    with pytest.raises(WrongResumeToken):  # nothing is said about a session without its token
+        state.restore(1, 34, config, "0" * 64)
+    with pytest.raises(WrongResumeToken):
+        state.restore(77, 3, config, edge.resume_token)
+    with pytest.raises(CheckpointError, match=r"no checkpoint of step 999 on this cloud \(it holds: 34, 36\)"):
+        state.restore(1, 999, config, edge.resume_token)
+    restored = state.restore(1, 34, config, edge.resume_token)
+    assert restored.restored_step == 34 and restored.resume_token == edge.resume_token
+    assert state.store(1).steps() == [34]  # rolled back: the later checkpoint is abandoned
+
+
+def test_a_session_id_that_comes_again_does_not_take_an_older_token():
+    config = SessionConfig(resume_secret=b"k" * 32)
+    assert CloudSession(5, config).resume_token != CloudSession(5, config).resume_token
+
+
+def test_a_checkpoint_saved_before_the_cloud_died_unacknowledged(tmp_path):
+    """The cloud saves a checkpoint and dies before its ack goes out: the device
+    holds only the one before, the cloud both; they roll back to the older one and
+    the run still ends with an uninterrupted run's weights."""
+    edge0, cloud0, link0, plain = _run(tmp_path / "plain")
+    asks = [i + 1 for i, f in enumerate(link0.sent) if isinstance(f, fr.Checkpoint)]  # send numbers
+    edge, cloud, link, resumed = _run(tmp_path / "faulty", {asks[4]: "restart-late"})
+    (back,) = resumed.rollbacks
+    assert back["to_step"] == link0.sent[asks[3] - 1].step  # the newest the device held
+    _assert_same_model(_merged(edge0, cloud0), _merged(edge, cloud))
+    assert resumed.steps == 36 == cloud.applied_steps
+
+
+def test_a_lost_answer_to_a_restoring_resume_rolls_back_on_the_next(tmp_path):
+    """The cloud restored the session and answered, the answer was lost: the device
+    dials again and is still told to roll back (until it sends anything else)."""
+    edge0, cloud0, _, _ = _run(tmp_path / "plain")
+    edge, cloud, link, resumed = _run(tmp_path / "faulty", {20: "restart", 21: "reply"})
+    hellos = [f for f in link.sent if isinstance(f, fr.Hello) and f.resume_session]
+    assert len(hellos) == 2 and len(resumed.rollbacks) == 1
+    _assert_same_model(_merged(edge0, cloud0), _merged(edge, cloud))
 
 
 def test_against_a_cloud_without_checkpoints_nothing_is_saved(tmp_path, caplog):
@@ -257,15 +291,19 @@ async def test_sessions_found_in_the_state_dir_expire_after_the_ttl(tmp_path):
 
     state = StateDir(tmp_path)
     state.store(41).save(0, {"x": torch.zeros(1)}, {})
-    server = CloudServer(ServerConfig(port=0, state_dir=str(tmp_path), session_ttl_s=30))
+    server = CloudServer(ServerConfig(port=0, state_dir=str(tmp_path), session_ttl_s=30, max_sessions=2))
     await server.start()
     try:
-        assert state.session_ids() == [41] and 41 in server._expiry
-        assert next(server._ids) == 42  # new sessions never take an id on disk
-        server._expire(41)  # what the TTL's timer calls
-        assert state.session_ids() == []
+        assert state.session_ids() == [41]
+        left = server._expiry[41].when() - asyncio.get_running_loop().time()
+        assert 29 < left <= 30  # the TTL's timer is armed from start-up
+        assert next(server._ids) == 42  # new sessions take ids after those on disk
+        assert server._sessions_held() == 1  # its slot is kept for its device
+        server._expire(41)  # what the timer calls
+        assert server._sessions_held() == 0
     finally:
-        await server.close()
+        await server.close()  # waits for the folder's deletion
+    assert state.session_ids() == []
 
 
 # ------------------------------------------------- processes, SIGKILL included

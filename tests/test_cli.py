@@ -189,7 +189,7 @@ def test_ctrl_c_keeps_a_checkpoint_at_the_step_it_stopped_and_resume_finishes_th
     assert "SIGINT: stopping after the steps in flight" in err and "Traceback" not in err
     report = json.loads(out.read_text())
     stopped_at = report["steps"]
-    assert report["interrupted"] == "SIGINT" and report["checkpoints"]["step"] == stopped_at  # not the epoch's start
+    assert report["interrupted"] == "SIGINT" and report["checkpoints"]["step"] == stopped_at  # saved where it stopped
     assert f"checkpoint of step {stopped_at} kept: resume with `python -m edge_sdk emulate" in err
     resumed = subprocess.run(
         [*base, "--checkpoint-dir", str(ckpt), "--resume", "--json", str(out)], capture_output=True, text=True, timeout=300

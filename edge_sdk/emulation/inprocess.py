@@ -49,9 +49,10 @@ class InProcessLink:
     is gone, the device's next receive reports the drop, and a `Reconnect` brings
     the link back (the server's part, routing a resuming Hello to
     `CloudSession.resume`, is done here). ``"restart"`` is a cut that also loses
-    the cloud session: like a killed server, it comes back from ``state``'s
-    checkpoints (which the link writes when the session asks, as the server
-    does) at the step the device's resume names."""
+    the cloud session before it sees the frame, ``"restart-late"`` after it
+    handled it (a checkpoint saved, its ack lost): like a killed server, it
+    comes back from ``state``'s checkpoints (which the link writes when the
+    session asks, as the server does) at the step the device's resume names."""
 
     def __init__(
         self,
@@ -136,16 +137,18 @@ class InProcessLink:
             if self.cloud is None or seen.resume_restart:
                 if self.state is None:
                     raise Stuck("the cloud restarted with nothing saved")
-                self.cloud = self.state.restore(seen.resume_session, seen.resume_step, self.config)
+                self.cloud = self.state.restore(seen.resume_session, seen.resume_step, self.config, seen.resume_token)
             replies = list(self.cloud.resume(seen))
-            self.cloud.resumed()
         else:
             assert self.cloud is not None
             replies = self.cloud.handle(seen, recv_ns=self._tick())
             pending, self.cloud.pending_checkpoint = self.cloud.pending_checkpoint, None
             if pending is not None and self.state is not None:
                 self.state.store(self.cloud.session_id).save(*pending)
-        if cut == "reply":
+        if cut == "restart-late":
+            self.cloud = None
+            self.restarts += 1
+        if cut in ("reply", "restart-late"):
             self._cut()
             return Sent(sent_ns, len(data))
         for reply in replies:
