@@ -199,9 +199,9 @@ def test_a_checkpoint_saved_before_the_cloud_died_unacknowledged(tmp_path):
     """The cloud saves a checkpoint and dies before its ack goes out: the device
     holds only the one before, the cloud both; they roll back to the older one and
     the run still ends with an uninterrupted run's weights."""
-    edge0, cloud0, link0, plain = _run(tmp_path / "plain")
+    edge0, cloud0, link0, _ = _run(tmp_path / "plain")
     asks = [i + 1 for i, f in enumerate(link0.sent) if isinstance(f, fr.Checkpoint)]  # send numbers
-    edge, cloud, link, resumed = _run(tmp_path / "faulty", {asks[4]: "restart-late"})
+    edge, cloud, _, resumed = _run(tmp_path / "faulty", {asks[4]: "restart-late"})
     (back,) = resumed.rollbacks
     assert back["to_step"] == link0.sent[asks[3] - 1].step  # the newest the device held
     _assert_same_model(_merged(edge0, cloud0), _merged(edge, cloud))
