@@ -445,6 +445,7 @@ class CloudSession:
         params = [p for b in self.blocks for p in b.parameters()]
         self.optimizer = build_optimizer(params, self.optimizer_config) if params else None
         self.block_ms = [ComputeEstimator() for _ in self.blocks]
+        self.step_ms = ComputeEstimator()  # other blocks per step now (none at all when the device trains alone)
 
     # ------------------------------------------------------------------ train
     def _inputs(self, frame: Features, *, max_batch: int) -> tuple[torch.Tensor, torch.Tensor]:

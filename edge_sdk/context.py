@@ -507,6 +507,15 @@ class ContextTracker:
         self.cloud_step = ComputeEstimator(**self._compute_kw)
         self.reset_step_interval()
 
+    def forget_cloud_compute(self) -> None:
+        """The cloud's compute figures are too old to trust (the device trained alone
+        for a while, so nothing measured them): the profile's stand until the
+        cloud is measured again."""
+        self.cloud_step = ComputeEstimator(**self._compute_kw)
+        self.cloud_blocks = {}
+        for key in ("cloud_step_ms", "cloud_block_ms"):
+            self._remote.pop(key, None)
+
     def observe_cloud_step(self, ms: float) -> None:
         self.cloud_step.observe(ms)
 

@@ -62,8 +62,17 @@ T = TypeVar("T")
 #: while training alone, probe the link this often (s), with at least this many filler bytes
 PROBE_EVERY_S = 2.0
 PROBE_MIN_BYTES = 2048
-#: probes (small and padded alternating) before the engine's start-up decision
-INITIAL_PROBES = 14
+#: probes (small and padded alternating) before the engine's start-up decision: at
+#: least the first number, at most the second, and past the minimum only while
+#: the probing has taken less than the budget (s). On WiFi 14 probes take ~0.5 s;
+#: on a 250 kbit/s link each takes ~0.25 s, and six give the engine its evidence
+INITIAL_PROBES = (6, 14)
+INITIAL_PROBE_BUDGET_S = 1.0
+#: while training alone, the cloud's compute figures (from before) are trusted this
+#: long (s), then forgotten for the profile's, so a cloud that was slow and
+#: recovered can win the cut back; doubled each time (a cloud still slow costs
+#: the engine one dwell per forgetting, ever rarer)
+CLOUD_ESTIMATE_TTL_S = 60.0
 
 
 class TrainingError(RuntimeError):
@@ -307,6 +316,8 @@ class EdgeSession:
         self.rollbacks: list[dict[str, Any]] = []
         #: set from outside (a signal handler): stop before the next batch
         self.stop_reason: str | None = None
+        self._cloud_ttl_s = CLOUD_ESTIMATE_TTL_S
+        self._alone_since: float | None = None  # run time the cloud's figures were last current, alone
         self.choice = initial_choice(cfg, setup)
         self.controller = controller
         if controller is not None:
@@ -791,21 +802,30 @@ class EdgeSession:
         features, so they measure queueing too; the RTT estimator keeps the minimum.
         ``bandwidth``: every other request padded, so the bandwidth fit sees two sizes."""
         for i in range(count):
-            answered = False
-            while not answered:
-                resumes = self.resumes
-                yield from self._request_context(padding=self._probe_bytes() if bandwidth and i % 2 else 0)
-                while not answered and self.resumes == resumes:  # a resume lost the request: ask again
-                    frame = yield from self._receive()
-                    if isinstance(frame, fr.Context):
-                        self._observe_context(frame)
-                        answered = bool(frame.recv_ns)
+            yield from self._probe_once(padded=bandwidth and i % 2 == 1)
+
+    def _probe_once(self, *, padded: bool) -> Steps[None]:
+        answered = False
+        while not answered:
+            resumes = self.resumes
+            yield from self._request_context(padding=self._probe_bytes() if padded else 0)
+            while not answered and self.resumes == resumes:  # a resume lost the request: ask again
+                frame = yield from self._receive()
+                if isinstance(frame, fr.Context):
+                    self._observe_context(frame)
+                    answered = bool(frame.recv_ns)
 
     def _initial_decision(self) -> Steps[None]:
-        """Probe the link's bandwidth both ways, then let the engine pick the start
-        configuration (device-only included) before the first step."""
+        """Probe the link's bandwidth both ways (`INITIAL_PROBES` within
+        `INITIAL_PROBE_BUDGET_S`), then let the engine pick the start configuration
+        (device-only included) before the first step."""
         assert self.controller is not None
-        yield from self.probe_rtt(INITIAL_PROBES, bandwidth=True)
+        least, most = INITIAL_PROBES
+        t0 = yield from self._now()
+        for i in range(most):
+            yield from self._probe_once(padded=i % 2 == 1)
+            if i + 1 >= least and (yield from self._now()) - t0 >= INITIAL_PROBE_BUDGET_S:
+                break
         now = yield from self._now()
         decision = self.controller.initial(self.tracker.snapshot(), now)
         if decision is not None:
@@ -833,6 +853,15 @@ class EdgeSession:
         estimated link. Apart, not back to back: a frame that arrives right
         behind another tells the estimators nothing about its own size."""
         now = yield from self._now()
+        if self._alone_since is None:
+            self._alone_since = now
+        elif now - self._alone_since > self._cloud_ttl_s:
+            log.info(
+                "%.0f s alone: the cloud's compute figures are that old; pricing it from the profile again",
+                now - self._alone_since,
+            )
+            self.tracker.forget_cloud_compute()
+            self._alone_since, self._cloud_ttl_s = now, 2 * self._cloud_ttl_s
         if now - self._last_probe_s < PROBE_EVERY_S / 8:
             return  # checked first: a device-only step can take a few milliseconds
         # faster while an estimate is missing (a new link): the engine waits for it
@@ -879,6 +908,7 @@ class EdgeSession:
                 self.pipeline.codec = Codec.parse(choice.codec)
                 self.pipeline.window.staleness = choice.staleness
         self.choice = choice
+        self._alone_since = None  # (alone: counted from the first step trained alone)
         self.tracker.reset_step_interval()  # a new configuration, a new step time
         self._interval_reset = True
         if self.controller is not None:

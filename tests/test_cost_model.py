@@ -77,7 +77,7 @@ def test_pipeline_time_properties(a, b, c, d, lat, r, K):
         return
     kf = min_staleness_to_fill(s)
     assert pipeline_time(r, kf, s) == pytest.approx(lo)
-    if kf > 0 and r > kf:
+    if kf > 0 and r > kf and s.total - kf * s.bottleneck > 1e-9 * s.total:  # (not a tie lost in float rounding)
         assert pipeline_time(r, kf - 1, s) > lo  # and K below it is slower
     # steady state is the per-step slope for whole windows
     if r % (K + 1) == 0:

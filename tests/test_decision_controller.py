@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -142,3 +143,48 @@ def test_spread_tracker_forgets_a_reset_estimator():
     assert 0.01 < tr.spread("uplink") < 0.2
     tr.observe(ContextSnapshot(uplink_bps=0.25e6, samples={"uplink": 2}))  # reset, a new link
     assert tr.spread("uplink") == 0.3  # too few values of the new link: assumed
+
+
+def _slow_split(inputs: DecisionInputs, cur: Choice, factor: float) -> ContextSnapshot:
+    """The link and compute as modelled, but steps come ``factor`` x slower than predicted."""
+    snap = snapshot(inputs, cur, up_mbps=50)
+    interval = factor * 1e3 * predict(cur, inputs).step_time_s
+    return replace(snap, step_interval_ms=interval, samples={**snap.samples, "step_interval": 30})
+
+
+def test_a_split_measured_slower_than_its_model_makes_the_device_train_alone_and_stay():
+    """1x device on a good link: the model says p=2 fp16 K=3 beats training alone by
+    15 %, but its steps come 2x slower than the model explains (the device shares
+    its CPU with the link stack). Two decisions in a row that agree price every
+    split 2x; then training alone wins, and, alone, the engine does not go back to a
+    split on the model's word."""
+    inputs = make(50, slowdown=1)
+    cur = CostModelPolicy().decide(inputs, None, 1000).choice
+    assert cur == Choice(2, "fp16", 3)
+    ctl = controller(inputs, cur)
+    assert ctl.decide(10, _slow_split(inputs, cur, 2.0)) is None  # one reading is not a pattern
+    assert ctl.split_slowdown == 1.0
+    d = ctl.decide(20, _slow_split(inputs, cur, 2.0))
+    assert d is not None and d.choice.point == L and ctl.split_slowdown == pytest.approx(2.0, rel=0.01)
+    assert "device-only" in ctl.history[-1]["reason"]
+    ctl.current = d.choice
+    ctl.switched(20)
+    for step in range(80, 300, 20):  # past the dwell, on the same good link
+        alone = snapshot(inputs, ctl.current, up_mbps=50)
+        assert ctl.decide(step, alone) is None
+    assert ctl.split_slowdown == pytest.approx(2.0, rel=0.01)
+
+
+def test_a_slow_interval_right_after_a_link_change_is_not_learned():
+    inputs = make(50, slowdown=1)
+    cur = Choice(2, "fp16", 3)
+    ctl = controller(inputs, cur)
+    ctl.force(10)  # the link changed: intervals now mix two links
+    for step in (13, 16, 19):
+        ctl.decide(step, _slow_split(inputs, cur, 3.0))
+    assert ctl.split_slowdown == 1.0
+    # within the noise band it is no slowdown at all
+    ctl = controller(inputs, cur)
+    for step in (10, 20, 30):
+        assert ctl.decide(step, _slow_split(inputs, cur, 1.1)) is None
+    assert ctl.split_slowdown == 1.0

@@ -132,3 +132,34 @@ def test_a_lost_link_and_a_refusal_end_the_run_with_the_reason():
     refusal = Received(fr.Envelope(frame=fr.Error(code=ErrorCode.UNAUTHORIZED, message="bad token", step=-1)), 0, 0)
     with pytest.raises(TrainingError, match=r"cloud refused: bad token \(UNAUTHORIZED\)"):
         _answer_with(edge.handshake(), refusal)
+
+
+def test_alone_for_long_the_cloud_figures_are_forgotten_ever_more_rarely(caplog):
+    """A device that went alone because the cloud was slow would never see it
+    recover (only probes cross the link, and they time the link, not the cloud):
+    after a while alone the cloud's old compute figures give way to the profile's,
+    and the wait doubles each time."""
+    from edge_sdk.decision.controller import DecisionController
+    from edge_sdk.decision.cost_model import Choice
+    from edge_sdk.decision.policy import CostModelPolicy
+    from tests.decision_inputs import make
+
+    cfg = TrainConfig(point="device", batch_size=16)
+    setup = build_local(cfg)
+    L = setup.spec.model.num_blocks
+    ctl = DecisionController(make(20), CostModelPolicy(), Choice(L, "fp32", 0), total_steps=1000, first_after=10**9)
+    edge, cloud = EdgeSession(cfg, setup, controller=ctl), CloudSession(1)
+    link = InProcessLink(edge, cloud)
+    link.drive(edge.handshake())
+    edge.tracker.observe_remote(cloud_step_ms=100.0, cloud_block_ms={3: 40.0})  # a slow cloud, measured long ago
+    edge._cloud_ttl_s = 0.05  # (60 s in a run; the in-process clock ticks 1 ms per reading)
+    x, y = _batch(0)
+    with caplog.at_level("INFO", logger="edge_sdk"):
+        link.drive(edge.train_batch(x, y, 0))
+        assert edge.tracker.snapshot().cloud_step_ms == 100.0  # fresh enough
+        for _ in range(80):
+            link.drive(edge.train_batch(x, y, 0))
+    snap = edge.tracker.snapshot()
+    assert snap.cloud_step_ms is None and not snap.cloud_block_ms  # the profile prices the cloud again
+    forgot = caplog.text.count("the cloud's compute figures are that old")
+    assert forgot >= 2 and edge._cloud_ttl_s == pytest.approx(0.05 * 2**forgot)

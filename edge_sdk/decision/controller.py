@@ -22,10 +22,10 @@ flapping between near-equal configurations costs more than either):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context, predict
+from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context, predict, split_slowdown
 from edge_sdk.decision.policy import Decision, Policy
 from edge_sdk.decision.uncertainty import SpreadTracker
 
@@ -58,15 +58,26 @@ class DecisionController:
     _last_time: float = 0.0
     _forced_at: int | None = None
     _switched_at: int | None = None
+    _link_changed_at: int | None = None
+    #: what split steps measured beyond the model (`cost_model.split_slowdown`): kept
+    #: while the device trains alone, where it cannot be measured, so an engine that
+    #: left a split for being slow does not go back on the model's word alone
+    split_slowdown: float = 1.0
+    _slow_seen: list[float] = field(default_factory=list)
+    #: steps after a link change before a split's step interval is believed again
+    settle_steps: int = 20
 
     def force(self, step: int) -> None:
         """Re-decide after ``min_steps_between`` more steps (the link just changed),
         dwell or not."""
         self._forced_at = step
+        self._link_changed_at = step
+        self._slow_seen = []
 
     def switched(self, step: int) -> None:
         """The transport acted on a decision at ``step``: start the dwell."""
         self._switched_at = step
+        self._slow_seen = []  # another configuration: its own interval, measured afresh
 
     def due(self, step: int, now_s: float = 0.0) -> bool:
         if step < self.first_after:
@@ -137,7 +148,7 @@ class DecisionController:
         self._last_time = now_s
         self.spreads.observe(snapshot)
         remaining = max(1, self.total_steps - step)
-        inputs = apply_context(self.base_inputs.with_remaining(remaining), snapshot, self.current)
+        inputs = self._calibrated(step, snapshot, remaining)
         missing = self.missing(snapshot)
         if missing:
             self._record_wait(
@@ -157,6 +168,22 @@ class DecisionController:
             wants_switch = False
         self._record(step, decision, reason, inputs, uncertainty.to_dict(), switch=wants_switch, time_s=now_s)
         return decision if wants_switch else None
+
+    def _calibrated(self, step: int, snapshot: Any, remaining: int) -> DecisionInputs:
+        """`apply_context`, plus the split slowdown: learned from the current split
+        when its interval is settled (two decisions in a row agree, no link change
+        in ``settle_steps``), remembered otherwise."""
+        inputs = apply_context(
+            replace(self.base_inputs.with_remaining(remaining), split_slowdown=self.split_slowdown), snapshot, self.current
+        )
+        settled = self._forced_at is None and (self._link_changed_at is None or step - self._link_changed_at >= self.settle_steps)
+        seen = split_slowdown(inputs, snapshot, self.current) if settled else None
+        if seen is not None:
+            self._slow_seen = [*self._slow_seen[-1:], seen]
+            if len(self._slow_seen) == 2:
+                self.split_slowdown = min(self._slow_seen)
+                inputs = replace(inputs, split_slowdown=self.split_slowdown)
+        return inputs
 
     def initial(self, snapshot: Any, now_s: float = 0.0) -> Decision | None:
         """The choice before the first step, once the link was probed.

@@ -297,6 +297,12 @@ class DecisionInputs:
     #: device time / this machine's CPU time in emulation (1 on a real device):
     #: turns a measured per-step CPU time into device compute for calibration
     device_slowdown: float = 1.0
+    #: split steps measured this much slower than the model explains (a link- or
+    #: cloud-bound split whose step interval is longer than its stages: CPU the
+    #: device shares with the network stack or other processes, e.g. emulation
+    #: on one machine at 1x); every split candidate pays it, training alone does
+    #: not (`DecisionController` learns it, see ``split_slowdown``)
+    split_slowdown: float = 1.0
 
     @property
     def num_blocks(self) -> int:
@@ -505,8 +511,8 @@ def predict(config: Choice, inputs: DecisionInputs) -> Prediction:
         total = r * st.t1_edge_s
         step = st.t1_edge_s
     else:
-        total = pipeline_time(r, config.staleness, st)
-        step = total / r if r > 0 else steady_step_time(config.staleness, st)
+        total = pipeline_time(r, config.staleness, st) * inputs.split_slowdown
+        step = total / r if r > 0 else steady_step_time(config.staleness, st) * inputs.split_slowdown
     mem = memory_use(config, inputs)
     feat = 0 if device_only else (inputs.feature_nbytes(config.point, config.codec) or 0)
     return Prediction(
@@ -635,6 +641,28 @@ def _calibrate_interval(inputs: DecisionInputs, snapshot: Any, current: Choice) 
     if gap <= 0:
         return inputs
     return replace(inputs, edge_step_overhead_s=inputs.edge_step_overhead_s + gap)
+
+
+#: a split's measured step this much slower than predicted (after calibration) is
+#: priced into every split; within it the gap is noise
+SPLIT_SLOWDOWN_BAND = 1.15
+#: the most it is trusted to say (a longer gap is a link that changed, not a constant cost)
+MAX_SPLIT_SLOWDOWN = 4.0
+
+
+def split_slowdown(inputs: DecisionInputs, snapshot: Any, current: Choice) -> float | None:
+    """The measured step interval of split ``current`` over its predicted steady
+    step (``inputs`` calibrated, so an edge-bound gap is already device overhead);
+    None when there is no say (device-only, too few samples), 1.0 within the band."""
+    interval = getattr(snapshot, "step_interval_ms", None)
+    samples = (getattr(snapshot, "samples", {}) or {}).get("step_interval", 0)
+    if current.point >= inputs.num_blocks or not interval or samples < MIN_INTERVAL_SAMPLES:
+        return None
+    modelled = steady_step_time(current.staleness, stage_times(current, inputs))  # without any slowdown
+    if modelled <= 0:
+        return None
+    ratio = (interval / 1e3) / modelled
+    return 1.0 if ratio < SPLIT_SLOWDOWN_BAND else min(MAX_SPLIT_SLOWDOWN, ratio)
 
 
 def inputs_from_profile(
