@@ -23,6 +23,7 @@ from edge_sdk.emulation.inprocess import InProcessLink
 from edge_sdk.session import EdgeSession
 from edge_sdk.training import TrainConfig, build_local
 from schemas import frames as fr
+from tests.test_resume import _merged  # head from the device, tail from the cloud
 
 EXACT = dict(
     point=2,
@@ -51,14 +52,6 @@ def _run(tmp_path, cuts=None, *, state=None, cloud=None, edge=None, **over):
     result = link.drive(edge.run(0.0))
     assert link.cloud is not None
     return edge, link.cloud, link, result
-
-
-def _merged(edge: EdgeSession, cloud: CloudSession) -> dict[str, torch.Tensor]:
-    head = edge.setup.spec.model.state_dict()
-    assert cloud.spec is not None
-    tail = cloud.spec.model.state_dict()
-    p = edge.pipeline.point
-    return {k: (head[k] if int(k.split(".")[1]) < p else tail[k]) for k in head}
 
 
 def _assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
