@@ -25,6 +25,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -138,6 +139,15 @@ class StalenessGuard:
         self._seen: list[float] = []
         self.threshold: float | None = None
         self.clipped = 0
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (plain JSON)."""
+        return dict(seen=list(self._seen), threshold=self.threshold, clipped=self.clipped)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._seen = list(state["seen"])
+        self.threshold = state["threshold"]
+        self.clipped = int(state["clipped"])
 
     def apply(self, params: list[torch.Tensor]) -> float:
         grads = [p.grad for p in params if p.grad is not None]

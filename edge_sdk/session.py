@@ -553,7 +553,7 @@ class EdgeSession:
             staleness=self.pipeline.staleness,
             steps_applied=self.pipeline.steps_applied,
             updates=self.pipeline.updates,
-            guard=None if guard is None else dict(seen=guard._seen, threshold=guard.threshold, clipped=guard.clipped),
+            guard=None if guard is None else guard.state(),
             means=dict(loss_sum=self._means.loss_sum, correct=self._means.correct, count=self._means.count),
             history=list(result.history),
             timeline=list(result.timeline),
@@ -596,9 +596,7 @@ class EdgeSession:
         self.runtime = runtime
         guard = self.pipeline.guard
         if guard is not None and m.get("guard") is not None:
-            guard._seen = list(m["guard"]["seen"])
-            guard.threshold = m["guard"]["threshold"]
-            guard.clipped = int(m["guard"]["clipped"])
+            guard.load_state(m["guard"])
         torch.set_rng_state(checkpoint.tensors["rng"])
         self.choice = Choice(point, str(m["codec"]), int(m["staleness"]))
         if self.controller is not None:
