@@ -63,10 +63,13 @@ T = TypeVar("T")
 PROBE_EVERY_S = 2.0
 PROBE_MIN_BYTES = 2048
 #: probes (small and padded alternating) before the engine's start-up decision: at
-#: least the first number, at most the second, and past the minimum only while
-#: the probing has taken less than the budget (s). On WiFi 14 probes take ~0.5 s;
-#: on a 250 kbit/s link each takes ~0.25 s, and six give the engine its evidence
-INITIAL_PROBES = (6, 14)
+#: least the first number, at most the second; past the minimum only while more
+#: could change the choice (`DecisionController.initial_settled`) and the probing
+#: has taken less than the budget (s). With the handshake's three RTT probes the
+#: minimum gives the link estimators the samples the engine needs
+#: (`decision.controller.MIN_SAMPLES`). On WiFi a probe takes ~35 ms, on a
+#: 250 kbit/s link ~0.25 s
+INITIAL_PROBES = (3, 14)
 INITIAL_PROBE_BUDGET_S = 1.0
 #: while training alone, the cloud's compute figures (from before) are trusted this
 #: long (s), then forgotten for the profile's, so a cloud that was slow and
@@ -814,15 +817,20 @@ class EdgeSession:
                     answered = bool(frame.recv_ns)
 
     def _initial_decision(self) -> Steps[None]:
-        """Probe the link's bandwidth both ways (`INITIAL_PROBES` within
-        `INITIAL_PROBE_BUDGET_S`), then let the engine pick the start configuration
-        (device-only included) before the first step."""
+        """Probe the link's bandwidth both ways (`INITIAL_PROBES`, until the choice
+        is settled or `INITIAL_PROBE_BUDGET_S` is spent), then let the engine pick
+        the start configuration (device-only included) before the first step."""
         assert self.controller is not None
         least, most = INITIAL_PROBES
         t0 = yield from self._now()
         for i in range(most):
-            yield from self._probe_once(padded=i % 2 == 1)
-            if i + 1 >= least and (yield from self._now()) - t0 >= INITIAL_PROBE_BUDGET_S:
+            yield from self._probe_once(padded=i % 2 == 0)
+            if i + 1 < least:
+                continue
+            if (yield from self._now()) - t0 >= INITIAL_PROBE_BUDGET_S:
+                break
+            # the check prices a few dozen candidates (~15 ms here): every third probe
+            if (i + 1 - least) % 3 == 0 and self.controller.initial_settled(self.tracker.snapshot()):
                 break
         now = yield from self._now()
         decision = self.controller.initial(self.tracker.snapshot(), now)

@@ -188,3 +188,35 @@ def test_a_slow_interval_right_after_a_link_change_is_not_learned():
     for step in (10, 20, 30):
         assert ctl.decide(step, _slow_split(inputs, cur, 1.1)) is None
     assert ctl.split_slowdown == 1.0
+
+
+def _probed(up_mbps: float | None, samples: int = 6) -> ContextSnapshot:
+    """What the tracker knows at start-up: the link from a few probes, no step yet."""
+    bps = up_mbps * 1e6 if up_mbps else None
+    return ContextSnapshot(
+        uplink_bps=bps,
+        downlink_bps=bps,
+        rtt_s=0.01,
+        samples={"uplink": samples, "downlink": samples, "rtt": samples},
+        methods={"uplink": "fit", "downlink": "fit"},
+    )
+
+
+def test_start_up_probing_stops_once_more_probes_could_not_change_the_choice():
+    """A 4x device: below ~4 Mbit/s device-only wins by far, and the choice is
+    settled after the minimum probes. Where the best cut flips with the bandwidth
+    (device-only to p=3 at ~5.7 Mbit/s, p=3 to p=2, p=2 to p=1), the choice near
+    the flip is not settled: 30 % either way would change it."""
+    inputs = make(20, slowdown=4)
+    ctl = controller(inputs, Choice(2, "fp16", 2))
+    assert not ctl.initial_settled(_probed(None, samples=0))  # no link estimate yet
+    assert not ctl.initial_settled(_probed(0.25, samples=3))  # too few samples
+    grid = [0.25 * 1.05**i for i in range(120)]  # 0.25 .. ~85 Mbit/s
+    policy = CostModelPolicy()
+    best = [policy.decide(make(up, slowdown=4), None, 1000).choice for up in grid]
+    flips = [i for i in range(1, len(grid)) if best[i].point != best[i - 1].point]
+    assert len(flips) == 3 and best[0].point == L and best[flips[0]].point < L
+    for i in flips:
+        assert not ctl.initial_settled(_probed((grid[i - 1] * grid[i]) ** 0.5)), (grid[i], best[i - 1], best[i])
+    alone = [g for g in grid if g < grid[flips[0]] / 1.35]
+    assert len(alone) > 50 and all(ctl.initial_settled(_probed(g)) for g in alone)

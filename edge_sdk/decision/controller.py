@@ -26,11 +26,19 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context, predict, split_slowdown
-from edge_sdk.decision.policy import Decision, Policy
-from edge_sdk.decision.uncertainty import SpreadTracker
+from edge_sdk.decision.policy import CostModelPolicy, Decision, Policy
+from edge_sdk.decision.uncertainty import SpreadTracker, Uncertainty
 
 #: samples an estimate needs (since its last reset) before the engine acts on it
 MIN_SAMPLES = {"uplink": 6, "downlink": 6, "rtt": 0, "edge_step": 3, "cloud_step": 3}
+#: how far off (relative) the start-up probes' link estimates may be when judging
+#: whether more probes could change the start-up choice (`initial_settled`)
+START_LINK_UNCERTAINTY = 0.3
+#: candidates re-priced at the corners of that band, and how much slower than
+#: a corner's best the start-up choice may be there and still count as settled
+#: (the policy's widest tie tolerance: more probes would buy at most this much)
+SETTLE_CONTENDERS = 6
+SETTLE_TOLERANCE = 0.03
 
 
 @dataclass
@@ -205,6 +213,43 @@ class DecisionController:
         reason = f"{decision.reason}; {self.provenance(snapshot)}; device and cloud compute from the start-up timing"
         self._record(0, decision, reason, inputs, self.spreads.uncertainty().to_dict(), switch=switch, time_s=now_s)
         return decision if switch else None
+
+    def initial_settled(self, snapshot: Any) -> bool:
+        """Whether more start-up probes could still change the start-up choice.
+
+        Why: each probe costs a round trip (~35 ms on WiFi, ~250 ms on a 250 kbit/s
+        link) before the first step, and on a short run that is several per cent
+        of the whole. Once the link is measured at all, the choice is *settled*
+        when the best candidate stays within ``SETTLE_TOLERANCE`` of the best
+        with both link directions ``1 +- START_LINK_UNCERTAINTY`` off:
+        device-only against a link-bound split decides after a few probes, two
+        near-equal splits keep probing up to the budget. Only the ``SETTLE_CONTENDERS``
+        best candidates at the measured link are re-priced at the corners (a
+        candidate further behind does not overtake within the band), so the check
+        costs a few predictions, not a search.
+        """
+        link_missing = [m for m in self.missing(snapshot) if m.split()[0] in ("uplink", "downlink", "rtt")]
+        if link_missing:
+            return False
+        policy = self.policy
+        if not isinstance(policy, CostModelPolicy):
+            return True  # nothing the link could change
+        inputs = apply_context(self.base_inputs.with_remaining(self.total_steps), snapshot, None)
+        cands = policy.candidates(inputs)
+        if len(cands) < 2:
+            return True
+        contenders = [(pred.point, pred.codec) for pred, _ in cands[:SETTLE_CONTENDERS]]
+        u = START_LINK_UNCERTAINTY
+        corners = {(s.uplink, s.downlink): s for s in Uncertainty(uplink=u, downlink=u).corners()}
+        for scale in corners.values():
+            corner = scale.apply(inputs)
+            # each (point, codec) at its best K there: K follows the link within a run
+            totals = [
+                pred.total_time_s if pred else float("inf") for pred, _ in (policy.best_for(corner, *c) for c in contenders)
+            ]
+            if totals[0] > min(totals) * (1 + max(policy.tie_tol, SETTLE_TOLERANCE)):
+                return False
+        return True
 
     def device_only_estimate(self, snapshot: Any, steps: int) -> dict[str, Any]:
         """Predicted cost of ``steps`` steps of training alone, calibrated by the
