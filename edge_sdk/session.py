@@ -829,7 +829,7 @@ class EdgeSession:
                 continue
             if (yield from self._now()) - t0 >= INITIAL_PROBE_BUDGET_S:
                 break
-            # the check prices a few dozen candidates (~15 ms here): every third probe
+            # the check prices a few dozen candidates (~13 ms here): every third probe
             if (i + 1 - least) % 3 == 0 and self.controller.initial_settled(self.tracker.snapshot()):
                 break
         now = yield from self._now()

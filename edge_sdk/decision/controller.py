@@ -22,12 +22,13 @@ flapping between near-equal configurations costs more than either):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context, predict, split_slowdown
 from edge_sdk.decision.policy import CostModelPolicy, Decision, Policy
-from edge_sdk.decision.uncertainty import SpreadTracker, Uncertainty
+from edge_sdk.decision.uncertainty import DecisionInputsScale, SpreadTracker
 
 #: samples an estimate needs (since its last reset) before the engine acts on it
 MIN_SAMPLES = {"uplink": 6, "downlink": 6, "rtt": 0, "edge_step": 3, "cloud_step": 3}
@@ -202,7 +203,7 @@ class DecisionController:
         come from the start-up timing, not from an assumption; without a measured
         link the start-up choice stays and the normal decisions take over.
         """
-        link_missing = [m for m in self.missing(snapshot) if m.split()[0] in ("uplink", "downlink", "rtt")]
+        link_missing = self._link_missing(snapshot)
         inputs = apply_context(self.base_inputs.with_remaining(self.total_steps), snapshot, None)
         if link_missing:
             self._record_wait(0, f"no initial decision: {', '.join(link_missing)} still assumed", inputs, now_s)
@@ -224,12 +225,11 @@ class DecisionController:
         with both link directions ``1 +- START_LINK_UNCERTAINTY`` off:
         device-only against a link-bound split decides after a few probes, two
         near-equal splits keep probing up to the budget. Only the ``SETTLE_CONTENDERS``
-        best candidates at the measured link are re-priced at the corners (a
-        candidate further behind does not overtake within the band), so the check
-        costs a few predictions, not a search.
+        best candidates at the measured link are re-priced at the corners (one
+        further behind is taken not to overtake within the band), so the check
+        costs a few dozen predictions, not a search per corner.
         """
-        link_missing = [m for m in self.missing(snapshot) if m.split()[0] in ("uplink", "downlink", "rtt")]
-        if link_missing:
+        if self._link_missing(snapshot):
             return False
         policy = self.policy
         if not isinstance(policy, CostModelPolicy):
@@ -240,9 +240,8 @@ class DecisionController:
             return True
         contenders = [(pred.point, pred.codec) for pred, _ in cands[:SETTLE_CONTENDERS]]
         u = START_LINK_UNCERTAINTY
-        corners = {(s.uplink, s.downlink): s for s in Uncertainty(uplink=u, downlink=u).corners()}
-        for scale in corners.values():
-            corner = scale.apply(inputs)
+        for up, down in itertools.product((1 - u, 1 + u), repeat=2):
+            corner = DecisionInputsScale(uplink=up, downlink=down).apply(inputs)
             # each (point, codec) at its best K there: K follows the link within a run
             totals = [
                 pred.total_time_s if pred else float("inf") for pred, _ in (policy.best_for(corner, *c) for c in contenders)
@@ -250,6 +249,10 @@ class DecisionController:
             if totals[0] > min(totals) * (1 + max(policy.tie_tol, SETTLE_TOLERANCE)):
                 return False
         return True
+
+    def _link_missing(self, snapshot: Any) -> list[str]:
+        """The link inputs among `missing`: what the start-up decision waits for."""
+        return [m for m in self.missing(snapshot) if m.split()[0] in ("uplink", "downlink", "rtt")]
 
     def device_only_estimate(self, snapshot: Any, steps: int) -> dict[str, Any]:
         """Predicted cost of ``steps`` steps of training alone, calibrated by the
