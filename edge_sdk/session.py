@@ -904,10 +904,11 @@ class EdgeSession:
             if choice.point != cur.point:
                 yield from self._repartition(choice)
                 self.tracker.reset_compute()  # other blocks per step on each side now
-                if self.pipeline.device_only:
+                if self.pipeline.device_only and self.pipeline.steps_applied > 0:
                     # From now on only probes cross the link. The estimators' windows
                     # count frames, so the split's frames (and the migration's) would
                     # speak for the link long after it changed: start from the probes.
+                    # (At start-up only probes have crossed: keep what they measured.)
                     self.tracker.uplink.reset()
                     self.tracker.downlink.reset()
             else:

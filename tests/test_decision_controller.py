@@ -190,6 +190,55 @@ def test_a_slow_interval_right_after_a_link_change_is_not_learned():
     assert ctl.split_slowdown == 1.0
 
 
+def _busy(inputs: DecisionInputs, cur: Choice, factor: float) -> ContextSnapshot:
+    """A good link, but the device's CPU time per step ``factor`` x what the start-up
+    timing predicts for ``cur`` (its kernels run that much slower)."""
+    snap = snapshot(inputs, cur, up_mbps=50)
+    cpu_ms = factor * predict(cur, inputs).stages.t1_edge_s * 1e3
+    return replace(snap, edge_step_ms=cpu_ms, edge_cpu_ms=cpu_ms)
+
+
+def test_a_split_that_slows_the_devices_compute_makes_it_train_alone_and_stay():
+    """1x device on a good link, the cloud computing on the same cores (emulation):
+    the split's CPU time per step comes 2.5x the start-up timing, which measured the
+    device alone. The first reading after the start is the split's own cost, so
+    training alone, priced at the start-up timing, wins; alone, the device computes
+    at that speed, and the engine does not go back to a split on the model's word."""
+    inputs = make(50, slowdown=1)
+    cur = CostModelPolicy().decide(inputs, None, 1000).choice
+    assert cur.point < L
+    ctl = controller(inputs, cur)
+    d = ctl.decide(10, _busy(inputs, cur, 2.5))
+    assert ctl.split_compute_factor == pytest.approx(2.5)
+    assert d is not None and d.choice.point == L
+    ctl.current = d.choice
+    ctl.switched(10)
+    for step in range(70, 300, 20):
+        assert ctl.decide(step, _busy(inputs, ctl.current, 1.0)) is None
+    assert ctl.split_compute_factor == pytest.approx(2.5)
+    # the summary's "alone would cost" is priced the same way
+    assert ctl.device_only_estimate(_busy(inputs, ctl.current, 1.0), 100)["step_ms"] == pytest.approx(
+        predict(Choice(L, "fp32", 0), inputs).step_time_s * 1e3, rel=0.01
+    )
+
+
+def test_a_device_busy_in_general_goes_back_to_the_split_once_alone_is_as_slow():
+    """The same 2.5x reading while splitting, but the device was busy in general:
+    alone it computes 2.5x slower too. The reading alone settles the factor at 1,
+    and after the dwell the split, faster at equal device speed, comes back."""
+    inputs = make(50, slowdown=1)
+    cur = CostModelPolicy().decide(inputs, None, 1000).choice
+    ctl = controller(inputs, cur)
+    d = ctl.decide(10, _busy(inputs, cur, 2.5))
+    assert d is not None and d.choice.point == L
+    ctl.current = d.choice
+    ctl.switched(10)
+    decisions = [ctl.decide(step, _busy(inputs, ctl.current, 2.5)) for step in range(20, 200, 20)]
+    assert ctl.split_compute_factor == 1.0
+    back = [(i, d) for i, d in enumerate(decisions) if d is not None]
+    assert back and back[0][1].choice.point < L and 20 + 20 * back[0][0] >= 60  # after the dwell
+
+
 def _probed(up_mbps: float | None, samples: int = 6) -> ContextSnapshot:
     """What the tracker knows at start-up: the link from a few probes, no step yet."""
     bps = up_mbps * 1e6 if up_mbps else None

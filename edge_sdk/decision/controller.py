@@ -26,7 +26,16 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_sdk.decision.cost_model import Choice, DecisionInputs, apply_context, predict, split_slowdown
+from edge_sdk.decision.cost_model import (
+    MAX_SPLIT_SLOWDOWN,
+    SPLIT_SLOWDOWN_BAND,
+    Choice,
+    DecisionInputs,
+    apply_context,
+    device_compute_factor,
+    predict,
+    split_slowdown,
+)
 from edge_sdk.decision.policy import CostModelPolicy, Decision, Policy
 from edge_sdk.decision.uncertainty import DecisionInputsScale, SpreadTracker
 
@@ -73,6 +82,16 @@ class DecisionController:
     #: left a split for being slow does not go back on the model's word alone
     split_slowdown: float = 1.0
     _slow_seen: list[float] = field(default_factory=list)
+    #: the device's compute while splitting over its compute alone
+    #: (`DecisionInputs.split_compute_factor`), learned at the first settled
+    #: measurement after each change between the two: comparing readings taken
+    #: close together keeps a device that gets busier in general (which slows
+    #: both) from reading as a split that costs the device more
+    split_compute_factor: float = 1.0
+    #: the last settled compute factor (measured / start-up timing) of each kind,
+    #: True = training alone; the start-up timing measured alone at 1.0
+    _compute_factor: dict[bool, float] = field(default_factory=lambda: {True: 1.0})
+    _compute_kind: bool = True
     #: steps after a link change before a split's step interval is believed again
     settle_steps: int = 20
 
@@ -182,10 +201,10 @@ class DecisionController:
         """`apply_context`, plus the split slowdown: learned from the current split
         when its interval is settled (two decisions in a row agree, no link change
         in ``settle_steps``), remembered otherwise."""
-        inputs = apply_context(
-            replace(self.base_inputs.with_remaining(remaining), split_slowdown=self.split_slowdown), snapshot, self.current
-        )
         settled = self._forced_at is None and (self._link_changed_at is None or step - self._link_changed_at >= self.settle_steps)
+        if settled:
+            self._learn_split_compute(snapshot)
+        inputs = apply_context(self._inputs(remaining), snapshot, self.current)
         seen = split_slowdown(inputs, snapshot, self.current) if settled else None
         if seen is not None:
             self._slow_seen = [*self._slow_seen[-1:], seen]
@@ -193,6 +212,30 @@ class DecisionController:
                 self.split_slowdown = min(self._slow_seen)
                 inputs = replace(inputs, split_slowdown=self.split_slowdown)
         return inputs
+
+    def _inputs(self, remaining: int) -> DecisionInputs:
+        """The start-up inputs with what the controller learned about splits."""
+        return replace(
+            self.base_inputs.with_remaining(remaining),
+            split_slowdown=self.split_slowdown,
+            split_compute_factor=self.split_compute_factor,
+        )
+
+    def _learn_split_compute(self, snapshot: Any) -> None:
+        """Record the current kind's compute factor; on the first reading after a
+        change of kind, set `split_compute_factor` from the two latest readings."""
+        samples = (getattr(snapshot, "samples", {}) or {}).get("edge_step", 0)
+        if samples < self.min_samples["edge_step"]:
+            return
+        alone = self.current.point >= self.base_inputs.num_blocks
+        factor = device_compute_factor(self.base_inputs, snapshot, self.current)  # split_compute_factor 1
+        if factor is None:
+            return
+        self._compute_factor[alone] = factor
+        if alone != self._compute_kind:
+            ratio = self._compute_factor[False] / self._compute_factor[True]
+            self.split_compute_factor = 1.0 if ratio < SPLIT_SLOWDOWN_BAND else min(MAX_SPLIT_SLOWDOWN, ratio)
+        self._compute_kind = alone
 
     def initial(self, snapshot: Any, now_s: float = 0.0) -> Decision | None:
         """The choice before the first step, once the link was probed.
@@ -259,7 +302,7 @@ class DecisionController:
         measurements in ``snapshot`` as every decision is; ``measured`` says whether
         the device-only step itself was timed (start-up, or the run trained alone)."""
         L = self.base_inputs.num_blocks
-        inputs = apply_context(self.base_inputs.with_remaining(max(1, steps)), snapshot, self.current)
+        inputs = apply_context(self._inputs(max(1, steps)), snapshot, self.current)
         pred = predict(Choice(L, "fp32", 0), inputs)
         return {
             "step_ms": 1e3 * pred.step_time_s,

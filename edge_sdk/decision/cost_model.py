@@ -303,6 +303,13 @@ class DecisionInputs:
     #: on one machine at 1x); every split candidate pays it, training alone does
     #: not (`DecisionController` learns it, see ``split_slowdown``)
     split_slowdown: float = 1.0
+    #: the device's compute while a split runs over its compute training alone,
+    #: both measured by CPU time in this run (`DecisionController` learns it at
+    #: each change between the two): >1 when splitting makes the device's own
+    #: kernels slower, e.g. emulation where the cloud computes on the same cores.
+    #: It scales the device compute of every split candidate, not of training
+    #: alone; `split_slowdown` is the other gap, time outside the device's compute
+    split_compute_factor: float = 1.0
 
     @property
     def num_blocks(self) -> int:
@@ -458,7 +465,8 @@ def stage_times(config: Choice, inputs: DecisionInputs) -> StageTimes:
     if feat is None:
         raise ValueError(f"no feature size for codec {config.codec!r} at point {p}")
     grad = inputs.gradient_nbytes(p, config.codec)
-    t1 = inputs.edge_compute_s(p) + inputs.codec_compute_s(p, config.codec) + inputs.edge_step_overhead_s
+    t1 = (inputs.edge_compute_s(p) + inputs.codec_compute_s(p, config.codec)) * inputs.split_compute_factor
+    t1 += inputs.edge_step_overhead_s
     link = inputs.link
     t2 = (feat + inputs.label_bytes + inputs.frame_overhead_bytes) * 8.0 / link.uplink_bps
     t3 = sum(b.cloud_ms for b in inputs.blocks[p:]) / 1e3
@@ -595,11 +603,10 @@ def apply_context(inputs: DecisionInputs, snapshot: Any, current: Choice | None 
         f = (cloud_ms / 1e3) / st.t3_cloud_s
         out = replace(out, blocks=tuple(replace(b, cloud_ms=b.cloud_ms * f) for b in out.blocks))
     edge_ms = getattr(snapshot, "edge_step_ms", None)
-    cpu_ms = getattr(snapshot, "edge_cpu_ms", None)
-    compute = st.t1_edge_s - out.edge_step_overhead_s  # predicted compute + codec of `current`
-    if edge_ms and cpu_ms and compute > 0:
-        measured_compute = out.device_slowdown * cpu_ms / 1e3
-        out = out.scale_edge_compute(measured_compute / compute)
+    factor = device_compute_factor(out, snapshot, current)
+    if edge_ms and factor is not None:
+        out = out.scale_edge_compute(factor)
+        measured_compute = out.device_slowdown * snapshot.edge_cpu_ms / 1e3
         out = replace(out, edge_step_overhead_s=max(0.0, edge_ms / 1e3 - measured_compute))
     elif edge_ms and st.t1_edge_s > 0:
         measured = edge_ms / 1e3
@@ -611,6 +618,16 @@ def apply_context(inputs: DecisionInputs, snapshot: Any, current: Choice | None 
             # grow with a deeper cut, so it must not be spread over blocks)
             out = replace(out, edge_step_overhead_s=out.edge_step_overhead_s + measured - st.t1_edge_s)
     return _calibrate_interval(out, snapshot, current)
+
+
+def device_compute_factor(inputs: DecisionInputs, snapshot: Any, current: Choice) -> float | None:
+    """Measured device compute of ``current`` (its step's CPU time x ``device_slowdown``)
+    over the compute ``inputs`` predict for it; None without a CPU measurement."""
+    cpu_ms = getattr(snapshot, "edge_cpu_ms", None)
+    if not cpu_ms or not 0 <= current.point <= inputs.num_blocks:
+        return None
+    compute = stage_times(current, inputs).t1_edge_s - inputs.edge_step_overhead_s  # compute + codec
+    return inputs.device_slowdown * cpu_ms / 1e3 / compute if compute > 0 else None
 
 
 #: step intervals this many steps after a switch or less are not yet the new configuration's
