@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         "a Hello that would exceed it is refused (default: %(default)s)",
     )
     s.add_argument(
+        "--max-memory",
+        type=int,
+        default=None,
+        metavar="MIB",
+        help="memory all sessions together may hold, in MiB (each session's estimate, as for --max-session-memory); "
+        "a Hello that would not fit is refused with SERVER_BUSY while other sessions hold the rest "
+        "(default: no shared cap)",
+    )
+    s.add_argument(
         "--max-frame-bytes",
         type=int,
         default=MAX_FRAME_BYTES,
@@ -102,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="emulation: make every session's compute take S times longer, as a loaded or smaller cloud would "
         "(default: %(default)s)",
+    )
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (sessions, steps, bytes, refusals by error code, "
+        "step latency, memory per session); 0 picks a free port (default: no endpoint)",
+    )
+    s.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line with each session event's fields "
+        "(event, session, peer, code, steps...) for a log pipeline (default: %(default)s)",
     )
     s.add_argument(
         "-v",
@@ -127,8 +151,23 @@ async def serve_forever(config: ServerConfig) -> None:
         scheme = "wss" if config.tls_cert else "ws"
         # The emulator and scripts parse this line to find a port chosen with --port 0.
         print(f"listening on {scheme}://{config.host}:{server.port}", flush=True)
+        if server.metrics_port is not None:
+            print(f"metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
         await stop.wait()
         print("shutting down", flush=True)
+
+
+def configure_logging(fmt: str) -> None:
+    """Root handler on stderr: text lines, or JSON objects (python-json-logger) that
+    carry each session event's fields (the ``extra`` of the server's log calls)."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
@@ -162,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_sessions", "max_frame_bytes", "max_unauthenticated", "hello_timeout", "idle_timeout", "max_session_memory"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_memory is not None and not args.max_memory > 0:
+        parser.error("--max-memory must be positive")
+    if args.max_memory is not None and args.max_memory < args.max_session_memory:
+        parser.error(f"--max-memory ({args.max_memory} MiB) is below --max-session-memory ({args.max_session_memory} MiB)")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be 0..65535, got {args.metrics_port}")
     if not (args.session_ttl >= 0 and math.isfinite(args.session_ttl)):
         parser.error(f"--session-ttl must be >= 0 seconds, got {args.session_ttl}")
     if not (args.cloud_slowdown >= 1.0 and math.isfinite(args.cloud_slowdown)):
@@ -178,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     # one line per session (opened, refused and why, closed) at the default level;
     # -v adds each decision the server's sessions log; libraries stay at warnings
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_format)
     logging.getLogger("cloud_backend").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.threads:
         import torch
@@ -200,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         max_frame_bytes=args.max_frame_bytes,
         context_every=args.context_every,
         cloud_slowdown=args.cloud_slowdown,
+        max_memory_bytes=args.max_memory << 20 if args.max_memory is not None else None,
+        metrics_port=args.metrics_port,
     )
     try:
         asyncio.run(serve_forever(config))

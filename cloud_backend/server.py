@@ -44,6 +44,8 @@ from websockets.frames import DATA_OPCODES, CloseCode, Opcode
 from websockets.frames import Frame as WsFrame
 from websockets.http11 import Request, Response
 
+from cloud_backend.memory_budget import MemoryBudget
+from cloud_backend.metrics import ServerMetrics, SessionView
 from cloud_backend.session import DEFAULT_SESSION_BYTES, CloudSession, Phase, SessionConfig
 from cloud_backend.state_dir import StateDir, WrongResumeToken
 from edge_sdk.checkpoints import CheckpointError
@@ -53,6 +55,7 @@ from schemas.frames import (
     CheckpointAck,
     Envelope,
     Error,
+    Features,
     Frame,
     Gradients,
     Hello,
@@ -99,6 +102,10 @@ class ServerConfig:
     session_ttl_s: float = 600.0
     #: checkpoints and the resume-token key live here, so sessions survive a restart
     state_dir: str | None = None
+    #: memory all sessions together may hold (their estimates); None: no shared cap
+    max_memory_bytes: int | None = None
+    #: serve Prometheus metrics over HTTP on this port (0: a free one); None: no endpoint
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
@@ -120,6 +127,10 @@ class ServerConfig:
             raise ValueError(f"session_ttl_s must be >= 0, got {self.session_ttl_s}")
         if not (self.cloud_slowdown >= 1.0 and math.isfinite(self.cloud_slowdown)):
             raise ValueError(f"cloud_slowdown must be >= 1, got {self.cloud_slowdown}")
+        if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
+            raise ValueError(f"max_memory_bytes must be positive, got {self.max_memory_bytes}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
 
     @property
     def token_in_clear(self) -> bool:
@@ -200,6 +211,25 @@ class CloudServer:
         self._resuming: dict[int, asyncio.Lock] = {}
         self._closing = False
         self._removals: set[asyncio.Future[None]] = set()  # checkpoint folders being deleted
+        #: the memory the sessions share (``--max-memory``)
+        self.budget = MemoryBudget(config.max_memory_bytes) if config.max_memory_bytes else None
+        self.metrics = ServerMetrics(self._metrics_state)
+        #: where ``/metrics`` is served (``metrics_port``), once started
+        self.metrics_port: int | None = None
+
+    def _metrics_state(self) -> dict[str, object]:
+        """What the metrics' gauges read at scrape time (from the HTTP thread)."""
+        sessions = [s for s in list(self.stats.sessions.values()) if s.spec is not None]
+        views = [
+            SessionView(s.session_id, s.spec.name if s.spec else "", s.point, s.memory_bytes, s.applied_steps) for s in sessions
+        ]
+        return {
+            "sessions_active": self.stats.sessions_active,
+            "sessions_detached": self.stats.sessions_detached,
+            "connections_unauthenticated": self.stats.unauthenticated,
+            "memory_reserved_bytes": self.budget.reserved_bytes if self.budget else sum(v.memory_bytes for v in views),
+            "sessions": views,
+        }
 
     def _count(self, *, sessions: int = 0, unauthenticated: int = 0) -> None:
         self.stats.sessions_active += sessions
@@ -259,6 +289,8 @@ class CloudServer:
             # time out on pongs queued behind frames we stopped reading on purpose.
             ping_interval=None,
         )
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
         loop = asyncio.get_running_loop()
         for sid in self._on_disk:
             self._expiry[sid] = loop.call_later(cfg.session_ttl_s, self._expire, sid)
@@ -280,6 +312,7 @@ class CloudServer:
             await self._server.wait_closed()
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+        self.metrics.close()
 
     async def __aenter__(self) -> CloudServer:
         await self.start()
@@ -293,11 +326,22 @@ class CloudServer:
         data = encode(Envelope(frame=frame, session=session_id, seq=next(seq), sent_ns=time.monotonic_ns()))
         await ws.send(data)
         self.stats.frames_out += 1
+        self.metrics.frames_out.inc()
+        self.metrics.bytes_out.inc(len(data))
+        if isinstance(frame, Error):
+            self.metrics.refused.labels(code=ErrorCode(frame.code).name).inc()
 
     async def _refuse(
         self, ws: ServerConnection, session_id: int, seq: itertools.count, code: ErrorCode, message: str, close_code: int
     ) -> None:
-        log.info("connection %d from %s refused: %s (%s)", session_id, _peer(ws), message, code.name)
+        log.info(
+            "connection %d from %s refused: %s (%s)",
+            session_id,
+            _peer(ws),
+            message,
+            code.name,
+            extra={"event": "refused", "session": session_id, "peer": _peer(ws), "code": code.name},
+        )
         try:
             await self._send(ws, session_id, seq, Error(code=code, message=message, step=-1))
             await ws.close(close_code, message[:120])
@@ -307,6 +351,8 @@ class CloudServer:
     async def _decode(self, ws: ServerConnection, session_id: int, seq: itertools.count, message: str | bytes) -> Envelope | None:
         """The decoded envelope, or None after answering an undecodable message with ``Error``."""
         self.stats.frames_in += 1
+        self.metrics.frames_in.inc()
+        self.metrics.bytes_in.inc(len(message))
         if isinstance(message, str):
             self.stats.bad_frames += 1
             await self._send(
@@ -365,6 +411,7 @@ class CloudServer:
             compute_slowdown=cfg.cloud_slowdown,
             resume_secret=self._secret,
             checkpoints=self.state is not None,
+            memory_budget=self.budget,
         )
 
     def _free(self, session: CloudSession, *, attached: bool = True) -> None:
@@ -374,7 +421,15 @@ class CloudServer:
         self._forget_on_disk(sid)
         self._released.pop(sid, None)
         self.stats.closed.append({"session": sid, "steps": session.applied_steps, "last_step": session.last_step})
-        log.info("session %d closed after %d train steps", sid, session.applied_steps)
+        if self.budget is not None:
+            self.budget.release(sid)
+        self.metrics.sessions_closed.inc()
+        log.info(
+            "session %d closed after %d train steps",
+            sid,
+            session.applied_steps,
+            extra={"event": "closed", "session": sid, "steps": session.applied_steps, "last_step": session.last_step},
+        )
         if attached:
             self._count(sessions=-1)
 
@@ -395,7 +450,13 @@ class CloudServer:
         if self._closing:  # the server is going down: the state dir (if any) keeps it
             return
         self._expiry[sid] = asyncio.get_running_loop().call_later(ttl, self._expire, sid)
-        log.info("session %d detached after step %d (connection lost); kept %g s for a resume", sid, session.last_step, ttl)
+        log.info(
+            "session %d detached after step %d (connection lost); kept %g s for a resume",
+            sid,
+            session.last_step,
+            ttl,
+            extra={"event": "detached", "session": sid, "last_step": session.last_step},
+        )
 
     def _expire(self, sid: int) -> None:
         self._expiry.pop(sid, None)
@@ -408,7 +469,12 @@ class CloudServer:
         if session is None:
             return
         self.stats.sessions_detached -= 1
-        log.info("session %d expired: no resume within %g s", sid, self.config.session_ttl_s)
+        log.info(
+            "session %d expired: no resume within %g s",
+            sid,
+            self.config.session_ttl_s,
+            extra={"event": "expired", "session": sid},
+        )
         self._free(session, attached=False)
 
     async def _resume(self, ws: ServerConnection, conn_id: int, seq: itertools.count, hello: Hello) -> CloudSession:
@@ -467,7 +533,14 @@ class CloudServer:
             self._detach(candidate)  # dropped again at once: wait for the next resume, as before
             raise
         ws.protocol.max_message_size = self.config.max_frame_bytes  # only now: the tokens were right
-        log.info("session %d: %s (from %s)", sid, reply.message, _peer(ws))
+        self.metrics.sessions_resumed.inc()
+        log.info(
+            "session %d: %s (from %s)",
+            sid,
+            reply.message,
+            _peer(ws),
+            extra={"event": "resumed", "session": sid, "peer": _peer(ws), "step": candidate.last_step},
+        )
         return candidate
 
     async def _restore(self, ws: ServerConnection, conn_id: int, seq: itertools.count, hello: Hello) -> CloudSession:
@@ -486,12 +559,27 @@ class CloudServer:
             raise _Refused
         try:
             return await asyncio.to_thread(self.state.restore, sid, hello.resume_step, config, hello.resume_token)
+        except WireError as exc:  # the server's memory is taken: the device may try again
+            self._settle_budget(sid)
+            await self._refuse(ws, conn_id, seq, exc.code, exc.message, 1013)
+            raise _Refused from None
         except WrongResumeToken as exc:
             await self._refuse(ws, conn_id, seq, ErrorCode.UNAUTHORIZED, f"{exc}; start a new run", 1008)
             raise _Refused from None
         except CheckpointError as exc:
+            self._settle_budget(sid)
             await self._refuse(ws, conn_id, seq, ErrorCode.PROTOCOL, f"{exc}; start a new run", 1008)
             raise _Refused from None
+
+    def _settle_budget(self, sid: int) -> None:
+        """After a failed restore: the reservation under ``sid`` is the live session's, or none."""
+        if self.budget is None:
+            return
+        live = self.stats.sessions.get(sid)
+        if live is not None:
+            live.hold_memory()
+        else:
+            self.budget.release(sid)
 
     async def _take_over(self, ws: ServerConnection, conn_id: int, seq: itertools.count, session: CloudSession) -> None:
         """Detach ``session`` from its old connection, if any, and stop its TTL."""
@@ -559,11 +647,28 @@ class CloudServer:
             await self._send(ws, session_id, seq, reply)
         except BaseException:
             self._count(sessions=-1)
+            if self.budget is not None:
+                self.budget.release(session_id)  # reserved at the Hello's memory check
             raise
         ws.protocol.max_message_size = cfg.max_frame_bytes
         self.stats.sessions_total += 1
         self.stats.sessions[session_id] = session
-        log.info("session %d opened from %s: %s", session_id, _peer(ws), reply.message)
+        self.metrics.sessions_opened.inc()
+        assert session.hello is not None
+        log.info(
+            "session %d opened from %s: %s",
+            session_id,
+            _peer(ws),
+            reply.message,
+            extra={
+                "event": "opened",
+                "session": session_id,
+                "peer": _peer(ws),
+                "model": session.hello.model,
+                "point": session.point,
+                "memory_bytes": session.memory_bytes,
+            },
+        )
         return session
 
     async def _await_hello(self, ws: ServerConnection, session_id: int, seq: itertools.count) -> Hello:
@@ -696,8 +801,22 @@ class CloudServer:
                 return
             envelope, recv_ns = item
             session.queue_depth = inbox.qsize()
+            steps, point, t0 = session.applied_steps, session.point, time.perf_counter()
             replies = await asyncio.to_thread(session.handle, envelope.frame, recv_ns=recv_ns)
             await self._emulate_slower_compute(session, replies)
+            if session.applied_steps != steps:
+                self.metrics.steps.inc(session.applied_steps - steps)
+                if isinstance(envelope.frame, Features):
+                    self.metrics.step_seconds.observe(time.perf_counter() - t0)
+            if session.point != point:
+                log.info(
+                    "session %d repartitioned at step %d: cut %d -> %d",
+                    session.session_id,
+                    session.last_step,
+                    point,
+                    session.point,
+                    extra={"event": "repartitioned", "session": session.session_id, "from": point, "to": session.point},
+                )
             if session.pending_checkpoint is not None:
                 replies = await self._save_checkpoint(session, replies)
             try:

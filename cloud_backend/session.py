@@ -21,12 +21,13 @@ import re
 import secrets
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 import torch
 
+from cloud_backend.memory_budget import MemoryBudget
 from cloud_backend.model_lock import MODEL_LOCK
 from cloud_backend.validation import (
     REPLY_CACHE_SIZE,
@@ -125,6 +126,9 @@ class SessionConfig:
     #: training (a server keeps one stream per session, so a restored session
     #: draws what the original would have, whatever other sessions do)
     shared_rng: bool = False
+    #: memory the server's sessions share (``serve --max-memory``); None: only the
+    #: per-session limit applies
+    memory_budget: MemoryBudget | None = field(default=None, compare=False)
 
     @property
     def reply_cache_cap(self) -> int:
@@ -396,11 +400,16 @@ class CloudSession:
         hello = replace(Hello(**manifest["hello"]), token=config.token or "")
         try:
             session._on_hello(hello)  # the same checks and model build as the first time
+            assert session.plan is not None and session.optimizer_config is not None
+            point = int(manifest["point"])
+            session._check_memory(session.plan, point, session.batch_size, session.optimizer_config)
         except WireError as exc:
+            if exc.code is ErrorCode.SERVER_BUSY:
+                raise  # it would build, just not now: the device may try again
             raise ValueError(f"the checkpoint of session {session_id} no longer builds here: {exc.message}") from None
         assert session.spec is not None
         model = session.spec.model
-        session._set_point(int(manifest["point"]))
+        session._set_point(point)
         params, buffers = named_tensors(model, range(session.point, model.num_blocks))
         with torch.no_grad():
             for kind, named in (("param", params), ("buffer", buffers)):
@@ -430,6 +439,9 @@ class CloudSession:
             raise WireError(ErrorCode.PROTOCOL, f"partition point {point} is not a valid cut for the cloud (valid: {valid})")
 
     def _check_memory(self, plan: ModelPlan, point: int, batch: int, opt_cfg: OptimizerConfig, extra: int = 0) -> None:
+        """Refuse what the session's own limit, or the server's shared memory, cannot
+        hold; reserve it in the shared budget (while the cut moves, the larger of
+        now and then: a refused move keeps the session where it is)."""
         need = plan.memory_bytes(point, batch, opt_cfg, reply_cache_cap=self.config.reply_cache_cap) + extra
         if need > self.config.max_session_bytes:
             raise WireError(
@@ -437,6 +449,23 @@ class CloudSession:
                 f"this session would need about {need / 2**20:.0f} MiB at point {point} (batch {batch}); "
                 f"the server allows {self.config.max_session_bytes / 2**20:.0f} MiB per session",
             )
+        if self.config.memory_budget is not None:
+            self.config.memory_budget.reserve(self.session_id, max(need, self.memory_bytes))
+
+    @property
+    def memory_bytes(self) -> int:
+        """Estimated memory the session holds at its current cut (0 before its Hello)."""
+        if self.plan is None or self.optimizer_config is None:
+            return 0
+        return self.plan.memory_bytes(
+            self.point, self.batch_size, self.optimizer_config, reply_cache_cap=self.config.reply_cache_cap
+        )
+
+    def hold_memory(self) -> None:
+        """Set the shared budget's reservation to what the current cut needs (after
+        a move, or a refused one, settled where the session is)."""
+        if self.config.memory_budget is not None and self.plan is not None:
+            self.config.memory_budget.hold(self.session_id, self.memory_bytes + self._incoming_bytes)
 
     def _set_point(self, point: int) -> None:
         assert self.spec is not None and self.optimizer_config is not None
@@ -446,6 +475,7 @@ class CloudSession:
         self.optimizer = build_optimizer(params, self.optimizer_config) if params else None
         self.block_ms = [ComputeEstimator() for _ in self.blocks]
         self.step_ms = ComputeEstimator()  # other blocks per step now (none at all when the device trains alone)
+        self.hold_memory()
 
     # ------------------------------------------------------------------ train
     def _inputs(self, frame: Features, *, max_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -627,6 +657,13 @@ class CloudSession:
         the moving blocks, whole optimizer state per parameter, the new cut's
         memory) before the model or the optimizer is touched.
         """
+        assert self.spec is not None and self.plan is not None and self.optimizer_config is not None
+        try:
+            return self._move_cut(frame)
+        finally:
+            self.hold_memory()  # moved or refused: the reservation is what the cut in effect needs
+
+    def _move_cut(self, frame: Repartition) -> list[Frame]:
         assert self.spec is not None and self.plan is not None and self.optimizer_config is not None
         model = self.spec.model
         new, old = frame.point, self.point
