@@ -65,11 +65,12 @@ PROBE_MIN_BYTES = 2048
 #: probes (small and padded alternating) before the engine's start-up decision: at
 #: least the first number, at most the second; past the minimum only while more
 #: could change the choice (`DecisionController.initial_settled`) and the probing
-#: has taken less than the budget (s). With the handshake's three RTT probes the
-#: minimum gives the link estimators the samples the engine needs
-#: (`decision.controller.MIN_SAMPLES`). On WiFi a probe takes ~35 ms, on a
-#: 250 kbit/s link ~0.25 s
-INITIAL_PROBES = (3, 14)
+#: has taken less than the budget (s). With the handshake's three RTT probes one
+#: padded probe gives each direction's delay fit its two sizes
+#: (`decision.controller.START_MIN_SAMPLES`): enough when the choice is clear even
+#: with the link 4x off (device-only against a 250 kbit/s link), and near-ties
+#: probe on. On WiFi a probe takes ~35 ms, on a 250 kbit/s link ~0.25 s
+INITIAL_PROBES = (1, 14)
 INITIAL_PROBE_BUDGET_S = 1.0
 #: while training alone, the cloud's compute figures (from before) are trusted this
 #: long (s), then forgotten for the profile's, so a cloud that was slow and
@@ -772,6 +773,7 @@ class EdgeSession:
         """The link is not the one measured: forget it, re-decide soon."""
         self.tracker.uplink.reset()
         self.tracker.downlink.reset()
+        self.tracker.reset_step_interval()  # its samples since the change: the new link's
         self.link_changes.append(step)
         if self.controller is not None:
             self.controller.force(self.pipeline.steps_applied)

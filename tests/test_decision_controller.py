@@ -114,6 +114,29 @@ def test_poor_link_yields_device_only_and_a_recovered_link_a_split_again():
     assert 0 < d.choice.point < L
 
 
+def test_without_a_link_estimate_a_split_measured_far_slower_than_training_alone_is_left():
+    """After a link change the delay fit may have nothing to work with (one frame
+    size, all queued): the link stays unknown, but the split's step interval is
+    measured, and training alone needs no link. 2 s/step against ~100 ms alone:
+    leave now. Close to the device-only step, or on too few intervals: wait."""
+    inputs = make(20, slowdown=4)
+    cur = Choice(2, "int8", 2)
+    alone_ms = predict(Choice(L, "fp32", 0), inputs).step_time_s * 1e3
+
+    def lost(interval_ms: float, n: int) -> ContextSnapshot:
+        snap = snapshot(inputs, cur, up_mbps=None, samples=48)
+        return replace(snap, step_interval_ms=interval_ms, samples={**snap.samples, "step_interval": n})
+
+    ctl = controller(inputs, cur)
+    ctl.force(100)
+    assert ctl.decide(103, lost(2000.0, 3)) is None and ctl.history[-1]["waiting"]  # 3 intervals since the change
+    assert ctl.decide(104, lost(1.2 * alone_ms, 6)) is None and ctl.history[-1]["waiting"]  # not clearly faster
+    d = ctl.decide(106, lost(2000.0, 6))
+    assert d is not None and d.choice == Choice(L, "fp32", 0)
+    reason = ctl.history[-1]["reason"]
+    assert "measured 2000.0 ms/step over 6 steps" in reason and "uplink (prior 20 Mbit/s, 48 samples)" in reason
+
+
 def test_dwell_holds_a_new_configuration_unless_the_link_changed():
     inputs = make(20, slowdown=4)
     cur = Choice(2, "fp16", 2)
@@ -253,7 +276,7 @@ def _probed(up_mbps: float | None, samples: int = 6) -> ContextSnapshot:
 
 def test_start_up_probing_stops_once_more_probes_could_not_change_the_choice():
     """A 4x device: below ~4 Mbit/s device-only wins by far, and the choice is
-    settled after the minimum probes. Where the best cut flips with the bandwidth
+    settled after the minimum probes (one padded probe after the handshake's three). Where the best cut flips with the bandwidth
     (device-only to p=3 at ~5.7 Mbit/s, p=3 to p=2, p=2 to p=1), the choice near
     the flip is not settled: 30 % either way would change it."""
     inputs = make(20, slowdown=4)
@@ -269,3 +292,8 @@ def test_start_up_probing_stops_once_more_probes_could_not_change_the_choice():
         assert not ctl.initial_settled(_probed((grid[i - 1] * grid[i]) ** 0.5)), (grid[i], best[i - 1], best[i])
     alone = [g for g in grid if g < grid[flips[0]] / 1.35]
     assert len(alone) > 50 and all(ctl.initial_settled(_probed(g)) for g in alone)
+    # on the least evidence (three small probes, one padded) only a choice that a
+    # 4x error in the link would not change is settled
+    assert ctl.initial_settled(_probed(0.25, samples=4))
+    near = grid[flips[0]] / 2
+    assert ctl.initial_settled(_probed(near)) and not ctl.initial_settled(_probed(near, samples=4))

@@ -28,6 +28,7 @@ from typing import Any
 
 from edge_sdk.decision.cost_model import (
     MAX_SPLIT_SLOWDOWN,
+    MIN_INTERVAL_SAMPLES,
     SPLIT_SLOWDOWN_BAND,
     Choice,
     DecisionInputs,
@@ -44,11 +45,21 @@ MIN_SAMPLES = {"uplink": 6, "downlink": 6, "rtt": 0, "edge_step": 3, "cloud_step
 #: how far off (relative) the start-up probes' link estimates may be when judging
 #: whether more probes could change the start-up choice (`initial_settled`)
 START_LINK_UNCERTAINTY = 0.3
+#: link samples the start-up decision may rest on: the handshake's three small
+#: probes and one padded one (each direction's delay fit has its two sizes) ...
+START_MIN_SAMPLES = 4
+#: ... with the link taken to be up to this factor off while it has fewer than
+#: `MIN_SAMPLES`: only a choice that clear is settled on so little
+START_FEW_SAMPLES_FACTOR = 4.0
 #: candidates re-priced at the corners of that band, and how much slower than
 #: a corner's best the start-up choice may be there and still count as settled
 #: (the policy's widest tie tolerance: more probes would buy at most this much)
 SETTLE_CONTENDERS = 6
 SETTLE_TOLERANCE = 0.03
+#: without a link estimate, training alone is taken from a split only when its
+#: predicted step is this much faster than the split's measured one
+#: (`DecisionController._alone_on_measured_interval`)
+ALONE_RESCUE_FACTOR = 1.5
 
 
 @dataclass
@@ -131,9 +142,13 @@ class DecisionController:
             names.append("cloud_step")
         return tuple(names)
 
-    def missing(self, snapshot: Any) -> list[str]:
-        """Human-readable list of the needed inputs that are still assumed."""
+    def missing(self, snapshot: Any, least: int | None = None) -> list[str]:
+        """Human-readable list of the needed inputs that are still assumed
+        (``least``: the link samples required instead of `min_samples`)."""
         samples = getattr(snapshot, "samples", {}) or {}
+        min_samples = dict(self.min_samples)
+        if least is not None:
+            min_samples.update(uplink=least, downlink=least)
         value_of = {
             "uplink": getattr(snapshot, "uplink_bps", None),
             "downlink": getattr(snapshot, "downlink_bps", None),
@@ -152,8 +167,8 @@ class DecisionController:
             n = int(samples.get(name, 0))
             if value_of[name] is None:
                 out.append(f"{name} ({prior.get(name, 'profile')}, {n} samples)")
-            elif n < self.min_samples.get(name, 0):
-                out.append(f"{name} ({n}/{self.min_samples[name]} samples since reset)")
+            elif n < min_samples.get(name, 0):
+                out.append(f"{name} ({n}/{min_samples[name]} samples since reset)")
         return out
 
     @staticmethod
@@ -179,6 +194,10 @@ class DecisionController:
         inputs = self._calibrated(step, snapshot, remaining)
         missing = self.missing(snapshot)
         if missing:
+            rescue = self._alone_on_measured_interval(step, snapshot, inputs, remaining, missing, now_s)
+            if rescue is not None:
+                self._forced_at = None
+                return rescue
             self._record_wait(
                 step, f"waiting for measurements before deciding: {', '.join(missing)} still assumed", inputs, now_s
             )
@@ -196,6 +215,60 @@ class DecisionController:
             wants_switch = False
         self._record(step, decision, reason, inputs, uncertainty.to_dict(), switch=wants_switch, time_s=now_s)
         return decision if wants_switch else None
+
+    def _alone_on_measured_interval(
+        self, step: int, snapshot: Any, inputs: DecisionInputs, remaining: int, missing: list[str], now_s: float
+    ) -> Decision | None:
+        """Training alone, decided without a link estimate: both sides are measured.
+
+        Why: after a link change the estimators start afresh, and a split whose
+        frames are all one size, queued behind each other on a slow link, may give
+        the delay fit nothing to work with for a long time (measured: 100 s of
+        waiting at 2 s/step after the wifi -> iot drop). Training alone needs no
+        link, and the split's cost is its measured step interval. So when only the
+        link is missing, the device-only step (calibrated like every decision) is
+        compared with the measured interval of the current split (at least
+        `MIN_INTERVAL_SAMPLES` since the change), and taken when it is at least
+        ``ALONE_RESCUE_FACTOR`` x faster and the saving clears the usual threshold.
+        Alone, the probes measure the link, and the usual rules bring a split back.
+        """
+        L = inputs.num_blocks
+        policy = self.policy
+        if self.current.point >= L or not isinstance(policy, CostModelPolicy):
+            return None
+        if any(m.split()[0] not in ("uplink", "downlink") for m in missing):
+            return None
+        interval = getattr(snapshot, "step_interval_ms", None)
+        n = (getattr(snapshot, "samples", {}) or {}).get("step_interval", 0)
+        if not interval or n < MIN_INTERVAL_SAMPLES:
+            return None
+        alone = Choice(L, "fp32", 0)
+        if not policy.allows(alone, inputs):
+            return None
+        pred, _ = policy.best_for(inputs, L, "fp32")
+        if pred is None:
+            return None
+        measured_s = interval / 1e3
+        saving = (measured_s - pred.step_time_s) * remaining
+        # the switch's cost without a link estimate: each step brought one gradient
+        # down within the interval, so the tail's weights take at most their size in
+        # gradients x the interval; draining waits K intervals
+        per_step_down = inputs.gradient_nbytes(self.current.point, self.current.codec) + inputs.frame_overhead_bytes
+        moving = sum(b.param_bytes + b.optim_bytes for b in inputs.blocks[self.current.point :])
+        cost = moving / max(1, per_step_down) * measured_s + self.current.K * measured_s
+        threshold = policy.margin * cost + policy.min_saving_frac * measured_s * remaining
+        if pred.step_time_s * ALONE_RESCUE_FACTOR > measured_s or saving <= threshold:
+            return None
+        reason = (
+            f"switching {self.current} -> {alone}: device-only, {1e3 * pred.step_time_s:.1f} ms/step, against the "
+            f"current split's measured {interval:.1f} ms/step over {n} steps; the link is not measured yet "
+            f"({', '.join(missing)}) and training alone does not need it; saves {saving:.2f} s over {remaining} steps, "
+            f"threshold {policy.margin:g} x {cost:.2f} s switch cost (at most) + {policy.min_saving_frac:.0%} of "
+            f"{measured_s * remaining:.2f} s = {threshold:.2f} s"
+        )
+        decision = Decision(alone, pred, True, reason, saving_s=saving, best=pred)
+        self._record(step, decision, reason, inputs, self.spreads.uncertainty().to_dict(), switch=True, time_s=now_s)
+        return decision
 
     def _calibrated(self, step: int, snapshot: Any, remaining: int) -> DecisionInputs:
         """`apply_context`, plus the split slowdown: learned from the current split
@@ -246,7 +319,7 @@ class DecisionController:
         come from the start-up timing, not from an assumption; without a measured
         link the start-up choice stays and the normal decisions take over.
         """
-        link_missing = self._link_missing(snapshot)
+        link_missing = self._link_missing(snapshot, START_MIN_SAMPLES)
         inputs = apply_context(self.base_inputs.with_remaining(self.total_steps), snapshot, None)
         if link_missing:
             self._record_wait(0, f"no initial decision: {', '.join(link_missing)} still assumed", inputs, now_s)
@@ -263,16 +336,19 @@ class DecisionController:
 
         Why: each probe costs a round trip (~35 ms on WiFi, ~250 ms on a 250 kbit/s
         link) before the first step, and on a short run that is several per cent
-        of the whole. Once the link is measured at all, the choice is *settled*
-        when the best candidate stays within ``SETTLE_TOLERANCE`` of the best
-        with both link directions ``1 +- START_LINK_UNCERTAINTY`` off:
+        of the whole. Once the link is measured at all (`START_MIN_SAMPLES`), the
+        choice is *settled* when the best candidate stays within
+        ``SETTLE_TOLERANCE`` of the best with both link directions
+        ``1 +- START_LINK_UNCERTAINTY`` off (``START_FEW_SAMPLES_FACTOR`` either
+        way while the estimators have fewer than `MIN_SAMPLES`):
         device-only against a link-bound split decides after a few probes, two
         near-equal splits keep probing up to the budget. Only the ``SETTLE_CONTENDERS``
-        best candidates at the measured link are re-priced at the corners (one
-        further behind is taken not to overtake within the band), so the check
-        costs a few dozen predictions, not a search per corner.
+        best candidates at the measured link and each point's best are re-priced
+        at the corners (another codec further behind is taken not to overtake
+        within the band), so the check costs a few dozen predictions, not a
+        search per corner.
         """
-        if self._link_missing(snapshot):
+        if self._link_missing(snapshot, START_MIN_SAMPLES):
             return False
         policy = self.policy
         if not isinstance(policy, CostModelPolicy):
@@ -281,9 +357,20 @@ class DecisionController:
         cands = policy.candidates(inputs)
         if len(cands) < 2:
             return True
-        contenders = [(pred.point, pred.codec) for pred, _ in cands[:SETTLE_CONTENDERS]]
-        u = START_LINK_UNCERTAINTY
-        for up, down in itertools.product((1 - u, 1 + u), repeat=2):
+        # the best few, and each point's best: a wide band can make another cut win
+        best_codec: dict[int, str] = {}
+        for pred, _ in cands:
+            best_codec.setdefault(pred.point, pred.codec)
+        top = [(pred.point, pred.codec) for pred, _ in cands[:SETTLE_CONTENDERS]]
+        contenders = list(dict.fromkeys(top + list(best_codec.items())))
+        samples = getattr(snapshot, "samples", {}) or {}
+        if min(samples.get("uplink", 0), samples.get("downlink", 0)) < min(
+            self.min_samples["uplink"], self.min_samples["downlink"]
+        ):
+            band = (1 / START_FEW_SAMPLES_FACTOR, START_FEW_SAMPLES_FACTOR)
+        else:
+            band = (1 - START_LINK_UNCERTAINTY, 1 + START_LINK_UNCERTAINTY)
+        for up, down in itertools.product(band, repeat=2):
             corner = DecisionInputsScale(uplink=up, downlink=down).apply(inputs)
             # each (point, codec) at its best K there: K follows the link within a run
             totals = [
@@ -293,9 +380,9 @@ class DecisionController:
                 return False
         return True
 
-    def _link_missing(self, snapshot: Any) -> list[str]:
+    def _link_missing(self, snapshot: Any, least: int) -> list[str]:
         """The link inputs among `missing`: what the start-up decision waits for."""
-        return [m for m in self.missing(snapshot) if m.split()[0] in ("uplink", "downlink", "rtt")]
+        return [m for m in self.missing(snapshot, least) if m.split()[0] in ("uplink", "downlink", "rtt")]
 
     def device_only_estimate(self, snapshot: Any, steps: int) -> dict[str, Any]:
         """Predicted cost of ``steps`` steps of training alone, calibrated by the

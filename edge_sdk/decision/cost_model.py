@@ -654,6 +654,10 @@ def _calibrate_interval(inputs: DecisionInputs, snapshot: Any, current: Choice) 
     st = pred.stages
     if not (pred.device_only or st.bottleneck_name == "edge"):
         return inputs
+    if not pred.device_only and (
+        getattr(snapshot, "uplink_bps", None) is None or getattr(snapshot, "downlink_bps", None) is None
+    ):
+        return inputs  # "edge-bound" on an assumed link: the gap may well be the link's
     gap = interval / 1e3 - steady_step_time(current.staleness, st) if not pred.device_only else interval / 1e3 - st.t1_edge_s
     if gap <= 0:
         return inputs
