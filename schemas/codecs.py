@@ -49,6 +49,7 @@ frame) and are trusted like any IEEE data.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -304,15 +305,17 @@ def _require_finite(lo: float, hi: float, codec: Codec) -> None:
 
 
 def _encode_half(xf: torch.Tensor, codec: Codec, shape, orig: DType):
-    # numpy, single-threaded: torch's intra-op threads contend badly on a busy
-    # 2-core device, and this path is memory-bound anyway.
     xn = xf.numpy().reshape(-1)
     if xn.size:
         _require_finite(float(xn.min()), float(xn.max()), codec)  # NaN propagates
     if codec is Codec.FP16:
-        payload = np.clip(xn, -_FP16_MAX, _FP16_MAX).astype(np.float16)
-        err = payload.astype(np.float32)
-        dt = DType.F16
+        # torch, not numpy: numpy converts float32 <-> float16 in software, ~12x
+        # slower here (32k elements: 100 us vs 8 us; it was a fifth of a busy
+        # server's CPU). Both round to nearest even; the clamp keeps it finite.
+        half = xf.reshape(-1).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+        err = half.float()
+        err -= xf.reshape(-1)
+        return TensorFrame(DType.F16, shape, codec, half.numpy(), orig_dtype=orig), err.reshape(shape)
     else:
         # round to nearest even on the raw bits (inputs are finite and clamped,
         # so the carry can never reach the exponent's all-ones pattern)
@@ -479,6 +482,14 @@ def _torch_view(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def _readonly_view(arr: np.ndarray) -> torch.Tensor:
+    """torch tensor over ``arr`` even if read-only, for an op that copies at once
+    (torch warns about a read-only source; nothing writes through this view)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
 def decode_tensor(tf: TensorFrame) -> torch.Tensor:
     """Reconstruct the tensor: native dtype for NONE, `orig_dtype` for lossy codecs."""
     codec = tf.codec
@@ -489,7 +500,7 @@ def decode_tensor(tf: TensorFrame) -> torch.Tensor:
             t = t.view(torch.bfloat16)
         return t.reshape(shape)
     if codec is Codec.FP16:
-        out = torch.from_numpy(tf.payload.astype(np.float32))
+        out = _readonly_view(tf.payload).float()  # torch's conversion (see `_encode_half`); a copy
     elif codec is Codec.BF16:
         w = tf.payload.astype(np.uint32)
         w <<= 16
