@@ -167,7 +167,7 @@ def configure_logging(fmt: str) -> None:
         handler.setFormatter(JsonFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
 
 
 def read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve_forever(config))
     except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        if str(exc.strerror).startswith("metrics port"):  # `CloudServer.start` says which port
+            print(f"error: cannot listen on {exc.strerror}", file=sys.stderr)
+        else:
+            print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

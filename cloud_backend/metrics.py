@@ -9,7 +9,6 @@ servers in one process (the tests) do not share numbers.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,6 @@ class SessionView:
     model: str
     point: int
     memory_bytes: int
-    applied_steps: int
 
 
 class _StateCollector(Collector):
@@ -89,11 +87,10 @@ class ServerMetrics:
         )
         r.register(_StateCollector(state))
         self._http: Any = None
-        self._thread: threading.Thread | None = None
 
     def serve(self, port: int, host: str) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (0: any free port); returns the port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
         return int(self._http.server_address[1])
 
     def close(self) -> None:

@@ -219,9 +219,10 @@ class CloudServer:
 
     def _metrics_state(self) -> dict[str, object]:
         """What the metrics' gauges read at scrape time (from the HTTP thread)."""
-        sessions = [s for s in list(self.stats.sessions.values()) if s.spec is not None]
         views = [
-            SessionView(s.session_id, s.spec.name if s.spec else "", s.point, s.memory_bytes, s.applied_steps) for s in sessions
+            SessionView(s.session_id, s.spec.name, s.point, s.memory_bytes)
+            for s in list(self.stats.sessions.values())
+            if s.spec is not None
         ]
         return {
             "sessions_active": self.stats.sessions_active,
@@ -270,6 +271,11 @@ class CloudServer:
                 "the token crosses the network in clear over ws:// on %s; serve with --tls-cert/--tls-key", self.config.host
             )
         cfg = self.config
+        if cfg.metrics_port is not None:  # first: a port in use fails before any device can connect
+            try:
+                self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
+            except OSError as exc:
+                raise OSError(exc.errno, f"metrics port {cfg.metrics_port}: {exc.strerror or exc}") from None
         self._server = await serve(
             self._handle,
             cfg.host,
@@ -289,8 +295,6 @@ class CloudServer:
             # time out on pongs queued behind frames we stopped reading on purpose.
             ping_interval=None,
         )
-        if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
         loop = asyncio.get_running_loop()
         for sid in self._on_disk:
             self._expiry[sid] = loop.call_later(cfg.session_ttl_s, self._expire, sid)
@@ -312,7 +316,7 @@ class CloudServer:
             await self._server.wait_closed()
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
-        self.metrics.close()
+        await asyncio.to_thread(self.metrics.close)  # waits for the HTTP thread's poll (<= 0.5 s)
 
     async def __aenter__(self) -> CloudServer:
         await self.start()
@@ -340,7 +344,7 @@ class CloudServer:
             _peer(ws),
             message,
             code.name,
-            extra={"event": "refused", "session": session_id, "peer": _peer(ws), "code": code.name},
+            extra={"event": "refused", "connection": session_id, "peer": _peer(ws), "code": code.name},
         )
         try:
             await self._send(ws, session_id, seq, Error(code=code, message=message, step=-1))
@@ -421,8 +425,7 @@ class CloudServer:
         self._forget_on_disk(sid)
         self._released.pop(sid, None)
         self.stats.closed.append({"session": sid, "steps": session.applied_steps, "last_step": session.last_step})
-        if self.budget is not None:
-            self.budget.release(sid)
+        self._release_memory(session)
         self.metrics.sessions_closed.inc()
         log.info(
             "session %d closed after %d train steps",
@@ -495,32 +498,12 @@ class CloudServer:
         if session is None or hello.resume_restart:
             candidate = await self._restore(ws, conn_id, seq, hello)
         assert candidate is not None
-        (reply,) = candidate.resume(hello)  # the tokens first: a wrong one touches nothing
-        if isinstance(reply, Error):
-            await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
-            raise _Refused
-        if session is not None:
-            await self._take_over(ws, conn_id, seq, session)
-            if candidate is not session:  # rolled back: the restored state replaces the live one
-                self.stats.sessions[sid] = candidate
-        else:
-            # a session found on disk at start-up has its slot kept; another one needs a free slot
-            if sid not in self._on_disk and self._sessions_held() >= self.config.max_sessions:
-                await self._refuse(
-                    ws,
-                    conn_id,
-                    seq,
-                    ErrorCode.SERVER_BUSY,
-                    f"server is at its limit of {self.config.max_sessions} sessions",
-                    1013,
-                )
-                raise _Refused
-            handle = self._expiry.pop(sid, None)
-            if handle is not None:
-                handle.cancel()
-            self._on_disk.discard(sid)
-            self.stats.sessions[sid] = candidate
-            self.stats.sessions_total += 1
+        try:
+            await self._install(ws, conn_id, seq, hello, session, candidate)
+        except BaseException:
+            if candidate is not session:  # a restored session that never took over: its memory goes
+                self._release_memory(candidate)
+            raise
         self._count(sessions=1)
         try:
             # built now, after the old connection's last step finished: last_step is current
@@ -543,6 +526,50 @@ class CloudServer:
         )
         return candidate
 
+    async def _install(
+        self,
+        ws: ServerConnection,
+        conn_id: int,
+        seq: itertools.count,
+        hello: Hello,
+        session: CloudSession | None,
+        candidate: CloudSession,
+    ) -> None:
+        """Make ``candidate`` (the live session, or one restored) the session of
+        ``hello``'s id, or refuse and raise `_Refused`."""
+        sid = hello.resume_session
+        (reply,) = candidate.resume(hello)  # the tokens first: a wrong one touches nothing
+        if isinstance(reply, Error):
+            await self._refuse(ws, conn_id, seq, reply.code, reply.message, 1008)
+            raise _Refused
+        if session is not None:
+            await self._take_over(ws, conn_id, seq, session)
+            if candidate is not session:  # rolled back: the restored state replaces the live one
+                self.stats.sessions[sid] = candidate
+                self._release_memory(session)
+            return
+        # a session found on disk at start-up has its slot kept; another one needs a free slot
+        if sid not in self._on_disk and self._sessions_held() >= self.config.max_sessions:
+            await self._refuse(
+                ws,
+                conn_id,
+                seq,
+                ErrorCode.SERVER_BUSY,
+                f"server is at its limit of {self.config.max_sessions} sessions",
+                1013,
+            )
+            raise _Refused
+        handle = self._expiry.pop(sid, None)
+        if handle is not None:
+            handle.cancel()
+        self._on_disk.discard(sid)
+        self.stats.sessions[sid] = candidate
+        self.stats.sessions_total += 1
+
+    def _release_memory(self, session: CloudSession) -> None:
+        if self.budget is not None:
+            self.budget.release(session.budget_key)
+
     async def _restore(self, ws: ServerConnection, conn_id: int, seq: itertools.count, hello: Hello) -> CloudSession:
         """The session of ``hello`` rebuilt from its checkpoint at ``hello.resume_step``."""
         sid = hello.resume_session
@@ -559,27 +586,12 @@ class CloudServer:
             raise _Refused
         try:
             return await asyncio.to_thread(self.state.restore, sid, hello.resume_step, config, hello.resume_token)
-        except WireError as exc:  # the server's memory is taken: the device may try again
-            self._settle_budget(sid)
-            await self._refuse(ws, conn_id, seq, exc.code, exc.message, 1013)
-            raise _Refused from None
         except WrongResumeToken as exc:
             await self._refuse(ws, conn_id, seq, ErrorCode.UNAUTHORIZED, f"{exc}; start a new run", 1008)
             raise _Refused from None
         except CheckpointError as exc:
-            self._settle_budget(sid)
             await self._refuse(ws, conn_id, seq, ErrorCode.PROTOCOL, f"{exc}; start a new run", 1008)
             raise _Refused from None
-
-    def _settle_budget(self, sid: int) -> None:
-        """After a failed restore: the reservation under ``sid`` is the live session's, or none."""
-        if self.budget is None:
-            return
-        live = self.stats.sessions.get(sid)
-        if live is not None:
-            live.hold_memory()
-        else:
-            self.budget.release(sid)
 
     async def _take_over(self, ws: ServerConnection, conn_id: int, seq: itertools.count, session: CloudSession) -> None:
         """Detach ``session`` from its old connection, if any, and stop its TTL."""
@@ -642,13 +654,13 @@ class CloudServer:
             (reply,) = replies
             if not isinstance(reply, HelloAck):
                 err = reply if isinstance(reply, Error) else Error(code=ErrorCode.INTERNAL, message="Hello not accepted", step=-1)
-                await self._refuse(ws, session_id, seq, err.code, err.message, 1008)
+                busy = err.code == ErrorCode.SERVER_BUSY  # 1013: try again later
+                await self._refuse(ws, session_id, seq, err.code, err.message, 1013 if busy else 1008)
                 raise _Refused
             await self._send(ws, session_id, seq, reply)
         except BaseException:
             self._count(sessions=-1)
-            if self.budget is not None:
-                self.budget.release(session_id)  # reserved at the Hello's memory check
+            self._release_memory(session)  # reserved at the Hello's memory check
             raise
         ws.protocol.max_message_size = cfg.max_frame_bytes
         self.stats.sessions_total += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import re
@@ -79,6 +80,7 @@ from schemas.frames import (
     Weights,
 )
 
+_BUDGET_KEYS = itertools.count(1)
 log = logging.getLogger("cloud_backend")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -180,6 +182,9 @@ class CloudSession:
         self.pending_checkpoint: tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None = None
         #: set by `restore`: the step the first resume rolls back to
         self.restored_step = -1
+        #: this object's entry in the server's shared memory budget: per object, not
+        #: per session id (a restore builds a second object for the same id)
+        self.budget_key = next(_BUDGET_KEYS)
 
     # ------------------------------------------------------------------ entry
     def handle(self, frame: Frame, *, recv_ns: int = 0) -> list[Frame]:
@@ -263,8 +268,9 @@ class CloudSession:
         ):
             raise WireError(ErrorCode.UNAUTHORIZED, "missing or wrong token")
 
-    def _on_hello(self, hello: Hello) -> list[Frame]:
-        """Check everything the Hello claims, cheapest first; build the model last."""
+    def _on_hello(self, hello: Hello, *, admit: bool = True) -> list[Frame]:
+        """Check everything the Hello claims, cheapest first; build the model last
+        (``admit``: a new session, checked against the server's shared memory)."""
         if self.phase is not Phase.AWAIT_HELLO:
             raise WireError(ErrorCode.PROTOCOL, "Hello sent twice on one session")
         self.authenticate(hello)
@@ -296,7 +302,7 @@ class CloudSession:
         if hello.num_blocks != meta.model.num_blocks:
             raise WireError(ErrorCode.MODEL_MISMATCH, f"device says {hello.num_blocks} blocks, cloud has {meta.model.num_blocks}")
         self._check_cut(plan, hello.point)
-        self._check_memory(plan, hello.point, hello.batch_size, opt_cfg)
+        self._check_memory(plan, hello.point, hello.batch_size, opt_cfg, admit=admit)
         with MODEL_LOCK.exclusive():
             self.spec = zoo.build(hello.model, seed=hello.seed, **kwargs)
         self.plan = plan
@@ -399,13 +405,25 @@ class CloudSession:
         # the server's token is not saved: the device presents it again, `resume` checks it
         hello = replace(Hello(**manifest["hello"]), token=config.token or "")
         try:
-            session._on_hello(hello)  # the same checks and model build as the first time
+            return cls._restore_into(session, tensors, manifest, hello)
+        except BaseException:
+            if config.memory_budget is not None:
+                config.memory_budget.release(session.budget_key)
+            raise
+
+    @staticmethod
+    def _restore_into(
+        session: CloudSession, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], hello: Hello
+    ) -> CloudSession:
+        session_id = session.session_id
+        try:
+            # the same checks and model build as the first time; a session coming back
+            # was admitted once: it is not refused for the shared memory
+            session._on_hello(hello, admit=False)
             assert session.plan is not None and session.optimizer_config is not None
             point = int(manifest["point"])
             session._check_memory(session.plan, point, session.batch_size, session.optimizer_config)
         except WireError as exc:
-            if exc.code is ErrorCode.SERVER_BUSY:
-                raise  # it would build, just not now: the device may try again
             raise ValueError(f"the checkpoint of session {session_id} no longer builds here: {exc.message}") from None
         assert session.spec is not None
         model = session.spec.model
@@ -438,10 +456,17 @@ class CloudSession:
         if point not in valid:
             raise WireError(ErrorCode.PROTOCOL, f"partition point {point} is not a valid cut for the cloud (valid: {valid})")
 
-    def _check_memory(self, plan: ModelPlan, point: int, batch: int, opt_cfg: OptimizerConfig, extra: int = 0) -> None:
-        """Refuse what the session's own limit, or the server's shared memory, cannot
-        hold; reserve it in the shared budget (while the cut moves, the larger of
-        now and then: a refused move keeps the session where it is)."""
+    def _check_memory(
+        self, plan: ModelPlan, point: int, batch: int, opt_cfg: OptimizerConfig, extra: int = 0, *, admit: bool = False
+    ) -> None:
+        """Refuse what the session's own limit cannot hold, and a new session
+        (``admit``) the server's shared memory cannot; record the need in the shared
+        budget (while the cut moves, the larger of now and then).
+
+        A running session is never refused for the shared budget: a moved cut,
+        weights on their way up or a restore may take the sum above it, by at most
+        the per-session limit each, and new Hellos wait until it is free again. A
+        refusal in the middle of a run would end a healthy training."""
         need = plan.memory_bytes(point, batch, opt_cfg, reply_cache_cap=self.config.reply_cache_cap) + extra
         if need > self.config.max_session_bytes:
             raise WireError(
@@ -449,8 +474,13 @@ class CloudSession:
                 f"this session would need about {need / 2**20:.0f} MiB at point {point} (batch {batch}); "
                 f"the server allows {self.config.max_session_bytes / 2**20:.0f} MiB per session",
             )
-        if self.config.memory_budget is not None:
-            self.config.memory_budget.reserve(self.session_id, max(need, self.memory_bytes))
+        budget = self.config.memory_budget
+        if budget is None:
+            return
+        if admit:
+            budget.reserve(self.budget_key, need)
+        else:
+            budget.hold(self.budget_key, max(need, self.memory_bytes))
 
     @property
     def memory_bytes(self) -> int:
@@ -465,7 +495,7 @@ class CloudSession:
         """Set the shared budget's reservation to what the current cut needs (after
         a move, or a refused one, settled where the session is)."""
         if self.config.memory_budget is not None and self.plan is not None:
-            self.config.memory_budget.hold(self.session_id, self.memory_bytes + self._incoming_bytes)
+            self.config.memory_budget.hold(self.budget_key, self.memory_bytes + self._incoming_bytes)
 
     def _set_point(self, point: int) -> None:
         assert self.spec is not None and self.optimizer_config is not None

@@ -26,7 +26,6 @@ import torch
 
 from cloud_backend.session import CloudSession, SessionConfig, resume_token
 from edge_sdk.checkpoints import MANIFEST, CheckpointError, CheckpointStore, Saved
-from schemas.errors import WireError
 
 SECRET_BYTES = 32
 
@@ -92,8 +91,7 @@ class StateDir:
 
         The token is checked (constant time) before anything is loaded or said
         about the session. Raises `WrongResumeToken`, or `CheckpointError` with a
-        message for the device when that step is not kept or does not load; a
-        `WireError` (``SERVER_BUSY``) when the server's shared memory cannot hold it now."""
+        message for the device when that step is not kept or does not load."""
         store = self.store(session_id)
         steps = store.steps()
         nonce = None
@@ -111,8 +109,6 @@ class StateDir:
         tensors, manifest = store.load(step)
         try:
             session = CloudSession.restore(session_id, config, tensors, manifest)
-        except WireError:  # SERVER_BUSY: it would restore, but the server's memory is taken now
-            raise
         except Exception as exc:  # noqa: BLE001 - whatever a damaged or foreign checkpoint breaks: one line
             raise CheckpointError(
                 f"the checkpoint of session {session_id} at step {step} cannot be restored: {type(exc).__name__}: {exc}"

@@ -49,7 +49,6 @@ frame) and are trusted like any IEEE data.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -482,14 +481,6 @@ def _torch_view(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def _readonly_view(arr: np.ndarray) -> torch.Tensor:
-    """torch tensor over ``arr`` even if read-only, for an op that copies at once
-    (torch warns about a read-only source; nothing writes through this view)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
-
-
 def decode_tensor(tf: TensorFrame) -> torch.Tensor:
     """Reconstruct the tensor: native dtype for NONE, `orig_dtype` for lossy codecs."""
     codec = tf.codec
@@ -500,7 +491,7 @@ def decode_tensor(tf: TensorFrame) -> torch.Tensor:
             t = t.view(torch.bfloat16)
         return t.reshape(shape)
     if codec is Codec.FP16:
-        out = _readonly_view(tf.payload).float()  # torch's conversion (see `_encode_half`); a copy
+        out = _torch_view(tf.payload).float()  # torch's conversion (see `_encode_half`)
     elif codec is Codec.BF16:
         w = tf.payload.astype(np.uint32)
         w <<= 16

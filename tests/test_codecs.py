@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from schemas import codecs
 from schemas.codecs import (
     Codec,
     DType,
@@ -344,3 +347,21 @@ def test_half_codecs_match_torch_rounding_bit_for_bit():
     h = decode_tensor(encode_tensor(x, Codec.FP16)[0])
     assert torch.equal(h, x.clamp(-65504, 65504).half().float())
     assert torch.isfinite(h).all() and torch.isfinite(bf).all()
+
+
+def test_fp16_rounds_exactly_as_ieee_half_including_ties_subnormals_and_the_edge():
+    """fp16 goes through torch for speed; its payload must be the IEEE round-to-
+    nearest-even half numpy computes (the reference), values past 65504 clamped."""
+    edge = [65504.0, 65519.0, 65520.0, 1e9, -1e9, 0.0, -0.0, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 1e-8, 2.0**-14]
+    ties = [1 + k * 2.0**-11 for k in range(1, 64, 2)]  # exactly halfway between two halves
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.array(edge + ties, np.float32), rng.standard_normal(40_000).astype(np.float32) * 100])
+    tf, err = codecs.encode_tensor(torch.from_numpy(x), codecs.Codec.FP16)
+    reference = np.clip(x, -65504, 65504).astype(np.float16)
+    assert np.array_equal(tf.payload.view(np.uint16), reference.view(np.uint16))  # bit for bit, -0.0 included
+    # decoded from a read-only buffer, as a received frame's payload is
+    received = dataclasses.replace(tf, payload=np.frombuffer(tf.payload.tobytes(), np.float16))
+    assert not received.payload.flags.writeable
+    back = codecs.decode_tensor(received)
+    assert torch.equal(back, torch.from_numpy(reference.astype(np.float32)))
+    assert torch.equal(err, back - torch.from_numpy(x))

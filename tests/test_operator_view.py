@@ -41,19 +41,19 @@ def _need(hello: fr.Hello, point: int | None = None) -> int:
     return probe.memory_bytes
 
 
-def test_the_shared_budget_refuses_a_session_that_does_not_fit_until_another_ends(digits_spec, hello_frame):
+def test_the_shared_budget_refuses_a_new_session_that_does_not_fit_until_another_ends(digits_spec, hello_frame):
     hello = hello_frame(digits_spec)
     need = _need(hello)
     budget = MemoryBudget(int(need * 1.5))  # room for one session, not two
     config = SessionConfig(memory_budget=budget)
     a, b = CloudSession(1, config), CloudSession(2, config)
     assert isinstance(a.handle(_wire(hello))[0], fr.HelloAck)
-    assert budget.held(1) == need == a.memory_bytes
+    assert budget.held(a.budget_key) == need == a.memory_bytes
     (err,) = b.handle(_wire(hello))
     assert isinstance(err, fr.Error) and err.code == ErrorCode.SERVER_BUSY
     assert "server memory is taken" in err.message and "1 other sessions hold the rest" in err.message
-    assert budget.held(2) == 0 and b.spec is None  # refused before the model was built
-    budget.release(1)  # the server frees a session's reservation when it ends
+    assert budget.held(b.budget_key) == 0 and b.spec is None  # refused before the model was built
+    budget.release(a.budget_key)  # the server frees a session's reservation when it ends
     c = CloudSession(3, config)
     assert isinstance(c.handle(_wire(hello))[0], fr.HelloAck) and budget.reserved_bytes == need
     # a session that alone exceeds the whole budget will never fit: another code, another message
@@ -61,20 +61,63 @@ def test_the_shared_budget_refuses_a_session_that_does_not_fit_until_another_end
     assert err.code == ErrorCode.LIMIT_EXCEEDED and "the whole server has" in err.message
 
 
-def test_a_session_that_moves_its_cut_holds_what_the_new_cut_needs(digits_spec, hello_frame):
+def test_a_running_session_holds_what_its_cut_needs_and_is_never_refused_for_the_shared_budget(digits_spec, hello_frame):
     hello = hello_frame(digits_spec)  # point 2
     L = digits_spec.model.num_blocks
-    budget = MemoryBudget(1 << 30)
-    s = CloudSession(1, SessionConfig(memory_budget=budget))
+    s = CloudSession(1, SessionConfig(memory_budget=MemoryBudget(_need(hello))))  # full once s is in
     s.handle(_wire(hello))
-    at_2 = budget.held(1)
+    budget = s.config.memory_budget
+    at_2 = budget.held(s.budget_key)
     # deeper cut: blocks [2, L-1) go to the device, the cloud keeps one block
     replies = s.handle(_wire(fr.Repartition(step=0, point=L - 1, codec="int8", staleness=0)))
     assert isinstance(replies[-1], fr.RepartitionAck) and replies[-1].accepted
-    assert budget.held(1) == s.memory_bytes == _need(hello, point=L - 1) < at_2
-    # a refused move (blocks coming up without their weights) keeps the reservation of the cut in effect
+    assert budget.held(s.budget_key) == s.memory_bytes == _need(hello, point=L - 1) < at_2
+    # back to point 2 (the device's weights would come up first): taken although the budget
+    # is full, since ending a running training for the shared budget would be worse
+    s._check_memory(s.plan, 2, s.batch_size, s.optimizer_config)
+    assert budget.held(s.budget_key) == at_2 == budget.total_bytes
+    # a refused move (blocks coming up without their weights) settles on the cut in effect
     (err,) = s.handle(_wire(fr.Repartition(step=1, point=1, codec="int8", staleness=0)))
-    assert isinstance(err, fr.Error) and s.point == L - 1 and budget.held(1) == s.memory_bytes
+    assert isinstance(err, fr.Error) and s.point == L - 1 and budget.held(s.budget_key) == s.memory_bytes
+
+
+def test_a_restore_holds_memory_per_object_and_a_failed_one_holds_none(digits_spec, hello_frame):
+    """A restore builds a second object for the same session id (a roll back
+    replaces the live one): each object has its own entry, and one whose restore
+    fails leaves none behind."""
+    hello = hello_frame(digits_spec)
+    budget = MemoryBudget(1 << 30)
+    config = SessionConfig(memory_budget=budget)
+    live = CloudSession(1, config)
+    live.handle(_wire(hello))
+    tensors, manifest = live.checkpoint_state()
+    manifest = {**manifest, "step": 0}
+    broken = {k: v for k, v in tensors.items() if not k.startswith("param/")}
+    with pytest.raises(ValueError, match="holds other params"):
+        CloudSession.restore(1, config, broken, manifest)
+    assert budget.reserved_bytes == live.memory_bytes  # the failed object's entry is gone
+    restored = CloudSession.restore(1, config, tensors, manifest)
+    assert budget.held(restored.budget_key) == budget.held(live.budget_key) == live.memory_bytes
+    budget.release(live.budget_key)  # what the server does when the restored one takes over
+    assert budget.reserved_bytes == restored.memory_bytes
+
+
+async def test_the_server_frees_each_sessions_reservation_when_it_ends(digits_spec, hello_frame):
+    need = _need(hello_frame(digits_spec))
+    async with CloudServer(ServerConfig(port=0, max_memory_bytes=int(need * 1.5))) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        async with connect(url, compression=None, max_size=None) as holder:
+            await holder.send(fr.encode(fr.Envelope(frame=hello_frame(digits_spec))))
+            assert isinstance(fr.decode(await holder.recv()).frame, fr.HelloAck)
+            assert server.budget.reserved_bytes == need
+            with pytest.raises(TrainingError, match=r"^cloud refused: server memory is taken: .* \(SERVER_BUSY\)$"):
+                await EdgeClient(url, TrainConfig(**QUICK)).run()
+            assert server.budget.reserved_bytes == need  # the refused one holds nothing
+        await server.wait_idle(10)
+        assert server.budget.reserved_bytes == 0
+        assert (await asyncio.wait_for(EdgeClient(url, TrainConfig(**QUICK)).run(), timeout=120)).steps == 6
+        await server.wait_idle(10)
+        assert server.budget.reserved_bytes == 0
 
 
 def _scrape(port: int) -> dict[str, list]:

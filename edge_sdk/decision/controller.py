@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_sdk.decision.cost_model import (
+    LINK_MIN_SAMPLES,
     MAX_SPLIT_SLOWDOWN,
     MIN_INTERVAL_SAMPLES,
     SPLIT_SLOWDOWN_BAND,
@@ -41,7 +42,7 @@ from edge_sdk.decision.policy import CostModelPolicy, Decision, Policy
 from edge_sdk.decision.uncertainty import DecisionInputsScale, SpreadTracker
 
 #: samples an estimate needs (since its last reset) before the engine acts on it
-MIN_SAMPLES = {"uplink": 6, "downlink": 6, "rtt": 0, "edge_step": 3, "cloud_step": 3}
+MIN_SAMPLES = {"uplink": LINK_MIN_SAMPLES, "downlink": LINK_MIN_SAMPLES, "rtt": 0, "edge_step": 3, "cloud_step": 3}
 #: how far off (relative) the start-up probes' link estimates may be when judging
 #: whether more probes could change the start-up choice (`initial_settled`)
 START_LINK_UNCERTAINTY = 0.3

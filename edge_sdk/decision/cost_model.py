@@ -630,6 +630,8 @@ def device_compute_factor(inputs: DecisionInputs, snapshot: Any, current: Choice
     return inputs.device_slowdown * cpu_ms / 1e3 / compute if compute > 0 else None
 
 
+#: link samples (since a reset) before an estimate counts as measured, not assumed
+LINK_MIN_SAMPLES = 6
 #: step intervals this many steps after a switch or less are not yet the new configuration's
 MIN_INTERVAL_SAMPLES = 5
 
@@ -654,9 +656,11 @@ def _calibrate_interval(inputs: DecisionInputs, snapshot: Any, current: Choice) 
     st = pred.stages
     if not (pred.device_only or st.bottleneck_name == "edge"):
         return inputs
-    if not pred.device_only and (
-        getattr(snapshot, "uplink_bps", None) is None or getattr(snapshot, "downlink_bps", None) is None
-    ):
+    samples_of = getattr(snapshot, "samples", {}) or {}
+    assumed = any(
+        getattr(snapshot, f"{d}_bps", None) is None or samples_of.get(d, 0) < LINK_MIN_SAMPLES for d in ("uplink", "downlink")
+    )
+    if not pred.device_only and assumed:
         return inputs  # "edge-bound" on an assumed link: the gap may well be the link's
     gap = interval / 1e3 - steady_step_time(current.staleness, st) if not pred.device_only else interval / 1e3 - st.t1_edge_s
     if gap <= 0:
