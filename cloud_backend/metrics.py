@@ -1,9 +1,11 @@
 """What an operator sees of a running server: Prometheus metrics (``serve --metrics-port``).
 
-Counters are bumped by the asyncio layer as things happen (frames, bytes, steps,
-refusals); everything that is a *state* (sessions active or detached, memory per
-session) is read from the server at scrape time by a collector, so a gauge can
-never drift from what the server holds. Each server owns its registry: several
+What the server already counts (`ServerStats`: frames, bytes, train steps) and
+what is a *state* (sessions active or detached, memory per session) is read from
+the server at scrape time by a collector, so no figure is kept twice and none
+can drift from what the server holds; the counters only metrics need (sessions
+opened/resumed/closed, refusals by code) and the step latency histogram are
+bumped by the asyncio layer as things happen. Each server owns its registry: several
 servers in one process (the tests) do not share numbers.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 #: cloud step latency buckets (s): a light tail computes in ~1 ms, MobileNetV3's in ~100 ms,
@@ -47,6 +49,14 @@ class _StateCollector(Collector):
             ("memory_reserved_bytes", "memory the held sessions' estimates add up to (what --max-memory bounds)"),
         ):
             yield GaugeMetricFamily(f"splitreplay_{name}", doc, value=float(state[name]))
+        for name, doc in (
+            ("train_steps", "train steps applied, all sessions (rate() = steps/s)"),
+            ("frames_received", "frames received"),
+            ("frames_sent", "frames sent"),
+            ("bytes_received", "bytes of frames received"),
+            ("bytes_sent", "bytes of frames sent"),
+        ):
+            yield CounterMetricFamily(f"splitreplay_{name}", doc, value=float(state[name]))
         memory = GaugeMetricFamily(
             "splitreplay_session_memory_bytes",
             "estimated memory of one session: tail weights, optimizer, reply cache, activations",
@@ -68,11 +78,6 @@ class ServerMetrics:
         self.sessions_closed = Counter(
             "splitreplay_sessions_closed", "sessions ended (said goodbye, expired, or ended by the server)", registry=r
         )
-        self.steps = Counter("splitreplay_train_steps", "train steps applied, all sessions (rate() = steps/s)", registry=r)
-        self.frames_in = Counter("splitreplay_frames_received", "frames received", registry=r)
-        self.frames_out = Counter("splitreplay_frames_sent", "frames sent", registry=r)
-        self.bytes_in = Counter("splitreplay_bytes_received", "bytes of frames received", registry=r)
-        self.bytes_out = Counter("splitreplay_bytes_sent", "bytes of frames sent", registry=r)
         self.refused = Counter(
             "splitreplay_frames_refused",
             "Error frames sent to devices, by error code (malformed frames, refused Hellos, limits, a busy server)",

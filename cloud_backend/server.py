@@ -148,6 +148,10 @@ class ServerStats:
     unauthenticated: int = 0
     frames_in: int = 0
     frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    #: train steps applied, all sessions
+    train_steps: int = 0
     bad_frames: int = 0
     sessions: dict[int, CloudSession] = field(default_factory=dict)
     #: one summary per ended session (the latest 1024): id, train steps applied, last step id
@@ -224,7 +228,13 @@ class CloudServer:
             for s in list(self.stats.sessions.values())
             if s.spec is not None
         ]
+        st = self.stats
         return {
+            "train_steps": st.train_steps,
+            "frames_received": st.frames_in,
+            "frames_sent": st.frames_out,
+            "bytes_received": st.bytes_in,
+            "bytes_sent": st.bytes_out,
             "sessions_active": self.stats.sessions_active,
             "sessions_detached": self.stats.sessions_detached,
             "connections_unauthenticated": self.stats.unauthenticated,
@@ -330,8 +340,7 @@ class CloudServer:
         data = encode(Envelope(frame=frame, session=session_id, seq=next(seq), sent_ns=time.monotonic_ns()))
         await ws.send(data)
         self.stats.frames_out += 1
-        self.metrics.frames_out.inc()
-        self.metrics.bytes_out.inc(len(data))
+        self.stats.bytes_out += len(data)
         if isinstance(frame, Error):
             self.metrics.refused.labels(code=ErrorCode(frame.code).name).inc()
 
@@ -355,8 +364,7 @@ class CloudServer:
     async def _decode(self, ws: ServerConnection, session_id: int, seq: itertools.count, message: str | bytes) -> Envelope | None:
         """The decoded envelope, or None after answering an undecodable message with ``Error``."""
         self.stats.frames_in += 1
-        self.metrics.frames_in.inc()
-        self.metrics.bytes_in.inc(len(message))
+        self.stats.bytes_in += len(message)
         if isinstance(message, str):
             self.stats.bad_frames += 1
             await self._send(
@@ -817,7 +825,7 @@ class CloudServer:
             replies = await asyncio.to_thread(session.handle, envelope.frame, recv_ns=recv_ns)
             await self._emulate_slower_compute(session, replies)
             if session.applied_steps != steps:
-                self.metrics.steps.inc(session.applied_steps - steps)
+                self.stats.train_steps += session.applied_steps - steps
                 if isinstance(envelope.frame, Features):
                     self.metrics.step_seconds.observe(time.perf_counter() - t0)
             if session.point != point:

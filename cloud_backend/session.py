@@ -687,7 +687,6 @@ class CloudSession:
         the moving blocks, whole optimizer state per parameter, the new cut's
         memory) before the model or the optimizer is touched.
         """
-        assert self.spec is not None and self.plan is not None and self.optimizer_config is not None
         try:
             return self._move_cut(frame)
         finally:

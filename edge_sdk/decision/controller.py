@@ -35,6 +35,7 @@ from edge_sdk.decision.cost_model import (
     DecisionInputs,
     apply_context,
     device_compute_factor,
+    migration_time,
     predict,
     split_slowdown,
 )
@@ -252,11 +253,11 @@ class DecisionController:
         measured_s = interval / 1e3
         saving = (measured_s - pred.step_time_s) * remaining
         # the switch's cost without a link estimate: each step brought one gradient
-        # down within the interval, so the tail's weights take at most their size in
-        # gradients x the interval; draining waits K intervals
+        # down within the interval, a lower bound on the downlink for the tail's
+        # weights (`migration_time`); draining waits K intervals
         per_step_down = inputs.gradient_nbytes(self.current.point, self.current.codec) + inputs.frame_overhead_bytes
-        moving = sum(b.param_bytes + b.optim_bytes for b in inputs.blocks[self.current.point :])
-        cost = moving / max(1, per_step_down) * measured_s + self.current.K * measured_s
+        floor = inputs.with_link(replace(inputs.link, downlink_bps=8.0 * max(1, per_step_down) / measured_s))
+        cost = migration_time(floor, self.current.point, L) + self.current.K * measured_s
         threshold = policy.margin * cost + policy.min_saving_frac * measured_s * remaining
         if pred.step_time_s * ALONE_RESCUE_FACTOR > measured_s or saving <= threshold:
             return None
