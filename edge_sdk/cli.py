@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "emulate": ("edge_sdk.emulation.cli", "run a full edge-cloud training demo on this machine (real server, shaped link)"),
     "profile": ("edge_sdk.profile", "measure per-block compute, memory and cut sizes of a zoo model"),
     "evaluate": ("edge_sdk.evaluate_cli", "test accuracy of a model a run saved with --save-model"),
+    "privacy": (
+        "edge_sdk.privacy.cli",
+        "measure how much each cut's features reveal to an inversion attack, with and without defences",
+    ),
 }
 
 

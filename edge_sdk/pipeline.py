@@ -10,7 +10,9 @@ in-flight step it keeps only
 
 * the input batch and its labels (not the activations, not a weight copy),
 * the codec error ``E = dequant(quant(f)) - f`` of the features it sent,
-* the RNG state of the first forward, so dropout replays the same mask.
+* the RNG state of the first forward, so dropout replays the same mask,
+* with NoPeek on (:mod:`edge_sdk.privacy.defences`), the penalty's gradient at
+  the features it sent, added to the cloud's gradient when that arrives.
 
 When the gradient ``g`` of step ``j`` comes back, the head's forward is recomputed
 on the stored input with the *current* weights, the gradient is corrected toward
@@ -31,6 +33,7 @@ import torch
 
 from edge_sdk.migration import install_optimizer_state, optimizer_state_by_name
 from edge_sdk.optim import OptimizerConfig, build_optimizer, set_lr
+from edge_sdk.privacy.defences import CutDefence
 from edge_sdk.runtime.base import HeadRuntime, LossFn
 from schemas import codecs
 from schemas.errors import ErrorCode, WireError
@@ -52,6 +55,7 @@ class InFlightStep:
     error: torch.Tensor | None  # codec error E of the uploaded features
     rng_state: torch.Tensor
     started_ns: int
+    defence_grad: torch.Tensor | None = None  # NoPeek's d penalty / d features, at the sent features
 
 
 @dataclass
@@ -199,8 +203,14 @@ class EdgePipeline:
         staleness_guard: bool = True,
         num_blocks: int | None = None,
         loss_fn: LossFn | None = None,
+        defence: CutDefence | None = None,
+        defence_seed: int = 0,
     ) -> None:
         self.runtime = runtime
+        #: what the device does to its features before they leave (noise, NoPeek)
+        self.defence = defence or CutDefence()
+        self._defence_seed = defence_seed
+        self._noise = self.defence.noise_source(defence_seed)
         self.point = point
         self.num_blocks = num_blocks
         self.loss_fn = loss_fn
@@ -249,7 +259,8 @@ class EdgePipeline:
             raise RuntimeError(f"{self.in_flight} steps already in flight (K={self.staleness}); apply a gradient first")
         rng_state = torch.get_rng_state()
         feats = self.runtime.forward(x, train=True)
-        frame, error = codecs.encode_tensor(feats, self.codec, topk_ratio=self.topk_ratio)
+        defence_grad = self.defence.penalty_gradient(x, feats)
+        frame, error = codecs.encode_tensor(self._noise(feats), self.codec, topk_ratio=self.topk_ratio)
         step = self.window.next_step
         self.window.push(
             InFlightStep(
@@ -260,6 +271,7 @@ class EdgePipeline:
                 error=error if (self.error_feedback and self.codec != codecs.Codec.NONE) else None,
                 rng_state=rng_state,
                 started_ns=time.monotonic_ns(),
+                defence_grad=defence_grad,
             )
         )
         self._updates_at_start[step] = self.updates
@@ -282,6 +294,12 @@ class EdgePipeline:
             raise StepAccountingError(ErrorCode.PROTOCOL, f"gradients for step {frame.step} carry no tensor")
         item = self.window.pop(frame.step)
         grad = self.corrected_gradient(codecs.decode_tensor(frame.tensor), item.error)
+        if item.defence_grad is not None:
+            if item.defence_grad.shape != grad.shape:
+                raise StepAccountingError(
+                    ErrorCode.BAD_TENSOR, f"gradient shape {tuple(grad.shape)} != feature shape {tuple(item.defence_grad.shape)}"
+                )
+            grad = grad + item.defence_grad
         self.apply(item, grad)
         self.steps_applied += 1
         stale = self.updates - 1 - self._updates_at_start.pop(item.step)
@@ -321,7 +339,7 @@ class EdgePipeline:
 
     def eval_features(self, x: torch.Tensor, y: torch.Tensor, *, epoch: int, batch: int) -> Features:
         """Eval-mode forward; the cloud answers with loss and correct count only."""
-        feats = self.runtime.forward(x, train=False)
+        feats = self._noise(self.runtime.forward(x, train=False))
         frame, _ = codecs.encode_tensor(feats, self.codec, topk_ratio=self.topk_ratio)
         return self._features(batch, epoch, frame, y, train=False)
 
@@ -345,6 +363,8 @@ class EdgePipeline:
             raise RuntimeError(f"cannot repartition with {self.in_flight} steps in flight; drain first")
         next_step = self.window.next_step
         self.runtime = runtime
+        if point != self.point:  # another cut, another feature scale
+            self._noise = self.defence.noise_source(self._defence_seed + point)
         self.point = point
         if codec is not None:
             self.codec = codecs.Codec.parse(codec)

@@ -339,6 +339,8 @@ class EdgeSession:
             staleness_guard=cfg.staleness_guard,
             num_blocks=setup.spec.model.num_blocks,
             loss_fn=setup.spec.loss,
+            defence=cfg.cut_defence,
+            defence_seed=cfg.seed,
         )
         self.tracker = ContextTracker()
         self.link_change = LinkChangeDetector()
@@ -1100,6 +1102,8 @@ class EdgeSession:
             dataset=cfg.dataset,
             runtime=self.runtime.name,
             error_feedback=cfg.error_feedback,
+            defence=cfg.cut_defence.label,
+            privacy_floor=cfg.privacy_floor,
         )
         self.result = result
         start = self.resume_from

@@ -14,6 +14,7 @@ import time
 import torch
 
 from edge_sdk.pipeline import EdgePipeline
+from edge_sdk.privacy.defences import CutDefence
 from edge_sdk.runtime.base import HeadRuntime
 
 
@@ -86,10 +87,19 @@ class SplitStepTimer:
     :func:`compute_clock`). The runtime's weights *are* trained: pass one built on a copy.
     """
 
-    def __init__(self, runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer) -> None:
-
+    def __init__(
+        self, runtime: HeadRuntime, x: torch.Tensor, y: torch.Tensor, *, point: int, optimizer, defence: CutDefence | None = None
+    ) -> None:
+        # the run's defence is part of its step: NoPeek's penalty gradient is device compute
         self.pipe = EdgePipeline(
-            runtime, point=point, optimizer=optimizer, codec="fp32", grad_codec="fp32", staleness=0, staleness_guard=False
+            runtime,
+            point=point,
+            optimizer=optimizer,
+            codec="fp32",
+            grad_codec="fp32",
+            staleness=0,
+            staleness_guard=False,
+            defence=defence,
         )
         self.x, self.y = x, y
         self._grad_frame = None

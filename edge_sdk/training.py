@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 from edge_sdk import data as datasets
 from edge_sdk import zoo
 from edge_sdk.optim import OptimizerConfig, warm_up
+from edge_sdk.privacy.defences import CutDefence
+from edge_sdk.privacy.floor import PrivacyFloor, PrivacyProfile, exclusions
 from schemas.frames import MAX_EVAL_BATCH
 
 #: ``--point device``: the device trains the whole model alone
@@ -171,6 +173,23 @@ class TrainConfig:
     eval_batch_size: int = MAX_EVAL_BATCH  # the cloud refuses larger eval batches (unless batch_size is larger)
     evaluate: bool = True  # run the test split through the link after every epoch
     topk_ratio: float = _opt(0.1, "share of elements the topk codec keeps")
+    defence: str = _opt(
+        "none",
+        "what the device does to its cut features before they leave: none, noise=S (Gaussian noise, S x the "
+        "feature RMS), nopeek=A (a distance-correlation penalty of weight A on the head), or both joined by '+'; "
+        "`python -m edge_sdk privacy` measures what each buys",
+        metavar="D",
+    )
+    privacy_profile: str | None = _opt(
+        None, "privacy.json from `python -m edge_sdk privacy` (the attack PSNR per point, codec, defence)", metavar="JSON"
+    )
+    privacy_floor: str | None = _opt(
+        None,
+        "psnr=P: never use a (point, codec) whose measured attack PSNR with this run's --defence is above P dB "
+        "(needs --privacy-profile; unmeasured ones are ruled out too); depth=N: keep at least N blocks on the "
+        "device; training alone always qualifies",
+        metavar="psnr=P|depth=N",
+    )
 
     @classmethod
     def from_recipe(cls, **given: Any) -> TrainConfig:
@@ -206,6 +225,10 @@ class TrainConfig:
         if self.point is not None:
             self.auto_point = False
 
+    @property
+    def cut_defence(self) -> CutDefence:
+        return CutDefence.parse(self.defence)
+
     def validate(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
@@ -224,6 +247,11 @@ class TrainConfig:
         if not (self.device_slowdown >= 1.0 and math.isfinite(self.device_slowdown)):
             raise ValueError(f"--device-slowdown must be >= 1 (1 = this machine's speed), got {self.device_slowdown}")
         self.optimizer_config()  # raises on a bad optimizer/lr
+        self.cut_defence  # noqa: B018 (raises on a malformed --defence)
+        if self.privacy_floor is not None:
+            PrivacyFloor.parse(self.privacy_floor)
+        elif self.privacy_profile is not None:
+            raise ValueError("--privacy-profile is read for --privacy-floor psnr=P: give the floor too")
         from edge_sdk.runtime import RUNTIMES
 
         if self.runtime not in RUNTIMES:
@@ -260,6 +288,8 @@ class TrainResult:
     dataset: str = ""
     runtime: str = "eager"
     error_feedback: bool = True
+    defence: str = "none"  # what the device did to its cut features (`CutDefence.label`)
+    privacy_floor: str | None = None  # the --privacy-floor the engine kept to
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch records
     timeline: list[dict[str, float]] = field(default_factory=list)  # (wall_s, loss, acc) samples
     partition_history: list[dict[str, Any]] = field(default_factory=list)
@@ -299,6 +329,8 @@ class LocalSetup:
     splits: datasets.DatasetSplits
     point: int
     manifest: dict[str, Any] | None = None  # exported programs' manifest (program runtimes)
+    #: (point, codec) -> why --privacy-floor rules it out
+    privacy_exclusions: dict[tuple[int, str], str] = field(default_factory=dict)
 
     @property
     def program_points(self) -> list[int] | None:
@@ -381,12 +413,13 @@ def build_local(cfg: TrainConfig) -> LocalSetup:
     if cfg.save_model and not device_only_possible(cfg, manifest, L):
         raise ValueError("--save-model brings the whole model to the device: it needs --runtime eager or a whole-model program")
     point = L if cfg.point == DEVICE_ONLY else cfg.point
+    excluded = privacy_exclusions(cfg, spec)
     if point == L:
         if not device_only_possible(cfg, manifest, L):
             raise ValueError(
                 f"--point {cfg.point}: training alone needs --runtime eager or an exported program of the whole model"
             )
-        return LocalSetup(spec=spec, splits=splits, point=L, manifest=manifest)
+        return LocalSetup(spec=spec, splits=splits, point=L, manifest=manifest, privacy_exclusions=excluded)
     if not (point is None or isinstance(point, int)):
         raise ValueError(f"--point must be 'auto', '{DEVICE_ONLY}' or a block index, got {point!r}")
     if point is None:
@@ -398,7 +431,58 @@ def build_local(cfg: TrainConfig) -> LocalSetup:
             f"--point {point} is not a valid interior cut of {cfg.model}"
             f"{' with exported programs' if manifest else ''}; valid points: {valid}"
         )
-    return LocalSetup(spec=spec, splits=splits, point=point, manifest=manifest)
+    if excluded:
+        point = _point_within_floor(cfg, point, valid, excluded, alone=device_only_possible(cfg, manifest, L), num_blocks=L)
+    return LocalSetup(spec=spec, splits=splits, point=point, manifest=manifest, privacy_exclusions=excluded)
+
+
+def privacy_exclusions(cfg: TrainConfig, spec: zoo.ModelSpec) -> dict[tuple[int, str], str]:
+    """What ``--privacy-floor`` rules out for this model and ``--defence`` (empty without a floor)."""
+    if cfg.privacy_floor is None:
+        return {}
+    from schemas.codecs import LABELS
+
+    floor = PrivacyFloor.parse(cfg.privacy_floor)
+    profile = PrivacyProfile.load(cfg.privacy_profile) if cfg.privacy_profile else None
+    return exclusions(
+        floor,
+        profile,
+        model=spec.name,
+        defence=cfg.cut_defence.label,
+        points=spec.model.interior_points,
+        codec_labels=list(LABELS),
+        num_blocks=spec.model.num_blocks,
+    )
+
+
+def _point_within_floor(
+    cfg: TrainConfig, point: int, valid: list[int], excluded: dict[tuple[int, str], str], *, alone: bool, num_blocks: int
+) -> int:
+    """The starting cut under the privacy floor: ``point`` if a codec the run may
+    use there is allowed, else the nearest deeper allowed cut, else training alone.
+    A fixed ``--point`` (and ``--codec``) that breaks the floor is an error."""
+    from edge_sdk.decision.cost_model import AUTO_CODECS
+    from schemas.codecs import Codec
+
+    usable = AUTO_CODECS if cfg.codec == "auto" else (Codec.parse(cfg.codec).label,)
+
+    def allowed(p: int) -> bool:
+        return any((p, c) not in excluded for c in usable)
+
+    if allowed(point):
+        return point
+    if not cfg.auto_point:
+        reasons = "; ".join(dict.fromkeys(excluded[(point, c)] for c in usable if (point, c) in excluded))
+        raise ValueError(f"--point {point} breaks --privacy-floor {cfg.privacy_floor}: {reasons}")
+    deeper = [p for p in valid if p > point and allowed(p)] or [p for p in valid if allowed(p)]
+    if deeper:
+        return deeper[0]
+    if alone and cfg.allow_device_only:
+        return num_blocks
+    raise ValueError(
+        f"--privacy-floor {cfg.privacy_floor} rules out every cut of {cfg.model} with --defence {cfg.defence} "
+        f"and training alone is not possible here; lower the floor, add a defence, or allow device-only training"
+    )
 
 
 def _check_programs(cfg: TrainConfig, spec: zoo.ModelSpec) -> dict[str, Any]:

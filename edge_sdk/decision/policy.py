@@ -14,8 +14,8 @@ switch) the saving it weighed against the switch cost.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .cost_model import (
@@ -102,6 +102,9 @@ class CostModelPolicy(Policy):
       whose size is known. ``p = 0`` (raw input upload) is dropped unless
       ``allow_raw_upload``; points below ``min_head_blocks`` are dropped (privacy:
       a minimum head depth), except device-only ``p = L``, which keeps more private.
+    * ``excluded``: (point, codec) -> why the privacy floor rules it out
+      (:mod:`edge_sdk.privacy.floor`); the reason text says when one of them would
+      have been the fastest, i.e. when privacy, not speed, decided.
     * ``max_staleness``: largest K tried; ``memory_budget_bytes`` caps K further
       (K+1 stored batches + error feedback + head activations/params/optimizer).
     * Among K that give the same time the smallest wins: staleness costs accuracy
@@ -120,6 +123,7 @@ class CostModelPolicy(Policy):
     memory_budget_bytes: int | None = None
     allow_raw_upload: bool = False
     min_head_blocks: int = 0
+    excluded: Mapping[tuple[int, str], str] = field(default_factory=dict)
     margin: float = 1.5
     min_saving_frac: float = 0.05
     #: totals within this fraction of the fastest count as equal; among them the
@@ -152,9 +156,9 @@ class CostModelPolicy(Policy):
         return pts
 
     def codecs(self, inputs: DecisionInputs, point: int) -> list[str]:
-        cs = inputs.codecs_at(point)
+        cs = [c for c in inputs.codecs_at(point) if (point, c) not in self.excluded]
         if point in (0, inputs.num_blocks) or self.allowed_codecs is None:
-            return list(cs)
+            return cs
         return [c for c in cs if c in self.allowed_codecs]
 
     def fits(self, pred: Prediction) -> bool:
@@ -219,6 +223,26 @@ class CostModelPolicy(Policy):
         out.sort(key=key)
         return out
 
+    def _privacy_note(self, inputs: DecisionInputs, best: Prediction) -> str:
+        """``; privacy decided: ...`` when a (point, codec) the floor excludes would be faster than ``best``."""
+        if not self.excluded:
+            return ""
+        faster: list[tuple[Prediction, str]] = []
+        for (p, c), why in self.excluded.items():
+            if p not in inputs.points or c not in inputs.codecs_at(p):
+                continue
+            if self.allowed_codecs is not None and c not in self.allowed_codecs:
+                continue
+            if self.allowed_points is not None and p not in self.allowed_points:
+                continue
+            pred, _ = replace(self, excluded={}).best_for(inputs, p, c)
+            if pred is not None and pred.total_time_s < best.total_time_s * (1 - self.tie_tol):
+                faster.append((pred, why))
+        if not faster:
+            return ""
+        pred, why = min(faster, key=lambda pw: pw[0].total_time_s)
+        return f"; privacy, not speed, decided: {pred.choice} would take {pred.step_time_s * 1e3:.1f} ms/step but {why}"
+
     # -- the decision -------------------------------------------------------
 
     def switch_cost(self, inputs: DecisionInputs, current: Prediction, new: Choice) -> float:
@@ -266,6 +290,7 @@ class CostModelPolicy(Policy):
             why_best += f"; K capped at {best.K} by the memory budget"
         if runner is not None:
             why_best += f"; runner-up {runner.choice} at {runner.step_time_s * 1e3:.1f} ms/step"
+        why_best += self._privacy_note(inputs, best)
 
         if current is None:
             return Decision(best.choice, best, True, f"initial choice {why_best}", best=best)

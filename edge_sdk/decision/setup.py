@@ -21,6 +21,8 @@ def initial_choice(cfg: TrainConfig, setup: LocalSetup) -> Choice:
     if setup.point == setup.spec.model.num_blocks:
         return Choice(setup.point, "fp32", 0)  # device-only: no codec, nothing in flight
     codec = INITIAL_CODEC if cfg.codec == "auto" else cfg.codec
+    if (setup.point, codec) in setup.privacy_exclusions:  # build_local left a codec here allowed
+        codec = next(c for c in AUTO_CODECS if (setup.point, c) not in setup.privacy_exclusions)
     staleness = INITIAL_STALENESS if cfg.staleness is None else cfg.staleness
     return Choice(setup.point, codec, staleness)
 
@@ -109,7 +111,7 @@ def with_measured_head_steps(
         if p == inputs.num_blocks:  # device-only: the whole model and its loss
             timers[p] = LocalStepTimer(runtime, x, y, point=p, optimizer=cfg.optimizer_config(), loss_fn=spec.loss)
         else:
-            timers[p] = SplitStepTimer(runtime, x, y, point=p, optimizer=cfg.optimizer_config())
+            timers[p] = SplitStepTimer(runtime, x, y, point=p, optimizer=cfg.optimizer_config(), defence=cfg.cut_defence)
         timers[p]()  # warm-up, and tells how long a step at this point takes
         shape = inputs.blocks[p - 1].out_shape if p < inputs.num_blocks else None
         if shape is not None:
@@ -167,6 +169,7 @@ def build_controller(cfg: TrainConfig, setup: LocalSetup, current: Choice) -> De
         max_staleness=cfg.max_staleness,
         fixed_staleness=cfg.staleness,
         memory_budget_bytes=cfg.memory_budget_bytes,
+        excluded=dict(setup.privacy_exclusions),
     )
     return DecisionController(
         base_inputs=inputs,
